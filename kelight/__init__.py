@@ -1,0 +1,17 @@
+"""kelight: knowledge editing of language models with PyTorch Lightning.
+
+Example:
+    >>> import kelight
+    >>> model, tok = kelight.load("smollm2-135m")  # doctest: +SKIP
+    >>> req = kelight.EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    >>> model, undo = kelight.edit(model, tok, req, method="rome")  # doctest: +SKIP
+    >>> undo.restore()  # doctest: +SKIP
+"""
+
+from kelight.api import edit
+from kelight.models.loading import load
+from kelight.module import ROME, EditModule
+from kelight.types import EditCase, EditInputError, EditRequest
+
+__all__ = ["ROME", "EditCase", "EditInputError", "EditModule", "EditRequest", "edit", "load"]
+__version__ = "0.1.0"

@@ -1,0 +1,93 @@
+"""``kelight fit|validate --config ...``: LightningCLI over the edit modules and the data module.
+
+W&B logs offline by default (``WANDB_MODE=offline`` unless the user set it); each run's files
+(``metrics.json``, ``cases.jsonl``, ``config.yaml``, ``wandb/``) live in ``trainer.default_root_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from kelight.data import EditDataModule
+from kelight.module import EditModule
+from kelight.results import report
+
+_TRAINER_DEFAULTS = {
+    "max_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "logger": False,
+    "accelerator": "auto",
+    "devices": 1,
+}
+
+
+class KelightCLI(LightningCLI):
+    """LightningCLI that gives every run its own directory and a W&B logger inside it."""
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        if not cfg.trainer.get("default_root_dir"):
+            cfg.trainer.default_root_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        self._use_wandb = cfg.trainer.get("logger") in (None, False, True) and self._wandb_wanted()
+
+    @staticmethod
+    def _wandb_wanted() -> bool:
+        return os.environ.get("WANDB_MODE", "offline") != "disabled"
+
+    def instantiate_trainer(self, **kwargs):
+        root = self.config[self.subcommand].trainer.default_root_dir
+        if self._use_wandb:
+            from lightning.pytorch.loggers import WandbLogger  # noqa: PLC0415
+
+            Path(root).mkdir(parents=True, exist_ok=True)
+            kwargs["logger"] = WandbLogger(project=os.environ.get("WANDB_PROJECT", "kelight"), save_dir=root)
+        return super().instantiate_trainer(**kwargs)
+
+    def _finish_wandb(self) -> None:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+
+    after_fit = after_validate = after_test = _finish_wandb
+
+
+def _environment_defaults() -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    for key, value in {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_X_DISABLE_STATS": "true",
+                       "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
+                       "WANDB_ERROR_REPORTING": "false", "HF_DATASETS_OFFLINE": "1",
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+
+
+def main(args: list[str] | None = None) -> KelightCLI | None:
+    """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:
+        if len(argv) < 2:
+            raise SystemExit("usage: kelight report RUN_DIR [RUN_DIR ...]")
+        sys.stdout.write(report(argv[1:]) + "\n")
+        return None
+    _environment_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return KelightCLI(
+        EditModule,
+        EditDataModule,
+        subclass_mode_model=True,
+        trainer_defaults=_TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""ROME: rank-one model editing at one MLP (Meng et al. 2022), on any adapted architecture."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kelight.editors.context import build_rewrite_batch, sample_context_templates
+from kelight.editors.keys import mean_keys
+from kelight.editors.update import UndoLog, rank_one_update
+from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z
+from kelight.models.adapters import ArchAdapter, adapter_for
+from kelight.types import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RomeHParams:
+    """ROME hyper-parameters (method settings only; no architecture facts).
+
+    Attributes:
+        layer: edit layer l (ROME uses 5 of 28 on GPT-J; scale for small models).
+        z: value-vector optimisation settings.
+        context_templates: ``[length, count]`` pairs of model-sampled prefixes.
+        mom2_adjustment: use the key second moment C (else C = I).
+        mom2_n_tokens: tokens of corpus text for C.
+        mom2_corpus: corpus for C (None: WikiText-2 from the shared data, else model samples).
+        seed: seed of the context-template sampling.
+    """
+
+    layer: int = 4
+    z: ZConfig = field(default_factory=ZConfig)
+    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    mom2_adjustment: bool = True
+    mom2_n_tokens: int = 100_000
+    mom2_corpus: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class EditInfo:
+    """What one edit did: per-request z results and timing, for logs and cases.jsonl."""
+
+    z: list[ZResult] = field(default_factory=list)
+
+
+class RomeEditor:
+    """Computes and applies ROME updates; ``setup`` once per (unedited) model.
+
+    Example:
+        >>> editor = RomeEditor(RomeHParams(layer=4))  # doctest: +SKIP
+        >>> editor.setup(model, tok); undo = UndoLog()  # doctest: +SKIP
+        >>> editor.apply(model, tok, [request], undo)  # doctest: +SKIP
+    """
+
+    def __init__(self, hparams: RomeHParams, extra_losses: Sequence[ExtraLoss] = ()) -> None:
+        self.hp = hparams
+        self.extra_losses = tuple(extra_losses)
+        self.templates: list[str] | None = None
+        self.mom2: torch.Tensor | None = None
+        self.adapter: ArchAdapter | None = None
+
+    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+        """Validate the layer, sample context templates, load/compute C (on the unedited model)."""
+        self.adapter = adapter_for(model)
+        self.adapter.check_layer(model, self.hp.layer)
+        self.templates = sample_context_templates(model, tok, self.hp.context_templates, self.hp.seed)
+        if self.hp.mom2_adjustment:
+            from kelight.editors.covariance import second_moment  # noqa: PLC0415
+
+            self.mom2 = second_moment(
+                model, tok, self.hp.layer, corpus=self.hp.mom2_corpus, n_tokens=self.hp.mom2_n_tokens
+            )
+
+    def compute(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest) -> tuple[
+        torch.Tensor, ZResult
+    ]:
+        """ΔW (linear convention, float64) for one request; the model is not modified."""
+        if self.templates is None or self.adapter is None:
+            raise RuntimeError("call setup(model, tokenizer) before computing edits")
+        device = next(model.parameters()).device
+        batch = build_rewrite_batch(tok, request, self.templates, device)
+        z = optimise_z(
+            model, self.adapter.path("mlp_out", self.hp.layer), batch, self.hp.z, self.extra_losses,
+            want_attn=bool(self.extra_losses),
+        )
+        k_star = mean_keys(model, tok, self.adapter, self.hp.layer, request, self.templates)  # (d_in,)
+        weight = self.adapter.out_weight_as_linear(model, self.hp.layer).detach()  # (d_out, d_in)
+        v_star = weight.double() @ k_star.double() + z.delta.double()  # value for key k*: W k* + δ
+        mom2 = self.mom2.to(device) if self.mom2 is not None else None
+        return rank_one_update(weight, k_star, v_star, mom2), z
+
+    def apply(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
+    ) -> EditInfo:
+        """Edit ``requests`` one after another (each sees the previous ones), logging into ``undo``."""
+        info = EditInfo()
+        for request in requests:
+            delta, z = self.compute(model, tok, request)
+            assert self.adapter is not None
+            undo.add_(self.adapter.out_weight(model, self.hp.layer), delta, transposed=self.adapter.mlp_conv1d)
+            info.z.append(z)
+        return info

@@ -1,0 +1,155 @@
+"""Optimisation of the value vector z (ROME/MEMIT/PMET's ``compute_v``/``compute_z``), once.
+
+``z = δ`` is added to the output of one module (ROME: the MLP output at the edit layer; MEMIT:
+the block output at the last layer of R) at the subject's last token of every prompt, and
+optimised for  NLL(o_edit) + ω·KL(essence) + wd·‖δ‖/‖v‖² (+ extra terms such as γ·SADR),
+with ‖δ‖ clamped to ``clamp_norm_factor·‖v‖``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from kelight.editors.context import RewriteBatch
+from kelight.hooks import edit_output
+from kelight.lm import final_hidden, head
+from kelight.objectives import essence_kl, rewrite_nll
+from kelight.types import EditInputError
+
+
+class EditOptimizationError(FloatingPointError):
+    """The value-vector optimisation produced NaN/inf; the model is left unchanged."""
+
+
+@dataclass(frozen=True)
+class ZConfig:
+    """Hyper-parameters of the z optimisation (ROME paper defaults).
+
+    Attributes:
+        steps: optimisation steps (20 in ROME; the SADR reference used 80 with SADR).
+        lr: Adam learning rate.
+        kl_factor: ω, weight of the essence KL.
+        weight_decay: weight of ‖δ‖/‖v‖².
+        clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor·‖v‖.
+        early_stop_loss: stop once the total loss is below this.
+    """
+
+    steps: int = 20
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 5e-2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise EditInputError(f"expected steps to be a positive integer, got {self.steps!r}")
+        for name in ("lr", "kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss"):
+            value = getattr(self, name)
+            positive = name in ("lr", "clamp_norm_factor")
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise EditInputError(
+                    f"expected {name} to be a finite {'positive' if positive else 'non-negative'} number, "
+                    f"got {value!r}"
+                )
+
+
+@dataclass
+class StepState:
+    """What an extra loss term sees at each step (e.g. SADR reads ``attentions``)."""
+
+    step: int
+    batch: RewriteBatch
+    outputs: object
+    extras: dict = field(default_factory=dict)
+
+
+ExtraLoss = Callable[[StepState], torch.Tensor]
+
+
+@dataclass
+class ZResult:
+    delta: torch.Tensor  # (D,) optimised z
+    v_init: torch.Tensor  # (D,) module output at the subject of the plain prompt, step 0
+    losses: list[float]
+    steps_run: int
+
+
+def _forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bool) -> tuple[
+    torch.Tensor, torch.Tensor, object
+]:
+    out = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+        output_attentions=want_attn,
+    )
+    hidden = out.last_hidden_state  # (B, T, D)
+    tgt = head(model, hidden[batch.target_rows, batch.target_cols]).float().log_softmax(-1)  # (N, V)
+    ess_rows = torch.arange(batch.n_rewrite, batch.input_ids.shape[0], device=hidden.device)
+    ess = head(model, hidden[ess_rows, batch.essence_pos]).float().log_softmax(-1)  # (E, V)
+    return tgt, ess, out
+
+
+def optimise_z(
+    model: PreTrainedModel,
+    module_path: str,
+    batch: RewriteBatch,
+    cfg: ZConfig,
+    extra_losses: tuple[ExtraLoss, ...] = (),
+    want_attn: bool = False,
+) -> ZResult:
+    """Optimise δ added to ``module_path``'s output at ``batch.subject_pos`` (model unchanged).
+
+    Raises:
+        EditOptimizationError: if the loss becomes NaN/inf.
+    """
+    param = next(model.parameters())
+    model.get_submodule(module_path)  # fail early on a wrong path
+    d_model = model.get_input_embeddings().embedding_dim  # block / MLP outputs live in the residual width
+    delta = torch.zeros(d_model, device=param.device, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    rows, cols = batch.rows, batch.subject_pos
+    v_init: dict[str, torch.Tensor] = {}
+    ess_init: torch.Tensor | None = None
+    losses: list[float] = []
+
+    def inject(output: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+        if "v" not in v_init:
+            v_init["v"] = output[0, cols[0]].detach().float().clone()
+        out = output.clone()
+        out[rows, cols] = out[rows, cols] + delta.to(out.dtype)
+        return out
+
+    step = 0
+    with edit_output(model, module_path, inject):
+        for step in range(cfg.steps):
+            tgt, ess, outputs = _forward_logprobs(model, batch, want_attn)
+            if ess_init is None:
+                ess_init = ess.detach()
+            prompt_of = batch.target_rows
+            loss = rewrite_nll(tgt, batch.target_ids, prompt_of, batch.n_rewrite)
+            loss = loss + cfg.kl_factor * essence_kl(ess, ess_init)
+            loss = loss + cfg.weight_decay * delta.norm() / v_init["v"].norm() ** 2
+            state = StepState(step, batch, outputs)
+            for term in extra_losses:
+                loss = loss + term(state)
+            if not torch.isfinite(loss):
+                raise EditOptimizationError(
+                    f"z optimisation diverged at step {step} (loss {loss.item()}); lower lr "
+                    f"(now {cfg.lr}) or use float32; the model weights were not changed"
+                )
+            losses.append(loss.item())
+            if loss.item() < cfg.early_stop_loss:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                max_norm = cfg.clamp_norm_factor * v_init["v"].norm()
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    return ZResult(delta.detach(), v_init["v"], losses, step + 1)

@@ -1,0 +1,27 @@
+"""Shared fixtures: isolated caches, W&B disabled, tiny random models of every family."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llama", "gemma3_text", "gpt2", "gptj", "gpt_neox")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch, request):
+    """Every test gets its own KELIGHT_CACHE, except real-model tests that reuse the model cache."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("KELIGHT_CACHE", str(tmp_path / "kelight-cache"))
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request):
+    from kelight.models.tiny import tiny_model
+
+    return tiny_model(request.param)

@@ -1,0 +1,82 @@
+"""Closed-form updates against brute-force solutions, and the exact undo log."""
+
+import numpy as np
+import pytest
+import torch
+
+from kelight.editors.update import UndoLog, least_squares_update, rank_one_update
+
+
+def _problem(seed=0, d_out=5, d_in=7, n=40):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(d_out, d_in))
+    keys = rng.normal(size=(d_in, n))  # preserved keys K0
+    k_star = rng.normal(size=d_in)
+    v_star = rng.normal(size=d_out)
+    return w, keys, k_star, v_star
+
+
+def test_rank_one_update_equals_constrained_least_squares():
+    w, keys, k_star, v_star = _problem()
+    c = keys @ keys.T / keys.shape[1]
+    delta = rank_one_update(*(torch.from_numpy(x) for x in (w, k_star, v_star, c))).numpy()
+    # Brute force, row by row: min ||(ŵ - w) K0||² s.t. ŵ·k* = v*_i, solved as a KKT system.
+    d_in = w.shape[1]
+    kkt = np.zeros((d_in + 1, d_in + 1))
+    kkt[:d_in, :d_in] = 2 * keys @ keys.T
+    kkt[:d_in, d_in] = kkt[d_in, :d_in] = k_star
+    for i in range(w.shape[0]):
+        rhs = np.zeros(d_in + 1)
+        rhs[d_in] = v_star[i] - w[i] @ k_star
+        np.testing.assert_allclose(delta[i], np.linalg.solve(kkt, rhs)[:d_in], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose((w + delta) @ k_star, v_star, rtol=1e-10)
+
+
+def test_rank_one_update_identity_covariance_is_minimum_norm():
+    w, _, k_star, v_star = _problem(1)
+    delta = rank_one_update(*(torch.from_numpy(x) for x in (w, k_star, v_star)), None).numpy()
+    expected = np.outer(v_star - w @ k_star, k_star) / (k_star @ k_star)
+    np.testing.assert_allclose(delta, expected, rtol=1e-12)
+
+
+def test_rank_one_update_rejects_zero_key():
+    with pytest.raises(FloatingPointError, match="singular"):
+        rank_one_update(torch.ones(2, 3), torch.zeros(3), torch.ones(2), None)
+
+
+def test_least_squares_update_equals_lstsq():
+    w, keys, _, _ = _problem(2)
+    rng = np.random.default_rng(3)
+    k_new = rng.normal(size=(w.shape[1], 3))
+    resid = rng.normal(size=(w.shape[0], 3))
+    c = keys @ keys.T / keys.shape[1]
+    lam = 4.0
+    delta = least_squares_update(torch.from_numpy(k_new), torch.from_numpy(resid), torch.from_numpy(c), lam).numpy()
+    # min λ||Δ L||² + ||Δ K − R||² with C = L Lᵀ, as one stacked least-squares problem.
+    chol = np.linalg.cholesky(c)
+    a = np.concatenate([np.sqrt(lam) * chol, k_new], axis=1).T  # (d_in + n, d_in)
+    b = np.concatenate([np.zeros((w.shape[0], chol.shape[1])), resid], axis=1).T
+    expected = np.linalg.lstsq(a, b, rcond=None)[0].T
+    np.testing.assert_allclose(delta, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_undo_log_restores_bit_exact_after_many_updates():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 6), requires_grad=False)
+    q = torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)  # Conv1D-style (in, out)
+    p0, q0 = p.clone(), q.clone()
+    undo = UndoLog()
+    for _ in range(5):
+        undo.add_(p, torch.randn(4, 6, dtype=torch.float64) * 1e-3)
+        undo.add_(q, torch.randn(4, 6, dtype=torch.float64), transposed=True)
+    assert not torch.equal(p, p0) and len(undo) == 2
+    undo.restore()
+    assert torch.equal(p, p0) and torch.equal(q, q0) and len(undo) == 0
+
+
+def test_undo_log_refuses_non_finite_delta():
+    p = torch.nn.Parameter(torch.zeros(2, 2), requires_grad=False)
+    undo = UndoLog()
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        undo.add_(p, torch.tensor([[float("nan"), 0.0], [0.0, 0.0]]))
+    assert torch.equal(p, torch.zeros(2, 2))
