@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
+from kelight.objectives.sadr import sadr_terms
 from kelight.types import EditInputError, EditRequest
 
 METHODS = ("rome",)
@@ -59,7 +60,7 @@ def edit(
         tokenizer: its tokenizer.
         request: an :class:`EditRequest`, a dict of its fields, or a list of them.
         method: ``"rome"``.
-        **options: method hyper-parameters, e.g. ``layer=4, steps=20, mom2_adjustment=False``.
+        **options: method hyper-parameters, e.g. ``layer=4, steps=20, mom2_adjustment=False, sadr_gamma=1e-2``.
 
     Returns:
         ``(model, undo)``; ``undo.restore()`` returns every weight to its bit-exact original.
@@ -72,7 +73,9 @@ def edit(
     if method not in METHODS:
         raise EditInputError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     requests = _as_requests(request)
-    editor = RomeEditor(rome_hparams(**options))
+    gamma = float(options.pop("sadr_gamma", 0.0))  # type: ignore[arg-type]
+    hparams = rome_hparams(**options)
+    editor = RomeEditor(hparams, sadr_terms(gamma, hparams.layer + 1))
     undo = UndoLog()
     try:
         editor.setup(model, tokenizer)

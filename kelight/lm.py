@@ -6,6 +6,9 @@ vocabularies), so :func:`logits_at` applies it to the gathered hidden states alo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from transformers import PreTrainedModel
 
@@ -35,3 +38,17 @@ def logits_at(
     """Logits at positions ``(rows[i], cols[i])`` only: ``(N, V)`` for ``N`` positions."""
     hidden = final_hidden(model, input_ids, attention_mask)  # (B, T, D)
     return head(model, hidden[rows, cols])  # (N, V)
+
+
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str | None) -> Iterator[None]:
+    """Temporarily switch the attention kernel (e.g. ``"eager"`` to get attention weights)."""
+    before = model.config._attn_implementation
+    if name is None or name == before:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)

@@ -22,6 +22,7 @@ from kelight.editors.zopt import ZConfig
 from kelight.evaluation import case_summary, evaluate_case, locality_reference
 from kelight.metrics import EditMetrics
 from kelight.models.loading import load
+from kelight.objectives.sadr import sadr_terms
 from kelight.results import format_table, write_results
 from kelight.types import EditCase
 
@@ -187,6 +188,7 @@ class ROME(EditModule):
         mom2_adjustment: use the key second moment C.
         mom2_n_tokens: corpus tokens for C.
         mom2_corpus: corpus for C (None: WikiText-2 in the shared data, else model samples).
+        sadr_gamma: γ of the SADR attention-drift term (0 = off).
         **kwargs: :class:`EditModule` arguments.
     """
 
@@ -202,6 +204,7 @@ class ROME(EditModule):
         mom2_adjustment: bool = True,
         mom2_n_tokens: int = 100_000,
         mom2_corpus: str | None = None,
+        sadr_gamma: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -217,5 +220,5 @@ class ROME(EditModule):
         )
 
     def build_editor(self) -> RomeEditor:
-        return RomeEditor(self.rome_hparams())
+        return RomeEditor(self.rome_hparams(), sadr_terms(self.hparams.sadr_gamma, self.hparams.layer + 1))
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from kelight.editors.context import RewriteBatch
 from kelight.hooks import edit_output
-from kelight.lm import final_hidden, head
+from kelight.lm import attention_implementation, head
 from kelight.objectives import essence_kl, rewrite_nll
 from kelight.types import EditInputError
 
@@ -125,7 +125,7 @@ def optimise_z(
         return out
 
     step = 0
-    with edit_output(model, module_path, inject):
+    with attention_implementation(model, "eager" if want_attn else None), edit_output(model, module_path, inject):
         for step in range(cfg.steps):
             tgt, ess, outputs = _forward_logprobs(model, batch, want_attn)
             if ess_init is None:

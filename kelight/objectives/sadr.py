@@ -1,0 +1,81 @@
+"""SADR: selective attention-drift restriction (Wang et al., ICLR 2025, eq. 2).
+
+At step 0 (z = 0) the vanilla attention rows of every rewriting prompt are recorded. At every
+step, for every layer l after the edit point and head h, the head is selected iff its current
+attention from the query row (the position predicting the first target token) to the subject's
+last token s exceeds ``M_l = max_h' vanilla[l, h', row, s]``. The loss is
+``mean_prompts Σ_l Σ_{h selected} KL(vanilla[l,h,row,:] ‖ current[l,h,row,:])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kelight.editors.zopt import StepState
+
+EPS = 1e-8
+
+
+def query_rows(attentions: Sequence[torch.Tensor], rows: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """Stack the query rows of every layer: ``(L, P, H, T)`` from ``L`` tensors ``(B, H, T, T)``."""
+    return torch.stack([a[rows, :, query_pos, :] for a in attentions]).float()  # (L, P, H, T)
+
+
+def sadr_loss(
+    vanilla: torch.Tensor, current: torch.Tensor, subject_pos: torch.Tensor, eps: float = EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selective KL(vanilla ‖ current) and the head mask.
+
+    Args:
+        vanilla: ``(L, P, H, T)`` attention rows at z = 0 (treated as constants).
+        current: ``(L, P, H, T)`` attention rows now.
+        subject_pos: ``(P,)`` key column of the subject's last token in each prompt.
+
+    Returns:
+        ``(loss, mask)``: the scalar loss (summed over layers and selected heads, averaged over
+        prompts) and the ``(L, P, H)`` boolean head selection.
+    """
+    p = vanilla.detach()
+    n_prompts = p.shape[1]
+    cols = subject_pos.view(1, n_prompts, 1, 1).expand(p.shape[0], n_prompts, p.shape[2], 1)
+    p_subj = p.gather(-1, cols).squeeze(-1)  # (L, P, H)
+    q_subj = current.gather(-1, cols).squeeze(-1)  # (L, P, H)
+    mask = q_subj > p_subj.max(dim=-1, keepdim=True).values  # (L, P, H), recomputed every step
+    kl = (p * ((p + eps) / (current + eps)).log()).sum(-1)  # (L, P, H)
+    return (kl * mask).sum() / n_prompts, mask
+
+
+class SADR:
+    """The SADR term ``γ·L_SADR`` as an extra loss of the z optimisation.
+
+    Args:
+        gamma: weight γ (the paper uses 5e-3 … 8e-2); 0 disables the term.
+        first_layer: first layer whose attention can drift (layers ≤ the edit point are skipped).
+    """
+
+    def __init__(self, gamma: float, first_layer: int) -> None:
+        if gamma < 0:
+            raise ValueError(f"expected sadr_gamma ≥ 0, got {gamma}")
+        self.gamma = gamma
+        self.first_layer = first_layer
+        self.vanilla: torch.Tensor | None = None
+        self.selected: list[torch.Tensor] = []  # per step (L, P, H) masks, for statistics
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        batch = state.batch
+        attentions = state.outputs.attentions[self.first_layer:]
+        rows = torch.arange(batch.n_rewrite, device=batch.input_ids.device)
+        current = query_rows(attentions, rows, batch.query_pos)  # (L', P, H, T)
+        if state.step == 0 or self.vanilla is None:
+            self.vanilla = current.detach()
+            self.selected = []
+        loss, mask = sadr_loss(self.vanilla, current, batch.subject_pos[: batch.n_rewrite])
+        self.selected.append(mask.detach().sum(dim=(1,)).cpu())  # (L', H) prompts selecting each head
+        return self.gamma * loss
+
+
+def sadr_terms(gamma: float, first_layer: int) -> tuple[SADR, ...]:
+    """``(SADR(gamma, first_layer),)`` when γ > 0, else ``()`` (the term is off)."""
+    return (SADR(gamma, first_layer),) if gamma > 0 else ()
