@@ -2,7 +2,8 @@
 
 The z optimisation is a manual inner loop (``automatic_optimization = False``); a fresh z and
 optimiser per edit. Regimes: ``single`` restores the weights (bit-exact) after evaluating each
-case; ``sequential`` keeps every edit and evaluates all cases at the end (optionally every N
+case; ``batch`` edits a loader batch jointly (MEMIT/PMET; ROME applies them in turn), evaluates
+and restores; ``sequential`` keeps every edit and evaluates all cases at the end (optionally every N
 edits), then restores the model when the fit ends.
 """
 
@@ -16,6 +17,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
@@ -27,7 +29,7 @@ from kelight.results import format_table, write_results
 from kelight.types import EditCase
 
 log = logging.getLogger(__name__)
-Regime = Literal["single", "sequential"]
+Regime = Literal["single", "batch", "sequential"]
 
 
 class EditModule(L.LightningModule):
@@ -36,7 +38,8 @@ class EditModule(L.LightningModule):
     Args:
         model_name: ``"smollm2-135m"``, ``"gemma3-270m"``, or a Hugging Face id/path.
         dtype: parameter dtype of the edited model.
-        regime: ``single`` (restore after each case) or ``sequential`` (keep all edits).
+        regime: ``single`` (restore after each case), ``batch`` (edit each loader batch of
+            ``--data.batch_size`` cases jointly, then restore) or ``sequential`` (keep all edits).
         eval_every: in the sequential regime, also evaluate the cases edited so far every N edits.
         fluency: generate from the case's generation prompts and report n-gram entropy (FL).
         attn_implementation: e.g. ``"eager"``; ``None`` keeps the model default.
@@ -52,8 +55,8 @@ class EditModule(L.LightningModule):
         attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
-        if regime not in ("single", "sequential"):
-            raise ValueError(f"expected regime 'single' or 'sequential', got {regime!r}")
+        if regime not in ("single", "batch", "sequential"):
+            raise ValueError(f"expected regime 'single', 'batch' or 'sequential', got {regime!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.lm = None
@@ -63,6 +66,7 @@ class EditModule(L.LightningModule):
         self.metrics = EditMetrics()
         self.case_rows: list[dict] = []
         self.edit_seconds: list[float] = []
+        self.pending: list[tuple[EditCase, dict, float]] = []
 
     # ---- model and editor -------------------------------------------------------------
     def configure_model(self) -> None:
@@ -86,38 +90,45 @@ class EditModule(L.LightningModule):
     def _reset_run(self) -> None:
         self.metrics.reset()
         self.case_rows, self.edit_seconds = [], []
+        self.pending: list[tuple[EditCase, dict, float]] = []
 
     # ---- fit: edit + evaluate ---------------------------------------------------------
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
-        for case in batch:
-            self._edit_case(case)
+        groups = [batch] if self.hparams.regime == "batch" else [[case] for case in batch]
+        for cases in groups:
+            self._edit(cases)
         every = self.hparams.eval_every
-        if self.hparams.regime == "sequential" and every and len(self.edit_seconds) % every == 0:
-            done = self.trainer.datamodule.cases[: len(self.edit_seconds)]
-            partial = self._evaluate_all(done, EditMetrics().to(self.device))
-            self.log_dict({f"seq/{k}": v for k, v in partial.items()}, on_step=True)
+        if self.hparams.regime == "sequential" and every and len(self.pending) % every == 0:
+            partial = EditMetrics().to(self.device)
+            for case, pre, _ in self.pending:
+                partial.update(self._evaluate(case, pre))
+            self.log_dict({f"seq/{k}": v for k, v in partial.compute().items()}, on_step=True, batch_size=1)
 
-    def _edit_case(self, case: EditCase) -> None:
-        pre = locality_reference(self.lm, self.tok, case)
+    def _evaluate(self, case: EditCase, pre: dict | None):
+        return evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency, pre_locality=pre)
+
+    def _edit(self, cases: list[EditCase]) -> None:
+        """Edit ``cases`` jointly; evaluate and restore unless the regime is sequential."""
+        pres = [locality_reference(self.lm, self.tok, case) for case in cases]
         t0 = time.perf_counter()
         try:
-            info = self.editor.apply(self.lm, self.tok, [case.request], self.undo)
+            info = self.editor.apply(self.lm, self.tok, [case.request for case in cases], self.undo)
         except Exception:
             self.undo.restore()  # never leave a half-edited model behind
             raise
-        seconds = time.perf_counter() - t0
-        self.edit_seconds.append(seconds)
-        self.log("edit/seconds", seconds, on_step=True, batch_size=1)
-        self.log("edit/z_steps", float(info.z[-1].steps_run), on_step=True, batch_size=1)
-        self.log("edit/final_loss", info.z[-1].losses[-1], on_step=True, batch_size=1)
-        if self.hparams.regime == "single":
-            try:
-                self._record(case, evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency,
-                                                 pre_locality=pre), seconds)
-            finally:
-                self.undo.restore()
-        else:
-            self.case_rows.append({"id": case.case_id, "edit_seconds": seconds, "pre_locality": pre})
+        seconds = (time.perf_counter() - t0) / len(cases)  # per edit
+        self.edit_seconds += [seconds] * len(cases)
+        self.log("edit/seconds", seconds, on_step=True, batch_size=len(cases))
+        self.log("edit/z_steps", sum(z.steps_run for z in info.z) / len(info.z), on_step=True, batch_size=1)
+        self.log("edit/final_loss", sum(z.losses[-1] for z in info.z) / len(info.z), on_step=True, batch_size=1)
+        if self.hparams.regime == "sequential":
+            self.pending += [(case, pre, seconds) for case, pre in zip(cases, pres, strict=True)]
+            return
+        try:
+            for case, pre in zip(cases, pres, strict=True):
+                self._record(case, self._evaluate(case, pre), seconds)
+        finally:
+            self.undo.restore()
 
     def _record(self, case: EditCase, result, seconds: float | None) -> None:
         self.metrics.update(result)
@@ -126,19 +137,10 @@ class EditModule(L.LightningModule):
             row["edit_seconds"] = seconds
         self.case_rows.append(row)
 
-    def _evaluate_all(self, cases: list[EditCase], metrics: EditMetrics) -> dict[str, float]:
-        for case in cases:
-            metrics.update(evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency))
-        return metrics.compute()
-
     def on_train_epoch_end(self) -> None:
-        if self.hparams.regime == "sequential":
-            pending, self.case_rows = self.case_rows, []
-            cases = self.trainer.datamodule.cases[: len(pending)]
-            for case, row in zip(cases, pending, strict=True):
-                result = evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency,
-                                       pre_locality=row["pre_locality"])
-                self._record(case, result, row["edit_seconds"])
+        for case, pre, seconds in self.pending:  # sequential: every edit is in place now
+            self._record(case, self._evaluate(case, pre), seconds)
+        self.pending = []
         self._finish("fit")
 
     def on_fit_end(self) -> None:
@@ -153,7 +155,7 @@ class EditModule(L.LightningModule):
         if self.trainer.state.fn != "validate":
             return  # during fit, editing cases is the whole job; no extra evaluation pass
         for case in batch:
-            self._record(case, evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency), None)
+            self._record(case, self._evaluate(case, locality_reference(self.lm, self.tok, case)), None)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.state.fn == "validate":
@@ -174,19 +176,17 @@ class EditModule(L.LightningModule):
         self.final_metrics = values
 
 
-class ROME(EditModule):
-    """ROME (Meng et al. 2022) as a LightningModule; every argument is a CLI/sweep key.
+class LocateEditModule(EditModule):
+    """Shared arguments of the locate-then-edit methods (value-vector z optimisation).
 
     Args:
-        layer: edit layer.
-        steps: z optimisation steps.
+        steps: z optimisation steps (ROME paper: 20; the SADR reference used 80 with SADR).
         lr: Adam learning rate of z.
         kl_factor: ω of the essence KL.
         weight_decay: weight of ‖δ‖/‖v‖².
         clamp_norm_factor: ‖δ‖ ≤ factor·‖v‖.
-        context_templates: ``[length, count]`` pairs of sampled prefixes (ROME: [[5,10],[10,10]]).
-        mom2_adjustment: use the key second moment C.
-        mom2_n_tokens: corpus tokens for C.
+        context_templates: ``[length, count]`` pairs of model-sampled prefixes.
+        mom2_n_tokens: corpus tokens for the key second moment C.
         mom2_corpus: corpus for C (None: WikiText-2 in the shared data, else model samples).
         sadr_gamma: γ of the SADR attention-drift term (0 = off).
         **kwargs: :class:`EditModule` arguments.
@@ -194,14 +194,12 @@ class ROME(EditModule):
 
     def __init__(
         self,
-        layer: int = 4,
         steps: int = 20,
         lr: float = 0.5,
         kl_factor: float = 0.0625,
         weight_decay: float = 1e-3,
         clamp_norm_factor: float = 4.0,
         context_templates: list[list[int]] = [[5, 10], [10, 10]],  # noqa: B006 (CLI default)
-        mom2_adjustment: bool = True,
         mom2_n_tokens: int = 100_000,
         mom2_corpus: str | None = None,
         sadr_gamma: float = 0.0,
@@ -210,15 +208,62 @@ class ROME(EditModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
-    def rome_hparams(self) -> RomeHParams:
+    def z_config(self) -> ZConfig:
         h = self.hparams
-        z = ZConfig(steps=h.steps, lr=h.lr, kl_factor=h.kl_factor, weight_decay=h.weight_decay,
-                    clamp_norm_factor=h.clamp_norm_factor)
-        return RomeHParams(
-            layer=h.layer, z=z, context_templates=tuple(tuple(x) for x in h.context_templates),
-            mom2_adjustment=h.mom2_adjustment, mom2_n_tokens=h.mom2_n_tokens, mom2_corpus=h.mom2_corpus,
-        )
+        return ZConfig(steps=h.steps, lr=h.lr, kl_factor=h.kl_factor, weight_decay=h.weight_decay,
+                       clamp_norm_factor=h.clamp_norm_factor)
+
+    def templates(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(a), int(b)) for a, b in self.hparams.context_templates)
+
+
+class ROME(LocateEditModule):
+    """ROME (Meng et al. 2022); every argument is a CLI/sweep key (``--model.layer`` ...).
+
+    Args:
+        layer: edit layer.
+        mom2_adjustment: use the key second moment C (else C = I).
+        **kwargs: :class:`LocateEditModule` and :class:`EditModule` arguments.
+    """
+
+    def __init__(self, layer: int = 4, mom2_adjustment: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
 
     def build_editor(self) -> RomeEditor:
-        return RomeEditor(self.rome_hparams(), sadr_terms(self.hparams.sadr_gamma, self.hparams.layer + 1))
+        h = self.hparams
+        hp = RomeHParams(layer=h.layer, z=self.z_config(), context_templates=self.templates(),
+                         mom2_adjustment=h.mom2_adjustment, mom2_n_tokens=h.mom2_n_tokens,
+                         mom2_corpus=h.mom2_corpus)
+        return RomeEditor(hp, sadr_terms(h.sadr_gamma, h.layer + 1))
 
+
+class MEMIT(LocateEditModule):
+    """MEMIT (Meng et al. 2023): the residual at the last layer of R spread over R's MLPs.
+
+    Args:
+        layers: edited layers R, ascending.
+        mom2_update_weight: λ of ``(λ C + K Kᵀ)``.
+        **kwargs: :class:`LocateEditModule` and :class:`EditModule` arguments.
+    """
+
+    pmet = False
+
+    def __init__(self, layers: list[int] = [2, 3, 4, 5, 6], mom2_update_weight: float = 15000.0,  # noqa: B006
+                 **kwargs) -> None:
+        kwargs.setdefault("context_templates", [[10, 5]])
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def build_editor(self) -> MemitEditor:
+        h = self.hparams
+        hp = MemitHParams(layers=tuple(h.layers), z=self.z_config(), context_templates=self.templates(),
+                          mom2_update_weight=h.mom2_update_weight, mom2_n_tokens=h.mom2_n_tokens,
+                          mom2_corpus=h.mom2_corpus, pmet=self.pmet)
+        return MemitEditor(hp, sadr_terms(h.sadr_gamma, hp.layers[-1] + 1))
+
+
+class PMET(MEMIT):
+    """PMET (Li et al. 2024): attention and MLP deltas optimised at L, only the MLP one written."""
+
+    pmet = True

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
+from kelight.editors.covariance import CorpusSpec
 from kelight.editors.keys import mean_keys
 from kelight.editors.update import UndoLog, rank_one_update
 from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z
@@ -38,7 +39,7 @@ class RomeHParams:
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     mom2_adjustment: bool = True
     mom2_n_tokens: int = 100_000
-    mom2_corpus: str | None = None
+    mom2_corpus: str | CorpusSpec | None = None
     seed: int = 0
 
 
@@ -91,7 +92,7 @@ class RomeEditor:
         )
         k_star = mean_keys(model, tok, self.adapter, self.hp.layer, request, self.templates)  # (d_in,)
         weight = self.adapter.out_weight_as_linear(model, self.hp.layer).detach()  # (d_out, d_in)
-        v_star = weight.double() @ k_star.double() + z.delta.double()  # value for key k*: W k* + δ
+        v_star = weight.double() @ k_star.double() + z.delta[0].double()  # value for key k*: W k* + δ
         mom2 = self.mom2.to(device) if self.mom2 is not None else None
         return rank_one_update(weight, k_star, v_star, mom2), z
 

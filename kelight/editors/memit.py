@@ -1,0 +1,134 @@
+"""MEMIT (Meng et al. 2023) and PMET (Li et al. 2024): spread edits over the MLPs of layers R.
+
+Both optimise a value vector per request at the last layer L of R (MEMIT: the block output;
+PMET: separate attention and MLP outputs, keeping only the MLP part), then for each layer
+l ∈ R in ascending order write the remaining residual, divided by the layers left, with the
+shared least-squares solve ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kelight.editors.context import build_rewrite_batch, sample_context_templates
+from kelight.editors.covariance import CorpusSpec
+from kelight.editors.keys import subject_keys
+from kelight.editors.rome import EditInfo
+from kelight.editors.update import UndoLog, least_squares_update
+from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z
+from kelight.hooks import trace
+from kelight.models.adapters import ArchAdapter, adapter_for
+from kelight.tokens import pad_batch, subject_last_index
+from kelight.types import EditInputError, EditRequest
+
+
+@dataclass(frozen=True)
+class MemitHParams:
+    """MEMIT/PMET hyper-parameters.
+
+    Attributes:
+        layers: the edited MLP layers R (ascending).
+        z: value-vector optimisation settings.
+        context_templates: ``[length, count]`` pairs of sampled prefixes (MEMIT: [[10, 5]]).
+        mom2_update_weight: λ weighing preserved keys (C) against the new keys.
+        mom2_n_tokens / mom2_corpus: corpus for C (see :mod:`kelight.editors.covariance`).
+        pmet: optimise attention + MLP deltas at L and keep the MLP part (PMET).
+        seed: seed of the context-template sampling.
+    """
+
+    layers: tuple[int, ...] = (2, 3, 4, 5, 6)
+    z: ZConfig = field(default_factory=ZConfig)
+    context_templates: tuple[tuple[int, int], ...] = ((10, 5),)
+    mom2_update_weight: float = 15000.0
+    mom2_n_tokens: int = 100_000
+    mom2_corpus: str | CorpusSpec | None = None
+    pmet: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise EditInputError(f"expected layers to be a non-empty ascending list, got {list(self.layers)}")
+        if self.mom2_update_weight <= 0:
+            raise EditInputError(f"expected mom2_update_weight > 0, got {self.mom2_update_weight}")
+
+
+class MemitEditor:
+    """Computes and applies MEMIT (or PMET) batch updates; ``setup`` once per unedited model."""
+
+    def __init__(self, hparams: MemitHParams, extra_losses: Sequence[ExtraLoss] = ()) -> None:
+        self.hp = hparams
+        self.extra_losses = tuple(extra_losses)
+        self.templates: list[str] | None = None
+        self.mom2: dict[int, torch.Tensor] = {}
+        self.adapter: ArchAdapter | None = None
+
+    @property
+    def last_layer(self) -> int:
+        return self.hp.layers[-1]
+
+    def target_path(self) -> str:
+        """Where the value is read and the residual measured: block output (MEMIT) or MLP output (PMET)."""
+        assert self.adapter is not None
+        if self.hp.pmet:
+            return self.adapter.path("mlp_out", self.last_layer)
+        return self.adapter.block_path(self.last_layer)
+
+    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+        self.adapter = adapter_for(model)
+        for layer in self.hp.layers:
+            self.adapter.check_layer(model, layer)
+        self.templates = sample_context_templates(model, tok, self.hp.context_templates, self.hp.seed)
+        from kelight.editors.covariance import second_moments  # noqa: PLC0415
+
+        self.mom2 = second_moments(model, tok, list(self.hp.layers), corpus=self.hp.mom2_corpus,
+                                   n_tokens=self.hp.mom2_n_tokens)
+
+    def _z(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest) -> ZResult:
+        assert self.adapter is not None and self.templates is not None
+        batch = build_rewrite_batch(tok, request, self.templates, next(model.parameters()).device)
+        if self.hp.pmet:  # attention and MLP deltas at L; only the MLP one is written
+            paths = [self.adapter.path("mlp_out", self.last_layer), self.adapter.path("attn", self.last_layer)]
+        else:
+            paths = [self.adapter.block_path(self.last_layer)]
+        return optimise_z(model, paths, batch, self.hp.z, self.extra_losses, want_attn=bool(self.extra_losses))
+
+    def apply(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
+    ) -> EditInfo:
+        """Edit all ``requests`` jointly (the batch regime; one request = the single regime)."""
+        if self.templates is None or self.adapter is None:
+            raise RuntimeError("call setup(model, tokenizer) before applying edits")
+        zs = [self._z(model, tok, r) for r in requests]
+        targets = torch.stack([z.v_init[0] + z.delta[0] for z in zs], dim=1).double()  # (D, n)
+        for i, layer in enumerate(self.hp.layers):
+            keys = self._mean_keys(model, tok, layer, requests)  # (d_in, n)
+            current = self._current_values(model, tok, requests)  # (D, n)
+            resid = (targets - current) / (len(self.hp.layers) - i)  # spread over the layers left
+            mom2 = self.mom2[layer].to(keys.device)
+            delta = least_squares_update(keys, resid, mom2, self.hp.mom2_update_weight)
+            undo.add_(self.adapter.out_weight(model, layer), delta, transposed=self.adapter.mlp_conv1d)
+        return EditInfo(z=zs)
+
+    def _mean_keys(self, model, tok, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
+        assert self.adapter is not None and self.templates is not None
+        cols = []
+        for r in requests:
+            texts = [t.format(r.prompt) for t in self.templates]
+            cols.append(subject_keys(model, tok, self.adapter, [layer], texts, r.subject)[layer].mean(0))
+        return torch.stack(cols, dim=1)  # (d_in, n)
+
+    @torch.no_grad()
+    def _current_values(self, model, tok, requests: Sequence[EditRequest]) -> torch.Tensor:
+        """Output of the target module at each request's subject (plain prompt), ``(D, n)``."""
+        ids = [list(tok(r.prompt)["input_ids"]) for r in requests]
+        pos = torch.tensor([subject_last_index(tok, r.prompt, r.subject) for r in requests])
+        input_ids, mask = pad_batch(ids, tok.pad_token_id, next(model.parameters()).device)
+        path = self.target_path()
+        with trace(model, [path], stop=True) as rec:
+            model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        rows = torch.arange(len(requests), device=input_ids.device)
+        return rec[path][rows, pos.to(input_ids.device)].double().T
