@@ -79,6 +79,9 @@ class EditModule(L.LightningModule):
     def build_editor(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def transfer_batch_to_device(self, batch: list[EditCase], device: torch.device, dataloader_idx: int) -> list:
+        return batch  # cases are text; tensors are built on the model's device when needed
+
     def configure_optimizers(self) -> None:
         return None  # z and its optimiser are created per edit inside the editor
 

