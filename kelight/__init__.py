@@ -10,8 +10,8 @@ Example:
 
 from kelight.api import edit
 from kelight.models.loading import load
-from kelight.module import MEMIT, PMET, ROME, EditModule
+from kelight.module import FT, MEMIT, PMET, ROME, EditModule
 from kelight.types import EditCase, EditInputError, EditRequest
 
-__all__ = ["MEMIT", "PMET", "ROME", "EditCase", "EditInputError", "EditModule", "EditRequest", "edit", "load"]
+__all__ = ["FT", "MEMIT", "PMET", "ROME", "EditCase", "EditInputError", "EditModule", "EditRequest", "edit", "load"]
 __version__ = "0.1.0"

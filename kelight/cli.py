@@ -84,7 +84,7 @@ def main(args: list[str] | None = None) -> KelightCLI | None:
         subclass_mode_model=True,
         trainer_defaults=_TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=args,
         auto_configure_optimizers=False,
     )
 

@@ -17,6 +17,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from kelight.editors.ft import FTEditor, FTHParams
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
@@ -270,3 +271,39 @@ class PMET(MEMIT):
     """PMET (Li et al. 2024): attention and MLP deltas optimised at L, only the MLP one written."""
 
     pmet = True
+
+
+class FT(EditModule):
+    """FT-L, constrained fine-tuning of one MLP output matrix (Zhu et al. 2020; ROME's baseline).
+
+    Args:
+        layer: the layer whose MLP output matrix is fine-tuned.
+        steps: Adam steps.
+        lr: Adam learning rate.
+        norm_constraint: ε, L∞ bound on each weight's change (ROME's FT-L: 5e-4).
+        weight_decay: Adam weight decay on the weight change.
+        context_templates: ``[length, count]`` pairs of sampled prefixes (``[]``: the plain prompt only).
+        sadr_gamma: γ of the SADR attention-drift term (0 = off); drift is measured after ``layer``.
+        **kwargs: :class:`EditModule` arguments.
+    """
+
+    def __init__(
+        self,
+        layer: int = 4,
+        steps: int = 25,
+        lr: float = 5e-4,
+        norm_constraint: float = 5e-4,
+        weight_decay: float = 0.0,
+        context_templates: list[list[int]] = [],  # noqa: B006 (CLI default)
+        sadr_gamma: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def build_editor(self) -> FTEditor:
+        h = self.hparams
+        hp = FTHParams(layer=h.layer, steps=h.steps, lr=h.lr, norm_constraint=h.norm_constraint,
+                       weight_decay=h.weight_decay,
+                       context_templates=tuple((int(a), int(b)) for a, b in h.context_templates))
+        return FTEditor(hp, sadr_terms(h.sadr_gamma, h.layer + 1))

@@ -43,8 +43,10 @@ def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
                 cells.append("–")
             elif c == "n_cases":
                 cells.append(str(int(v)))
+            elif ci is not None:
+                cells.append(f"{v:.1f} ± {ci:.1f}")
             else:
-                cells.append(f"{v:.1f} ± {ci:.1f}" if ci is not None else f"{v:.2f}" if c == "seconds_per_edit" else f"{v:.1f}")
+                cells.append(f"{v:.2f}" if c == "seconds_per_edit" else f"{v:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_configs_exist_for_every_method():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
     for model in ("smollm2", "gemma3"):
-        for method in ("rome", "rome_sadr", "memit", "memit_sadr", "pmet", "pmet_sadr"):
+        for method in ("rome", "rome_sadr", "memit", "memit_sadr", "pmet", "pmet_sadr", "ft"):
             assert f"{model}/{method}.yaml" in names
 
 

@@ -122,15 +122,27 @@ def _total_loss(model, batch, cfg, injector, extra_losses, want_attn, step, ess_
     loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
     loss = loss + cfg.kl_factor * essence_kl(ess, ess_init)
     loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum()
-    state = StepState(step, batch, outputs)
+    return finish_loss(loss, extra_losses, StepState(step, batch, outputs), cfg.lr), ess_init
+
+
+def finish_loss(
+    loss: torch.Tensor, extra_losses: Sequence[ExtraLoss], state: StepState, lr: float, what: str = "z optimisation"
+) -> torch.Tensor:
+    """``loss + Σ term(state)`` over the extra terms (e.g. γ·SADR), checked to be finite.
+
+    Shared by every editor's inner loop (z optimisation, FT), which writes no weight before it ends.
+
+    Raises:
+        EditOptimizationError: if the total is NaN/inf, naming ``what`` and ``state.step``.
+    """
     for term in extra_losses:
         loss = loss + term(state)
     if not torch.isfinite(loss):
         raise EditOptimizationError(
-            f"z optimisation diverged at step {step} (loss {loss.item()}); lower lr "
-            f"(now {cfg.lr}) or use float32; the model weights were not changed"
+            f"{what} diverged at step {state.step} (loss {loss.item()}); lower lr "
+            f"(now {lr}) or use float32; the model weights were not changed"
         )
-    return loss, ess_init
+    return loss
 
 
 def optimise_z(

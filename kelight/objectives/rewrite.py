@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def rewrite_nll(log_probs: torch.Tensor, target_ids: torch.Tensor, prompt_index: torch.Tensor, n_prompts: int) -> torch.Tensor:
+def rewrite_nll(
+    log_probs: torch.Tensor, target_ids: torch.Tensor, prompt_index: torch.Tensor, n_prompts: int
+) -> torch.Tensor:
     """Mean over prompts of the mean per-token NLL of the target tokens.
 
     Args:

@@ -59,7 +59,7 @@ def test_z_optimisation_lowers_rewrite_loss():
     # (a random tiny model's logits are near-uniform, so only a modest drop is possible)
     _, z = editor.compute(model, tok, EditRequest("We visited the Eiffel Tower", "Eiffel Tower", "x"))
     assert z.steps_run == 25 and z.losses[-1] < z.losses[0] - 0.2
-    assert all(b <= a + 1e-6 for a, b in zip(z.losses, z.losses[1:]))
+    assert all(b <= a + 1e-6 for a, b in zip(z.losses, z.losses[1:], strict=False))
 
 
 def test_rewrite_batch_positions():

@@ -1,0 +1,190 @@
+"""FT-L: constrained fine-tuning of one MLP output matrix (Zhu et al. 2020; ROME's FT-L baseline).
+
+The only trainable tensor is a delta ``ΔW`` (linear convention ``(d_out, d_in)``, float32), added
+to the ``mlp_out`` weight of one layer by a forward hook: the module's output becomes
+``W x + b + ΔW x`` (Conv1D included, through the adapter's convention). Adam minimises the rewrite
+NLL of ``o_edit`` over the rewriting prompts ``prefix + prompt + target[:-1]`` (no essence KL in
+FT-L) plus any extra terms (γ·SADR), and after every step clamps each element of ``ΔW`` to
+``[-ε, ε]`` (ROME's FT-L: ``‖W' − W₀‖_∞ ≤ ε``). Only the final ``ΔW`` is written, via
+:meth:`UndoLog.add_`, so a failed run leaves the weights untouched and ``restore`` is bit-exact.
+
+Differences from ROME's ``ft_main``: the loss is the teacher-forced mean per-token NLL shared with
+every editor (ROME's reads all target tokens off the last prompt position), and Adam's weight
+decay acts on ``ΔW`` (an L2 pull towards the original weight), not on ``W``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kelight.editors.context import RewriteBatch, build_rewrite_batch, sample_context_templates
+from kelight.editors.rome import EditInfo
+from kelight.editors.update import UndoLog
+from kelight.editors.zopt import ExtraLoss, StepState, ZResult, _forward_logprobs, finish_loss
+from kelight.lm import attention_implementation
+from kelight.models.adapters import ArchAdapter, adapter_for
+from kelight.objectives import rewrite_nll
+from kelight.types import EditInputError, EditRequest
+
+
+def _check_number(name: str, value: object, positive: bool, allow_inf: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value > 0 if positive else value >= 0) and (allow_inf or math.isfinite(value))
+    if not ok:
+        kind = "positive" if positive else "non-negative"
+        raise EditInputError(f"expected {name} to be a {'' if allow_inf else 'finite '}{kind} number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FTHParams:
+    """FT-L hyper-parameters (ROME's FT-L defaults; method settings only).
+
+    Attributes:
+        layer: the layer whose MLP output matrix is fine-tuned.
+        steps: Adam steps (no early stop: ``steps_run == steps``).
+        lr: Adam learning rate.
+        norm_constraint: ε, the L∞ bound on each weight's change (``inf``: unconstrained FT).
+        weight_decay: Adam weight decay on ``ΔW`` (0 in ROME's FT-L).
+        context_templates: ``[length, count]`` pairs of model-sampled prefixes as in ROME;
+            ``()`` (the default, as in ROME's FT-L) trains on the plain prompt ``"{}"`` only.
+        seed: seed of the context-template sampling.
+    """
+
+    layer: int = 4
+    steps: int = 25
+    lr: float = 5e-4
+    norm_constraint: float = 5e-4
+    weight_decay: float = 0.0
+    context_templates: tuple[tuple[int, int], ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("layer", "steps", "seed"):
+            value = getattr(self, name)
+            low = 1 if name == "steps" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise EditInputError(f"expected {name} to be an integer ≥ {low}, got {value!r}")
+        _check_number("lr", self.lr, positive=True)
+        _check_number("norm_constraint", self.norm_constraint, positive=True, allow_inf=True)
+        _check_number("weight_decay", self.weight_decay, positive=False)
+        for pair in self.context_templates:
+            if len(pair) != 2 or not all(isinstance(x, int) and x > 0 for x in pair):
+                raise EditInputError(
+                    f"expected context_templates to be [length, count] pairs of positive integers, got {pair!r}"
+                )
+
+
+@contextmanager
+def added_weight(module: nn.Module, delta: torch.Tensor) -> Iterator[None]:
+    """Make ``module`` (a Linear or Conv1D with ``y = x W + b``) compute as if ``W += delta``.
+
+    Args:
+        module: the module; its first positional input is ``x`` ``(..., d_in)``.
+        delta: ``(d_out, d_in)`` in linear convention; gradients flow into it.
+    """
+
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # (..., d_in)
+        return output + F.linear(x.to(delta.dtype), delta).to(output.dtype)  # (..., d_out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class FTEditor:
+    """Constrained fine-tuning of one ``mlp_out`` matrix; same interface as :class:`RomeEditor`.
+
+    ``EditInfo.z[i]`` is a :class:`ZResult` with ``delta = [‖ΔW‖_F]`` and ``v_init = [‖W‖_F]``
+    (1-element tensors), the losses per step and ``steps_run``.
+
+    Example:
+        >>> editor = FTEditor(FTHParams(layer=4))  # doctest: +SKIP
+        >>> editor.setup(model, tok); undo = UndoLog()  # doctest: +SKIP
+        >>> editor.apply(model, tok, [request], undo)  # doctest: +SKIP
+    """
+
+    def __init__(self, hparams: FTHParams, extra_losses: Sequence[ExtraLoss] = ()) -> None:
+        self.hp = hparams
+        self.extra_losses = tuple(extra_losses)
+        self.templates: list[str] | None = None
+        self.adapter: ArchAdapter | None = None
+
+    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+        """Validate the layer and sample the context templates (on the unedited model)."""
+        self.adapter = adapter_for(model)
+        self.adapter.check_layer(model, self.hp.layer)
+        self.templates = sample_context_templates(model, tok, self.hp.context_templates, self.hp.seed)
+
+    def compute(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest,
+        applied: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ZResult]:
+        """``ΔW`` (linear convention, float32) for one request; the model is not modified.
+
+        Args:
+            applied: change already written to this weight by the current ``apply`` call; the bound
+                holds for the total, ``‖applied + ΔW‖_∞ ≤ ε``.
+
+        Raises:
+            EditOptimizationError: if the loss becomes NaN/inf.
+        """
+        if self.templates is None or self.adapter is None:
+            raise RuntimeError("call setup(model, tokenizer) before computing edits")
+        weight = self.adapter.out_weight_as_linear(model, self.hp.layer).detach()  # (d_out, d_in)
+        batch = build_rewrite_batch(tok, request, self.templates, weight.device, essence_templates=())
+        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device, requires_grad=True)
+        applied = torch.zeros_like(delta, requires_grad=False) if applied is None else applied.float()
+        low, high = -self.hp.norm_constraint - applied, self.hp.norm_constraint - applied  # (d_out, d_in)
+        module = self.adapter.module(model, "mlp_out", self.hp.layer)
+        want_attn = bool(self.extra_losses)
+        with attention_implementation(model, "eager" if want_attn else None), added_weight(module, delta):
+            losses = self._optimise(model, batch, delta, low, high, want_attn)
+        delta = delta.detach()
+        norms = torch.stack([delta.norm(), weight.float().norm()])[:, None]  # (2, 1)
+        return delta, ZResult(norms[0], norms[1], losses, len(losses))
+
+    def _optimise(self, model: PreTrainedModel, batch: RewriteBatch, delta: torch.Tensor, low: torch.Tensor,
+                  high: torch.Tensor, want_attn: bool) -> list[float]:
+        """Adam on ``delta`` with the box clamp after every step; returns the loss of each step."""
+        opt = torch.optim.Adam([delta], lr=self.hp.lr, weight_decay=self.hp.weight_decay)
+        losses = []
+        for step in range(self.hp.steps):
+            tgt, _, outputs = _forward_logprobs(model, batch, want_attn)  # tgt: (N, V)
+            loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
+            loss = finish_loss(loss, self.extra_losses, StepState(step, batch, outputs), self.hp.lr, "fine-tuning")
+            losses.append(loss.item())
+            (delta.grad,) = torch.autograd.grad(loss, [delta])  # no gradient reaches the model's weights
+            opt.step()
+            with torch.no_grad():
+                delta.copy_(torch.minimum(torch.maximum(delta, low), high))  # ‖applied + ΔW‖_∞ ≤ ε
+        return losses
+
+    def apply(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
+    ) -> EditInfo:
+        """Fine-tune for ``requests`` one after another (each sees the previous ones), logging into ``undo``.
+
+        The L∞ bound holds for the total change of this call. If request ``i`` fails, requests
+        ``< i`` stay applied; ``undo.restore()`` returns the exact original weights.
+        """
+        if self.adapter is None:
+            raise RuntimeError("call setup(model, tokenizer) before applying edits")
+        info, applied = EditInfo(), None
+        weight = self.adapter.out_weight(model, self.hp.layer)
+        for request in requests:
+            delta, z = self.compute(model, tok, request, applied)
+            undo.add_(weight, delta, transposed=self.adapter.mlp_conv1d)
+            applied = delta if applied is None else applied + delta
+            info.z.append(z)
+        return info
