@@ -7,13 +7,15 @@ from collections.abc import Mapping, Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.editors.ft import FTEditor, FTHParams
+from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
 from kelight.objectives.sadr import sadr_terms
 from kelight.types import EditInputError, EditRequest
 
-METHODS = ("rome",)
+METHODS = ("rome", "memit", "pmet", "ft")
 
 
 def _as_requests(request: EditRequest | Mapping | Sequence) -> list[EditRequest]:
@@ -26,24 +28,41 @@ def _as_requests(request: EditRequest | Mapping | Sequence) -> list[EditRequest]
     raise EditInputError(f"expected an EditRequest, a dict of its fields, or a list of them; got {request!r}")
 
 
-def rome_hparams(**options: object) -> RomeHParams:
-    """Build :class:`RomeHParams` from flat keyword options (``steps=..., layer=...``).
+def method_hparams(hparams_cls: type, method: str, **options: object):
+    """Build ``hparams_cls`` (e.g. :class:`RomeHParams`) from flat options (``steps=..., layer=...``).
+
+    Fields of a nested ``z: ZConfig`` are given flat, as on the CLI.
 
     Raises:
         EditInputError: naming any option that does not exist, with the valid ones.
     """
-    z_fields = {f.name for f in dataclasses.fields(ZConfig)}
-    top_fields = {f.name for f in dataclasses.fields(RomeHParams)} - {"z"}
+    top_fields = {f.name for f in dataclasses.fields(hparams_cls)}
+    z_fields = {f.name for f in dataclasses.fields(ZConfig)} if "z" in top_fields else set()
+    top_fields.discard("z")
     unknown = sorted(set(options) - z_fields - top_fields)
     if unknown:
         raise EditInputError(
-            f"unknown ROME option(s) {unknown}; valid options: {sorted(z_fields | top_fields)}"
+            f"unknown {method} option(s) {unknown}; valid options: {sorted(z_fields | top_fields)}"
         )
-    z = ZConfig(**{k: v for k, v in options.items() if k in z_fields})
     top = {k: v for k, v in options.items() if k in top_fields}
-    if "context_templates" in top:
-        top["context_templates"] = tuple(tuple(x) for x in top["context_templates"])  # type: ignore[union-attr]
-    return RomeHParams(z=z, **top)  # type: ignore[arg-type]
+    for key in ("context_templates", "layers"):
+        if key in top:
+            top[key] = tuple(tuple(x) if isinstance(x, list | tuple) else x for x in top[key])  # type: ignore[union-attr]
+    if z_fields:
+        top["z"] = ZConfig(**{k: v for k, v in options.items() if k in z_fields})
+    return hparams_cls(**top)
+
+
+def _editor(method: str, options: dict[str, object]):
+    gamma = float(options.pop("sadr_gamma", 0.0))  # type: ignore[arg-type]
+    if method == "rome":
+        hp = method_hparams(RomeHParams, method, **options)
+        return RomeEditor(hp, sadr_terms(gamma, hp.layer + 1))
+    if method in ("memit", "pmet"):
+        hp = method_hparams(MemitHParams, method, pmet=method == "pmet", **options)
+        return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1))
+    hp = method_hparams(FTHParams, method, **options)
+    return FTEditor(hp, sadr_terms(gamma, hp.layer + 1))
 
 
 def edit(
@@ -59,7 +78,8 @@ def edit(
         model: a causal LM of an adapted architecture.
         tokenizer: its tokenizer.
         request: an :class:`EditRequest`, a dict of its fields, or a list of them.
-        method: ``"rome"``.
+        method: ``"rome"``, ``"memit"``, ``"pmet"`` or ``"ft"`` (several requests are edited
+            jointly by MEMIT/PMET, in turn by ROME/FT).
         **options: method hyper-parameters, e.g. ``layer=4, steps=20, mom2_adjustment=False, sadr_gamma=1e-2``.
 
     Returns:
@@ -73,9 +93,7 @@ def edit(
     if method not in METHODS:
         raise EditInputError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     requests = _as_requests(request)
-    gamma = float(options.pop("sadr_gamma", 0.0))  # type: ignore[arg-type]
-    hparams = rome_hparams(**options)
-    editor = RomeEditor(hparams, sadr_terms(gamma, hparams.layer + 1))
+    editor = _editor(method, dict(options))
     undo = UndoLog()
     try:
         editor.setup(model, tokenizer)

@@ -117,7 +117,7 @@ def test_api_edit_and_undo_roundtrip():
     ("kwargs", "request_", "match"),
     [
         ({"layer": 7}, REQ, r"layer 7 is out of range .* \[0, 2\]"),
-        ({"layr": 1}, REQ, r"unknown ROME option\(s\) \['layr'\]"),
+        ({"layr": 1}, REQ, r"unknown rome option\(s\) \['layr'\]"),
         ({"layer": 1}, {"prompt": "Paris is big", "subject": "Rome", "target_new": "x"}, "does not occur"),
         ({"layer": 1}, {"prompt": "Paris is big", "subject": "Paris", "target_new": "  "}, "non-empty"),
     ],
@@ -129,6 +129,19 @@ def test_api_errors_leave_model_unchanged(kwargs, request_, match):
     snap = _snapshot(model)
     with pytest.raises((EditInputError, ValueError), match=match):
         kelight.edit(model, tok, request_, mom2_adjustment=False, context_templates=[], **kwargs)
+    _assert_identical(model, snap)
+
+
+@pytest.mark.parametrize("method", ["memit", "pmet", "ft"])
+def test_api_other_methods_roundtrip(method):
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    snap = _snapshot(model)
+    opts = {"layers": [0, 1], "mom2_corpus": "model", "mom2_n_tokens": 200} if method != "ft" else {"layer": 1}
+    model, undo = kelight.edit(model, tok, [REQ], method=method, steps=2, **opts)
+    assert len(undo) >= 1
+    undo.restore()
     _assert_identical(model, snap)
 
 
