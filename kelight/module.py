@@ -26,7 +26,7 @@ from kelight.evaluation import case_summary, evaluate_case, locality_reference
 from kelight.metrics import EditMetrics
 from kelight.models.loading import load
 from kelight.objectives.sadr import sadr_terms
-from kelight.results import format_table, write_results
+from kelight.results import PARTIAL, append_partial, format_table, write_results
 from kelight.types import EditCase
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class EditModule(L.LightningModule):
         self._reset_run()
 
     def _reset_run(self) -> None:
+        (Path(self.trainer.default_root_dir) / PARTIAL).unlink(missing_ok=True)
         self.metrics.reset()
         self.case_rows, self.edit_seconds = [], []
         self.pending: list[tuple[EditCase, dict, float]] = []
@@ -140,6 +141,8 @@ class EditModule(L.LightningModule):
         if seconds is not None:
             row["edit_seconds"] = seconds
         self.case_rows.append(row)
+        if self.trainer.is_global_zero:  # progress that survives an interrupted run
+            append_partial(self.trainer.default_root_dir, row)
 
     def on_train_epoch_end(self) -> None:
         for case, pre, seconds in self.pending:  # sequential: every edit is in place now
@@ -227,10 +230,13 @@ class ROME(LocateEditModule):
     Args:
         layer: edit layer.
         mom2_adjustment: use the key second moment C (else C = I).
+        mean_key_insertion: store v* at the template-averaged key (R-ROME) instead of the plain
+            prompt's key (ROME's reference).
         **kwargs: :class:`LocateEditModule` and :class:`EditModule` arguments.
     """
 
-    def __init__(self, layer: int = 4, mom2_adjustment: bool = True, **kwargs) -> None:
+    def __init__(self, layer: int = 4, mom2_adjustment: bool = True, mean_key_insertion: bool = False,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
@@ -238,7 +244,7 @@ class ROME(LocateEditModule):
         h = self.hparams
         hp = RomeHParams(layer=h.layer, z=self.z_config(), context_templates=self.templates(),
                          mom2_adjustment=h.mom2_adjustment, mom2_n_tokens=h.mom2_n_tokens,
-                         mom2_corpus=h.mom2_corpus)
+                         mom2_corpus=h.mom2_corpus, mean_key_insertion=h.mean_key_insertion)
         return RomeEditor(hp, sadr_terms(h.sadr_gamma, h.layer + 1))
 
 

@@ -14,10 +14,22 @@ def _clean(value: object) -> object:
     return value
 
 
+PARTIAL = "cases.partial.jsonl"
+
+
+def append_partial(out_dir: str | Path, row: Mapping) -> None:
+    """Append one case row to ``cases.partial.jsonl`` (replaced by ``cases.jsonl`` at the end)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / PARTIAL).open("a") as f:
+        f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+
 def write_results(out_dir: str | Path, metrics: Mapping[str, float], cases: Sequence[Mapping]) -> Path:
     """Write ``metrics.json`` and ``cases.jsonl`` into ``out_dir``; returns the metrics path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL).unlink(missing_ok=True)
     path = out / "metrics.json"
     path.write_text(json.dumps({k: _clean(v) for k, v in metrics.items()}, indent=1) + "\n")
     with (out / "cases.jsonl").open("w") as f:

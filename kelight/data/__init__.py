@@ -4,7 +4,6 @@ from kelight.data.builtin import builtin_cases, builtin_path
 from kelight.data.datamodule import (
     EditDataModule,
     collate_cases,
-    default_data_root,
     load_records,
     select_indices,
 )
@@ -14,6 +13,7 @@ from kelight.data.formats import (
     parse_counterfact_mix,
     parse_record,
 )
+from kelight.paths import default_data_root
 
 __all__ = [
     "EditDataModule",

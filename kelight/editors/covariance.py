@@ -56,6 +56,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.models.loading import cache_dir
+from kelight.paths import default_data_root
 from kelight.tokens import pad_batch
 
 log = logging.getLogger(__name__)
@@ -139,12 +140,7 @@ def as_corpus(corpus: CorpusSpec | str | os.PathLike | None) -> CorpusSpec:
     return CorpusSpec(kind="hub", name=name, config=config or None)
 
 
-def data_root() -> Path | None:
-    """The shared data folder: ``$KELIGHT_DATA``, else ``../shared/data`` or ``../../shared/data``."""
-    env = os.environ.get("KELIGHT_DATA")
-    candidates = [Path(env)] if env else []
-    candidates += [Path("../shared/data"), Path("../../shared/data")]
-    return next((p.resolve() for p in candidates if p.is_dir()), None)
+data_root = default_data_root  # the folder that contains wikitext2/
 
 
 def _wikitext_files() -> list[Path] | None:

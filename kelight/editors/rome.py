@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
 from kelight.editors.covariance import CorpusSpec
-from kelight.editors.keys import mean_keys
+from kelight.editors.keys import mean_keys, subject_keys
 from kelight.editors.update import UndoLog, rank_one_update
 from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z
 from kelight.models.adapters import ArchAdapter, adapter_for
@@ -31,6 +31,8 @@ class RomeHParams:
         mom2_adjustment: use the key second moment C (else C = I).
         mom2_n_tokens: tokens of corpus text for C.
         mom2_corpus: corpus for C (None: WikiText-2 from the shared data, else model samples).
+        mean_key_insertion: store v* at the template-averaged key k* too (R-ROME). Default: ROME's
+            reference, which inserts at the plain prompt's key (its direction C⁻¹k* from k*).
         seed: seed of the context-template sampling.
     """
 
@@ -40,6 +42,7 @@ class RomeHParams:
     mom2_adjustment: bool = True
     mom2_n_tokens: int = 100_000
     mom2_corpus: str | CorpusSpec | None = None
+    mean_key_insertion: bool = False
     seed: int = 0
 
 
@@ -90,11 +93,15 @@ class RomeEditor:
             model, self.adapter.path("mlp_out", self.hp.layer), batch, self.hp.z, self.extra_losses,
             want_attn=bool(self.extra_losses),
         )
-        k_star = mean_keys(model, tok, self.adapter, self.hp.layer, request, self.templates)  # (d_in,)
+        k_mean = mean_keys(model, tok, self.adapter, self.hp.layer, request, self.templates)  # (d_in,)
+        k_plain = subject_keys(model, tok, self.adapter, [self.hp.layer], [request.prompt], request.subject)[
+            self.hp.layer
+        ][0]  # (d_in,) the key of the unmodified prompt
+        k_star = k_mean if self.hp.mean_key_insertion else k_plain
         weight = self.adapter.out_weight_as_linear(model, self.hp.layer).detach()  # (d_out, d_in)
-        v_star = weight.double() @ k_star.double() + z.delta[0].double()  # value for key k*: W k* + δ
+        v_star = weight.double() @ k_star.double() + z.delta[0].double()  # the value δ away from W k
         mom2 = self.mom2.to(device) if self.mom2 is not None else None
-        return rank_one_update(weight, k_star, v_star, mom2), z
+        return rank_one_update(weight, k_star, v_star, mom2, left_key=k_mean), z
 
     def apply(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog

@@ -11,24 +11,32 @@ from torch import nn
 
 
 def rank_one_update(
-    weight: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, mom2: torch.Tensor | None
+    weight: torch.Tensor,
+    k_star: torch.Tensor,
+    v_star: torch.Tensor,
+    mom2: torch.Tensor | None,
+    left_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ROME's update ``ΔW = (v* − W k*)(C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*)`` (computed in float64).
+    """ROME's update ``ΔW = (v* − W k)(C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k)`` (computed in float64).
 
-    It is the minimum-change solution of ``min ‖Ŵ K − W K‖`` subject to ``Ŵ k* = v*`` when
-    ``C = K Kᵀ / n`` (ROME eq. 2); ``mom2=None`` uses ``C = I``.
+    With ``left_key=None`` (k̄ = k = k*) it is the minimum-change solution of ``min ‖Ŵ K − W K‖``
+    subject to ``Ŵ k* = v*`` when ``C = K Kᵀ / n`` (ROME eq. 2; R-ROME uses this form). ROME's
+    reference takes the direction from the template-averaged key k̄ and inserts at the plain
+    prompt's key k; either way ``Ŵ k = v*`` exactly. ``mom2=None`` uses ``C = I``.
 
     Args:
         weight: ``(d_out, d_in)``.
-        k_star: ``(d_in,)`` key of the subject.
+        k_star: ``(d_in,)`` key at which ``v_star`` is stored.
         v_star: ``(d_out,)`` value to store.
         mom2: ``(d_in, d_in)`` second moment of keys, or ``None``.
+        left_key: ``(d_in,)`` key that sets the update direction (default: ``k_star``).
 
     Returns:
         ``ΔW`` of shape ``(d_out, d_in)``, float64 on ``weight``'s device.
     """
     w, k, v = weight.double(), k_star.double(), v_star.double()
-    u = torch.linalg.solve(mom2.double(), k) if mom2 is not None else k  # (d_in,)
+    k_dir = k if left_key is None else left_key.double()
+    u = torch.linalg.solve(mom2.double(), k_dir) if mom2 is not None else k_dir  # (d_in,)
     denom = u @ k
     if not torch.isfinite(denom) or denom.abs() < torch.finfo(torch.float64).tiny:
         raise FloatingPointError("ROME update is singular: (C⁻¹k*)ᵀk* is zero or not finite")

@@ -5,7 +5,7 @@ import torch
 
 import kelight
 from kelight.editors.context import build_rewrite_batch
-from kelight.editors.keys import mean_keys
+from kelight.editors.keys import mean_keys, subject_keys
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import EditOptimizationError, ZConfig
@@ -36,15 +36,22 @@ def test_edit_then_restore_is_bit_identical(tiny):
     _assert_identical(model, snap)
 
 
-def test_update_writes_v_star_at_k_star(tiny):
-    """After the edit, W' k* = W k* + δ: the closed form stores the optimised value at the key."""
+@pytest.mark.parametrize("mean_key", [False, True])
+def test_update_writes_v_star_at_the_insertion_key(tiny, mean_key):
+    """W' k = W k + δ at the plain prompt's key (ROME) or the template-averaged key (R-ROME)."""
     model, tok = tiny
-    editor = RomeEditor(RomeHParams(layer=1, **FAST))
+    editor = RomeEditor(RomeHParams(layer=1, mean_key_insertion=mean_key, **FAST))
     editor.setup(model, tok)
     delta, z = editor.compute(model, tok, REQ)
-    k_star = mean_keys(model, tok, editor.adapter, 1, REQ, editor.templates).double()
+    if mean_key:
+        key = mean_keys(model, tok, editor.adapter, 1, REQ, editor.templates).double()
+    else:
+        key = subject_keys(model, tok, editor.adapter, [1], [REQ.prompt], REQ.subject)[1][0].double()
     w = editor.adapter.out_weight_as_linear(model, 1).double()
-    torch.testing.assert_close((w + delta) @ k_star, w @ k_star + z.delta[0].double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close((w + delta) @ key, w @ key + z.delta[0].double(), rtol=1e-6, atol=1e-6)
+    # the plain-prompt value is exactly the optimisation's starting value v_init
+    if not mean_key:
+        torch.testing.assert_close(w @ key, z.v_init[0].double(), rtol=1e-4, atol=1e-5)
 
 
 def test_z_optimisation_lowers_rewrite_loss():

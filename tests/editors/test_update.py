@@ -32,6 +32,16 @@ def test_rank_one_update_equals_constrained_least_squares():
     np.testing.assert_allclose((w + delta) @ k_star, v_star, rtol=1e-10)
 
 
+def test_rank_one_update_with_separate_direction_key_hits_the_target():
+    w, keys, k_star, v_star = _problem(4)
+    c = keys @ keys.T / keys.shape[1]
+    k_dir = k_star + 0.3 * np.random.default_rng(5).normal(size=k_star.shape)
+    delta = rank_one_update(*(torch.from_numpy(x) for x in (w, k_star, v_star, c)), left_key=torch.from_numpy(k_dir))
+    np.testing.assert_allclose((w + delta.numpy()) @ k_star, v_star, rtol=1e-10)
+    u = np.linalg.solve(c, k_dir)  # every row of ΔW is parallel to C⁻¹k̄
+    np.testing.assert_allclose(delta.numpy(), np.outer(v_star - w @ k_star, u) / (u @ k_star), rtol=1e-9)
+
+
 def test_rank_one_update_identity_covariance_is_minimum_norm():
     w, _, k_star, v_star = _problem(1)
     delta = rank_one_update(*(torch.from_numpy(x) for x in (w, k_star, v_star)), None).numpy()

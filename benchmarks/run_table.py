@@ -1,0 +1,60 @@
+"""Run several kelight experiments on the same cases, in parallel processes, and print one table.
+
+Plain HF forwards of a small model are launch-bound on a GPU, so a few processes sharing one
+device raise throughput; on CPU use ``--parallel 1``.
+
+Example:
+    python benchmarks/run_table.py --out runs/table --model smollm2 --limit 200 \
+        --data ../shared/data/counterfact_mix/dev.json --parallel 7 none rome rome_sadr memit memit_sadr pmet pmet_sadr
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kelight.results import report
+
+
+def command(method: str, model: str, data: str, limit: int, out: Path, extra: list[str]) -> list[str]:
+    """The ``kelight`` call for one row; ``none`` is the unedited model (``validate``)."""
+    sub, config = ("validate", "rome") if method == "none" else ("fit", method)
+    return [sys.executable, "-m", "kelight.cli", sub, "--config", f"configs/{model}/{config}.yaml",
+            "--data.path", data, "--data.limit", str(limit), "--trainer.default_root_dir", str(out / method),
+            *extra]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("methods", nargs="+")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--extra", default="", help="extra CLI arguments for every run, space separated")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pending = list(args.methods)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            m = pending.pop(0)
+            log = (args.out / f"{m}.log").open("w")
+            cmd = command(m, args.model, args.data, args.limit, args.out, args.extra.split())
+            running[m] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time())
+        for m, (proc, t0) in list(running.items()):
+            if proc.poll() is not None:
+                sys.stdout.write(f"{m}: exit {proc.returncode} after {time.time() - t0:.0f} s\n")
+                sys.stdout.flush()
+                del running[m]
+        time.sleep(2)
+    done = [args.out / m for m in args.methods if (args.out / m / "metrics.json").exists()]
+    sys.stdout.write(report(done) + "\n")
+
+
+if __name__ == "__main__":
+    main()
