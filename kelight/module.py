@@ -65,6 +65,7 @@ class EditModule(L.LightningModule):
         self.editor = None
         self.undo = UndoLog()
         self.metrics = EditMetrics()
+        self.source_metrics: dict[str, EditMetrics] = {}  # per data half, e.g. "counterfact"/"wikidata"
         self.case_rows: list[dict] = []
         self.edit_seconds: list[float] = []
         self.pending: list[tuple[EditCase, dict, float]] = []
@@ -94,6 +95,7 @@ class EditModule(L.LightningModule):
     def _reset_run(self) -> None:
         (Path(self.trainer.default_root_dir) / PARTIAL).unlink(missing_ok=True)
         self.metrics.reset()
+        self.source_metrics = {}
         self.case_rows, self.edit_seconds = [], []
         self.pending: list[tuple[EditCase, dict, float]] = []
 
@@ -137,6 +139,9 @@ class EditModule(L.LightningModule):
 
     def _record(self, case: EditCase, result, seconds: float | None) -> None:
         self.metrics.update(result)
+        if case.source not in self.source_metrics:
+            self.source_metrics[case.source] = EditMetrics().to(self.device)
+        self.source_metrics[case.source].update(result)
         row = {"id": case.case_id, "source": case.source, **case_summary(result)}
         if seconds is not None:
             row["edit_seconds"] = seconds
@@ -171,6 +176,9 @@ class EditModule(L.LightningModule):
     # ---- output contract --------------------------------------------------------------
     def _finish(self, stage: str) -> None:
         values = self.metrics.compute()
+        if len(self.source_metrics) > 1:  # e.g. "counterfact/ES" next to the pooled "ES"
+            for source, metrics in sorted(self.source_metrics.items()):
+                values.update({f"{source}/{k}": v for k, v in metrics.compute().items()})
         values["n_cases"] = float(len(self.case_rows))
         if self.edit_seconds:
             values["seconds_per_edit"] = sum(self.edit_seconds) / len(self.edit_seconds)

@@ -77,6 +77,9 @@ def test_fit_writes_contract_and_restores(tmp_path, config, extra):
     assert metrics["n_cases"] == 2 and metrics["seconds_per_edit"] > 0
     for key in ("ES", "ES_ci", "EM", "PS", "NS", "RS", "OS", "DOS", "Avg.S"):
         assert key in metrics
+    # one case per half: the per-half values are that case's own
+    assert metrics["counterfact/NS"] in (0.0, 100.0) and "counterfact/RS" not in metrics
+    assert metrics["wikidata/RS"] in (0.0, 100.0) and "wikidata/PS" not in metrics
     rows = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1] and all("edit_seconds" in r for r in rows)
     from kelight.models.tiny import tiny_model
