@@ -68,8 +68,16 @@ def _environment_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def main(args: list[str] | None = None) -> KelightCLI | None:
-    """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``)."""
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``).
+
+    Returns ``None`` so that the console script exits with status 0 (``sys.exit(main())``).
+    """
+    run(args)
+
+
+def run(args: list[str] | None = None) -> KelightCLI | None:
+    """Parse ``args`` (default: ``sys.argv[1:]``) and run; returns the CLI (``None`` for ``report``)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         if len(argv) < 2:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kelight.cli import main
+from kelight.cli import main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -71,7 +71,7 @@ COMMON = ["--model.model_name", "tiny:llama", "--model.context_templates", "[[3,
 ])
 def test_fit_writes_contract_and_restores(tmp_path, config, extra):
     out = tmp_path / "run"
-    cli = main(["fit", "--config", str(ROOT / "configs/smollm2" / config), *COMMON, *extra,
+    cli = run(["fit", "--config", str(ROOT / "configs/smollm2" / config), *COMMON, *extra,
                 "--data.path", str(_case_file(tmp_path)), "--trainer.default_root_dir", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_cases"] == 2 and metrics["seconds_per_edit"] > 0
@@ -98,3 +98,13 @@ def test_validate_writes_unedited_contract(tmp_path):
     from kelight.results import report
 
     assert report([out]).splitlines()[2].startswith("| none |")
+
+
+def test_console_script_exits_zero(tmp_path):
+    """``sys.exit(main())`` must not turn the returned CLI object into exit status 1."""
+    out = tmp_path / "none"
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(["validate", "--config", str(ROOT / "configs/smollm2/rome.yaml"), *COMMON,
+                               "--model.layer", "1", "--data.path", str(_case_file(tmp_path)),
+                               "--trainer.default_root_dir", str(out)]))
+    assert exit_info.value.code is None

@@ -167,12 +167,12 @@ def test_layer_out_of_range_and_apply_before_setup():
 
 
 def test_cli_fit_writes_contract_and_restores(tmp_path):
-    from kelight.cli import main
+    from kelight.cli import run
     from kelight.models.tiny import tiny_model
     from tests.test_cli import ROOT, _case_file
 
     out = tmp_path / "run"
-    cli = main(["fit", "--config", str(ROOT / "configs/smollm2/ft.yaml"), "--model.model_name", "tiny:llama",
+    cli = run(["fit", "--config", str(ROOT / "configs/smollm2/ft.yaml"), "--model.model_name", "tiny:llama",
                 "--model.layer", "1", "--model.steps", "3", "--model.sadr_gamma", "0.01", "--model.fluency", "false",
                 "--data.path", str(_case_file(tmp_path)), "--trainer.default_root_dir", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
