@@ -67,12 +67,8 @@ class PairwiseScore(Metric):
         return {"score": score, "magnitude": magnitude, "ci": self.n.new_tensor(ci), "n": self.n.clone()}
 
 
-class TokenAccuracy(Metric):
-    """EasyEdit token accuracy (or locality), averaged over prompts.
-
-    ``update(preds, targets)`` takes per-prompt ``(T_i,)`` predictions and references (target ids,
-    or the pre-edit predictions for locality); each prompt contributes its fraction of matches.
-    """
+class _MeanOfItems(Metric):
+    """Sum of per-item values and item count (DDP-safe sums); ``compute`` is their mean."""
 
     full_state_update = False
     is_differentiable = False
@@ -82,6 +78,18 @@ class TokenAccuracy(Metric):
         super().__init__(**kwargs)
         _sum_state(self, "total")
         _sum_state(self, "n")
+
+    def compute(self) -> torch.Tensor:
+        """Mean over the items seen (``nan`` when empty)."""
+        return self.total / self.n if self.n > 0 else self.n.new_tensor(math.nan)
+
+
+class TokenAccuracy(_MeanOfItems):
+    """EasyEdit token accuracy (or locality), averaged over prompts.
+
+    ``update(preds, targets)`` takes per-prompt ``(T_i,)`` predictions and references (target ids,
+    or the pre-edit predictions for locality); each prompt contributes its fraction of matches.
+    """
 
     def update(self, preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
         """Add the prompts of one batch."""
@@ -89,35 +97,18 @@ class TokenAccuracy(Metric):
         self.total += acc.sum().to(self.total.device)
         self.n += acc.numel()
 
-    def compute(self) -> torch.Tensor:
-        """Mean per-prompt accuracy as a fraction (``nan`` when empty)."""
-        return self.total / self.n if self.n > 0 else self.n.new_tensor(math.nan)
 
-
-class Fluency(Metric):
+class Fluency(_MeanOfItems):
     """ROME n-gram entropy (bits, not ×100): each ``update(texts)`` is one case's generations.
 
     As in the reference, a case scores the mean entropy of its texts and cases are averaged.
     """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        _sum_state(self, "total")
-        _sum_state(self, "n")
 
     def update(self, texts: Sequence[str]) -> None:
         """Add one case's generated texts (ignored when empty)."""
         if texts:
             self.total += F.n_gram_entropy(texts)
             self.n += 1
-
-    def compute(self) -> torch.Tensor:
-        """Mean entropy over cases (``nan`` when empty)."""
-        return self.total / self.n if self.n > 0 else self.n.new_tensor(math.nan)
 
 
 class Perplexity(Metric):
