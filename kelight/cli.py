@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -59,6 +60,22 @@ class KelightCLI(LightningCLI):
     after_fit = after_validate = after_test = _finish_wandb
 
 
+# Lightning warnings that are expected for edit runs (frozen eval-mode model, no optimiser, text
+# batches, one case per step) and only bury the results table.
+_EXPECTED_WARNINGS = (
+    r".*configure_optimizers.*returned `None`.*",
+    r".*overridden `transfer_batch_to_device`.*",
+    r".*module\(s\) in eval mode at the start of training.*",
+    r".*does not have many workers.*",
+    r".*smaller than the logging interval.*",
+)
+
+
+def _quiet_expected_warnings() -> None:
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def _environment_defaults() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     for key, value in {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_X_DISABLE_STATS": "true",
@@ -85,6 +102,7 @@ def run(args: list[str] | None = None) -> KelightCLI | None:
         sys.stdout.write(report(argv[1:]) + "\n")
         return None
     _environment_defaults()
+    _quiet_expected_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return KelightCLI(
         EditModule,
