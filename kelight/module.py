@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 Regime = Literal["single", "batch", "sequential"]
 
 
+def template_pairs(pairs: list[list[int]]) -> tuple[tuple[int, int], ...]:
+    """CLI ``[[length, count], ...]`` as the editors' tuple of ``(length, count)`` pairs."""
+    return tuple((int(a), int(b)) for a, b in pairs)
+
+
 class EditModule(L.LightningModule):
     """Shared experiment loop over edit cases; subclasses provide ``build_editor``.
 
@@ -229,7 +234,7 @@ class LocateEditModule(EditModule):
                        clamp_norm_factor=h.clamp_norm_factor)
 
     def templates(self) -> tuple[tuple[int, int], ...]:
-        return tuple((int(a), int(b)) for a, b in self.hparams.context_templates)
+        return template_pairs(self.hparams.context_templates)
 
 
 class ROME(LocateEditModule):
@@ -319,5 +324,5 @@ class FT(EditModule):
         h = self.hparams
         hp = FTHParams(layer=h.layer, steps=h.steps, lr=h.lr, norm_constraint=h.norm_constraint,
                        weight_decay=h.weight_decay,
-                       context_templates=tuple((int(a), int(b)) for a, b in h.context_templates))
+                       context_templates=template_pairs(h.context_templates))
         return FTEditor(hp, sadr_terms(h.sadr_gamma, h.layer + 1))

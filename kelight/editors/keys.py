@@ -43,5 +43,17 @@ def mean_keys(
     templates: Sequence[str],
 ) -> torch.Tensor:
     """k*: the key at ``layer`` averaged over the context-templated prompts, ``(d_in,)``."""
+    return templated_keys(model, tok, adapter, layer, request, templates).mean(0)
+
+
+def templated_keys(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    adapter: ArchAdapter,
+    layer: int,
+    request: EditRequest,
+    templates: Sequence[str],
+) -> torch.Tensor:
+    """The key at ``layer`` for each context-templated prompt, ``(len(templates), d_in)``."""
     texts = [t.format(request.prompt) for t in templates]
-    return subject_keys(model, tok, adapter, [layer], texts, request.subject)[layer].mean(0)
+    return subject_keys(model, tok, adapter, [layer], texts, request.subject)[layer]

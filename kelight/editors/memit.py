@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
 from kelight.editors.covariance import CorpusSpec
-from kelight.editors.keys import subject_keys
+from kelight.editors.keys import mean_keys
 from kelight.editors.rome import EditInfo
 from kelight.editors.update import UndoLog, least_squares_update
 from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z
@@ -115,10 +115,7 @@ class MemitEditor:
 
     def _mean_keys(self, model, tok, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
         assert self.adapter is not None and self.templates is not None
-        cols = []
-        for r in requests:
-            texts = [t.format(r.prompt) for t in self.templates]
-            cols.append(subject_keys(model, tok, self.adapter, [layer], texts, r.subject)[layer].mean(0))
+        cols = [mean_keys(model, tok, self.adapter, layer, r, self.templates) for r in requests]
         return torch.stack(cols, dim=1)  # (d_in, n)
 
     @torch.no_grad()

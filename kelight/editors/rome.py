@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
 from kelight.editors.covariance import CorpusSpec
-from kelight.editors.keys import mean_keys, subject_keys
+from kelight.editors.keys import templated_keys
 from kelight.editors.update import UndoLog, rank_one_update
 from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z
 from kelight.models.adapters import ArchAdapter, adapter_for
@@ -93,10 +93,11 @@ class RomeEditor:
             model, self.adapter.path("mlp_out", self.hp.layer), batch, self.hp.z, self.extra_losses,
             want_attn=bool(self.extra_losses),
         )
-        k_mean = mean_keys(model, tok, self.adapter, self.hp.layer, request, self.templates)  # (d_in,)
-        k_plain = subject_keys(model, tok, self.adapter, [self.hp.layer], [request.prompt], request.subject)[
-            self.hp.layer
-        ][0]  # (d_in,) the key of the unmodified prompt
+        # one pass over "{}" + the prefixes: the plain prompt's key is the "{}" row
+        templates = self.templates if "{}" in self.templates else ["{}", *self.templates]
+        keys = templated_keys(model, tok, self.adapter, self.hp.layer, request, templates)  # (P, d_in)
+        k_plain = keys[templates.index("{}")]  # (d_in,) the key of the unmodified prompt
+        k_mean = keys[[templates.index(t) for t in self.templates]].mean(0)  # (d_in,) k* over the templates
         k_star = k_mean if self.hp.mean_key_insertion else k_plain
         weight = self.adapter.out_weight_as_linear(model, self.hp.layer).detach()  # (d_out, d_in)
         v_star = weight.double() @ k_star.double() + z.delta[0].double()  # the value δ away from W k
