@@ -1,28 +1,26 @@
 """Model-side evaluation of an edit case: teacher-forced scoring, token argmax, sampling, perplexity.
 
 Every read-out is batched and runs the LM head only on the positions that are scored
-(:func:`kelight.lm.logits_at`). Targets follow the prompt after one space (:func:`kelight.tokens.
-target_ids`); sequences are right-padded, and the logits at position ``t`` predict token ``t + 1``.
+(:mod:`kelight.readouts`). Targets follow the prompt after one space (:func:`kelight.tokens.
+target_ids`), and the logits at position ``t`` predict token ``t + 1``.
 A prompt's score is the *mean per-token* NLL of a target (see :mod:`kelight.metrics.functional`).
 The math that turns these read-outs into scores lives in :mod:`kelight.metrics`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.lm import head, logits_at
+from kelight.lm import head
 from kelight.metrics import functional as F
-from kelight.tokens import pad_batch, target_ids
+from kelight.readouts import Readout, cache_keyword, left_pad, readouts, shared_prompt_readouts
+from kelight.tokens import target_ids
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS, EditCase, EditInputError, ScoredPrompt, TokenProbe
 
-# One teacher-forced read-out per sequence: (log-probs, argmax predictions, target ids), each (T,).
-Readout = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # probe group -> (nll_right, nll_wrong); token group -> (per-prompt predictions, references).
 GroupScores = dict[str, tuple[torch.Tensor, torch.Tensor]]
 GroupTokens = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]
@@ -58,54 +56,29 @@ def _check_positive(value: int, what: str) -> None:
         raise ValueError(f"expected {what} >= 1, got {value}")
 
 
-def _encode_pairs(
+def encode_pairs(
     tok: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
-) -> tuple[list[list[int]], list[int]]:
-    """``prompt + target`` token ids and the index of each first target token."""
-    seqs, starts = [], []
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each prompt and of its target."""
+    prompts, targets = [], []
     for prompt, target in pairs:
         prompt_ids, tgt = target_ids(tok, prompt, target)
         if not prompt_ids:
             raise EditInputError(
                 f"prompt {prompt!r} tokenises to no tokens; a target needs a non-empty prompt to follow"
             )
-        seqs.append(prompt_ids + tgt)
-        starts.append(len(prompt_ids))
-    return seqs, starts
-
-
-def _readout_chunk(
-    model: PreTrainedModel, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int
-) -> list[Readout]:
-    device = model.device
-    ids, mask = pad_batch(seqs, pad_id, device)  # (B, T) each, right-padded
-    lengths = [len(s) - st for s, st in zip(seqs, starts, strict=True)]
-    rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths)).to(device)  # (M,)
-    cols = torch.cat([torch.arange(st - 1, len(s) - 1) for s, st in zip(seqs, starts, strict=True)])
-    cols = cols.to(device)  # (M,) positions whose logits predict the target tokens
-    logits = logits_at(model, ids, mask, rows, cols).float()  # (M, V)
-    targets = ids[rows, cols + 1]  # (M,)
-    logprobs = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)  # (M,)
-    preds = logits.argmax(-1)  # (M,)
-    return list(zip(logprobs.cpu().split(lengths), preds.cpu().split(lengths), targets.cpu().split(lengths),
-                    strict=True))
-
-
-def _readouts(
-    model: PreTrainedModel, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int, chunk: int
-) -> list[Readout]:
-    """Teacher-forced read-out of tokens ``seq[start:]`` of every sequence, ``chunk`` per forward."""
-    out: list[Readout] = []
-    for lo in range(0, len(seqs), chunk):
-        out.extend(_readout_chunk(model, seqs[lo : lo + chunk], starts[lo : lo + chunk], pad_id))
-    return out
+        prompts.append(prompt_ids)
+        targets.append(tgt)
+    return prompts, targets
 
 
 def _teacher_forced(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], chunk: int
 ) -> list[Readout]:
-    seqs, starts = _encode_pairs(tok, pairs)
-    return _readouts(model, seqs, starts, _pad_id(tok), chunk)
+    if not pairs:
+        return []
+    prompts, targets = encode_pairs(tok, pairs)
+    return shared_prompt_readouts(model, prompts, targets, _pad_id(tok), chunk)
 
 
 def _mean_nll(readouts: Sequence[Readout]) -> torch.Tensor:
@@ -171,18 +144,12 @@ def _top_k_sample(logits: torch.Tensor, top_k: int, generator: torch.Generator) 
     return top.indices.gather(1, choice).squeeze(1)  # (B,)
 
 
-def _cache_keyword(model: PreTrainedModel) -> str:
-    """``cache`` in transformers >= 5.2x, ``past_key_values`` before (deprecated since)."""
-    params = inspect.signature(model.base_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _sample(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, steps: int, top_k: int,
     generator: torch.Generator, eos_id: int | None, pad_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Extend left-padded ``ids``/``mask`` ``(B, T)`` by up to ``steps`` sampled tokens (KV cache)."""
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     past, step = None, ids
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
     for _ in range(steps):
@@ -224,8 +191,7 @@ def generate(
     seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     if not all(seqs):
         raise EditInputError(f"expected generation prompts that tokenise to tokens, got {list(prompts)!r}")
-    ids, mask = pad_batch([s[::-1] for s in seqs], _pad_id(tok), model.device)
-    ids, mask = ids.flip(1), mask.flip(1)  # (B, T) left-padded
+    ids, mask = left_pad(seqs, _pad_id(tok), model.device)  # (B, T)
     generator = torch.Generator(device=model.device).manual_seed(seed)
     ids, mask = _sample(model, ids, mask, max_new_tokens, top_k, generator, tok.eos_token_id, _pad_id(tok))
     return [tok.decode(row[keep.bool()].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask,
@@ -249,8 +215,8 @@ def perplexity_stats(
     seqs = [s for s in seqs if len(s) >= 2]
     if not seqs:
         return 0.0, 0
-    readouts = _readouts(model, seqs, [1] * len(seqs), _pad_id(tok), batch_size)
-    nll = -sum(float(logprobs.double().sum()) for logprobs, _, _ in readouts)
+    out = readouts(model, seqs, [1] * len(seqs), _pad_id(tok), batch_size)
+    nll = -sum(float(logprobs.double().sum()) for logprobs, _, _ in out)
     return nll, sum(len(s) - 1 for s in seqs)
 
 
@@ -311,7 +277,8 @@ def evaluate_case(
     """Evaluate every probe of ``case`` on the (edited) model.
 
     All probe groups' targets and all token probes go through one teacher-forced pass, chunked at
-    ``2 * batch_size`` sequences per forward (one forward for a typical case).
+    ``2 * batch_size`` targets; each distinct prompt runs once and its targets run on its KV cache
+    (:func:`kelight.readouts.shared_prompt_readouts`).
 
     Args:
         model: the model to evaluate (usually just edited).
@@ -331,9 +298,7 @@ def evaluate_case(
     _check_locality(case, pre_locality)
     pairs = [pair for probes in case.probes.values() for pair in _scored_pairs(probes)]
     pairs += [(p.prompt, p.target) for probes in case.token_probes.values() for p in probes]
-    seqs, starts = _encode_pairs(tok, pairs)
-    readouts = _readouts(model, seqs, starts, _pad_id(tok), 2 * batch_size) if seqs else []
-    scores, tokens = _split_readouts(readouts, case, pre_locality)
+    scores, tokens = _split_readouts(_teacher_forced(model, tok, pairs, 2 * batch_size), case, pre_locality)
     texts: tuple[str, ...] = ()
     if fluency and case.generation_prompts:
         texts = tuple(generate(model, tok, case.generation_prompts, max_new_tokens, seed=seed))

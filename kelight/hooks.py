@@ -20,9 +20,18 @@ def _first(x: object) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x  # type: ignore[index,return-value]
 
 
+def _detached(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return value
+
+
 @contextmanager
 def trace(
-    model: nn.Module, paths: Sequence[str], *, inputs: bool = False, stop: bool = False, detach: bool = True
+    model: nn.Module, paths: Sequence[str], *, inputs: bool = False, stop: bool = False, detach: bool = True,
+    raw: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Record the output (or first input) of each module in ``paths`` during forward passes.
 
@@ -33,6 +42,7 @@ def trace(
         stop: raise :class:`StopForward` after the last path in ``paths`` ran (swallowed on exit),
             so layers after it are not computed.
         detach: store detached tensors.
+        raw: record the output as the module returned it (e.g. a tuple) instead of its first tensor.
 
     Yields:
         A dict path -> tensor, filled as the forward passes run.
@@ -43,8 +53,8 @@ def trace(
 
     def make(path: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            value = _first(args) if inputs else _first(output)
-            records[path] = value.detach() if detach else value
+            value = _first(args) if inputs else (output if raw else _first(output))
+            records[path] = _detached(value) if detach else value
             if stop and path == last:
                 raise StopForward
 
@@ -76,6 +86,53 @@ def edit_output(model: nn.Module, path: str, fn: Callable[[torch.Tensor], torch.
         yield
     finally:
         handle.remove()
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns the recorded output whatever its input."""
+
+    def __init__(self, output: object) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.output
+
+
+@contextmanager
+def replay_blocks(model: nn.Module, layers_path: str, n: int, output: object) -> Iterator[None]:
+    """Skip blocks ``0 … n-1``: each returns ``output`` (the recorded output of block ``n - 1``).
+
+    Valid while the inputs of the forward are the ones ``output`` was recorded on and nothing
+    upstream of block ``n`` changes (e.g. an edit injected at or after block ``n``): the hidden
+    states below the edit layer are then reused instead of recomputed. The blocks are put back in
+    ``finally``. Hooks on the skipped blocks (and on their submodules) do not run while inside.
+    """
+    layers = model.get_submodule(layers_path)
+    originals = [layers[i] for i in range(n)]
+    try:
+        for i in range(n):
+            layers[i] = _Replay(output)
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            layers[i] = block
+
+
+@contextmanager
+def module_attributes(modules: Sequence[nn.Module], name: str, values: Sequence[object]) -> Iterator[None]:
+    """Set attribute ``name`` of ``modules[i]`` to ``values[i]`` while inside; removed in ``finally``.
+
+    How a custom attention kernel learns per-module state (rows to return, weights to replay).
+    """
+    try:
+        for module, value in zip(modules, values, strict=True):
+            setattr(module, name, value)
+        yield
+    finally:
+        for module in modules:
+            if hasattr(module, name):
+                delattr(module, name)
 
 
 def add_at(rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -178,7 +178,7 @@ def _count_forwards(model: PreTrainedModel) -> tuple[list[int], torch.utils.hook
     return calls, handle
 
 
-def test_evaluate_case_matches_the_parts_in_one_forward(tiny: Model) -> None:
+def test_evaluate_case_matches_the_parts_in_one_batched_pass(tiny: Model) -> None:
     model, tok = tiny
     case = _case()
     pre = locality_reference(model, tok, case)
@@ -187,7 +187,8 @@ def test_evaluate_case_matches_the_parts_in_one_forward(tiny: Model) -> None:
         result = evaluate_case(model, tok, case, fluency=False, pre_locality=pre)
     finally:
         handle.remove()
-    assert len(calls) == 1 and result.case_id == "c1" and result.texts == () and result.perplexity is None
+    # one pass: every distinct prompt once, then every multi-token target on the prompts' KV cache
+    assert len(calls) == 2 and result.case_id == "c1" and result.texts == () and result.perplexity is None
     for group, probes in case.probes.items():
         expected = score_prompts(model, tok, probes)
         torch.testing.assert_close(result.scores[group], expected, atol=1e-6, rtol=0)

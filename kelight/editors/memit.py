@@ -94,7 +94,8 @@ class MemitEditor:
             paths = [self.adapter.path("mlp_out", self.last_layer), self.adapter.path("attn", self.last_layer)]
         else:
             paths = [self.adapter.block_path(self.last_layer)]
-        return optimise_z(model, paths, batch, self.hp.z, self.extra_losses, want_attn=bool(self.extra_losses))
+        return optimise_z(model, paths, batch, self.hp.z, self.extra_losses, want_attn=bool(self.extra_losses),
+                          first_edited_block=self.last_layer)
 
     def apply(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog

@@ -91,7 +91,7 @@ class RomeEditor:
         batch = build_rewrite_batch(tok, request, self.templates, device)
         z = optimise_z(
             model, self.adapter.path("mlp_out", self.hp.layer), batch, self.hp.z, self.extra_losses,
-            want_attn=bool(self.extra_losses),
+            want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer,
         )
         # one pass over "{}" + the prefixes: the plain prompt's key is the "{}" row
         templates = self.templates if "{}" in self.templates else ["{}", *self.templates]

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from kelight.attention_rows import query_row_attention
 from kelight.editors.context import RewriteBatch
-from kelight.hooks import edit_output
+from kelight.hooks import edit_output, replay_blocks, trace
 from kelight.lm import attention_implementation, head
+from kelight.models.adapters import adapter_for
 from kelight.objectives import essence_kl, rewrite_nll
 from kelight.types import EditInputError
 
@@ -38,6 +40,10 @@ class ZConfig:
         weight_decay: weight of ‖δ‖/‖v‖².
         clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor·‖v‖.
         early_stop_loss: stop once the total loss is below this.
+        reuse_prefix: after step 0, replay the recorded output of the blocks below the first edited
+            one instead of recomputing them (they do not depend on z); same result, less compute.
+        attention_rows: when a term needs attention weights (SADR), compute only each prompt's
+            query row (:mod:`kelight.attention_rows`) instead of eager ``T × T`` matrices.
     """
 
     steps: int = 20
@@ -46,6 +52,8 @@ class ZConfig:
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
+    reuse_prefix: bool = True
+    attention_rows: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -62,12 +70,19 @@ class ZConfig:
 
 @dataclass
 class StepState:
-    """What an extra loss term sees at each step (e.g. SADR reads ``attentions``)."""
+    """What an extra loss term sees at each step (e.g. SADR reads ``attentions``).
+
+    ``attn_offset`` is the layer of ``outputs.attentions[0]``: blocks replayed from a cache
+    (:attr:`ZConfig.reuse_prefix`) may record no attention. ``attn_rows``: each attention tensor is
+    ``(B, H, 1, T)``, the query row of every batch row only (:attr:`ZConfig.attention_rows`).
+    """
 
     step: int
     batch: RewriteBatch
     outputs: object
     extras: dict = field(default_factory=dict)
+    attn_offset: int = 0
+    attn_rows: bool = False
 
 
 ExtraLoss = Callable[[StepState], torch.Tensor]
@@ -116,13 +131,20 @@ class _Injector:
         return torch.stack([self.v_init[i] for i in range(len(self.v_init))]).norm(dim=-1)  # (M,)
 
 
+def _attn_offset(model: PreTrainedModel, outputs: object) -> int:
+    attentions = getattr(outputs, "attentions", None)
+    return adapter_for(model).n_layers(model) - len(attentions) if attentions else 0
+
+
 def _total_loss(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init):
     tgt, ess, outputs = _forward_logprobs(model, batch, want_attn)
     ess_init = ess.detach() if ess_init is None else ess_init
     loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
     loss = loss + cfg.kl_factor * essence_kl(ess, ess_init)
     loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum()
-    return finish_loss(loss, extra_losses, StepState(step, batch, outputs), cfg.lr), ess_init
+    state = StepState(step, batch, outputs, attn_offset=_attn_offset(model, outputs),
+                      attn_rows=want_attn and cfg.attention_rows)
+    return finish_loss(loss, extra_losses, state, cfg.lr), ess_init
 
 
 def finish_loss(
@@ -152,10 +174,13 @@ def optimise_z(
     cfg: ZConfig,
     extra_losses: tuple[ExtraLoss, ...] = (),
     want_attn: bool = False,
+    first_edited_block: int = 0,
 ) -> ZResult:
     """Optimise one δ per module in ``module_paths``, added to its output at the subject.
 
-    The model's weights are never changed here (forward hooks only, removed on exit).
+    The model's weights are never changed here (forward hooks only, removed on exit). Blocks
+    below ``first_edited_block`` (none of ``module_paths`` is inside them) are computed once and
+    replayed at later steps when ``cfg.reuse_prefix``.
 
     Raises:
         EditOptimizationError: if the loss becomes NaN/inf.
@@ -167,12 +192,20 @@ def optimise_z(
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     injector = _Injector(delta, batch)
     ess_init, losses, step = None, [], 0
+    n_replay = first_edited_block if cfg.reuse_prefix else 0
+    layers = adapter_for(model).layers
     with ExitStack() as stack:
-        stack.enter_context(attention_implementation(model, "eager" if want_attn else None))
+        if want_attn and cfg.attention_rows:  # every batch row's query: rewriting prompts, then essence
+            stack.enter_context(query_row_attention(model, torch.cat([batch.query_pos, batch.essence_pos])))
+        else:
+            stack.enter_context(attention_implementation(model, "eager" if want_attn else None))
         for i, path in enumerate(paths):
             stack.enter_context(edit_output(model, path, injector.fn(i)))
         for step in range(cfg.steps):
-            loss, ess_init = _total_loss(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init)
+            with trace(model, [f"{layers}.{n_replay - 1}"] if step == 0 and n_replay else [], raw=True) as rec:
+                loss, ess_init = _total_loss(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init)
+            if rec:  # hidden states below the edit do not depend on z: replay them from now on
+                stack.enter_context(replay_blocks(model, layers, n_replay, next(iter(rec.values()))))
             losses.append(loss.item())
             if loss.item() < cfg.early_stop_loss:
                 break

@@ -65,14 +65,25 @@ class ArchAdapter:
                 f"expected an integer in [0, {n - 1}]"
             )
 
+    def every_layer(self, model: nn.Module, which: str) -> list[nn.Module]:
+        """Module ``which`` (e.g. ``"attn"``) of every layer, in layer order."""
+        return [self.module(model, which, layer) for layer in range(self.n_layers(model))]
+
     def out_weight(self, model: nn.Module, layer: int) -> nn.Parameter:
         """Weight of ``mlp_out`` at ``layer``."""
         return self.module(model, "mlp_out", layer).weight
 
     def out_weight_as_linear(self, model: nn.Module, layer: int):
         """``mlp_out`` weight viewed as ``(d_out, d_in)`` = (value dim, key dim), a view."""
-        w = self.out_weight(model, layer)
-        return w.T if self.mlp_conv1d else w
+        return self.as_linear(self.out_weight(model, layer))
+
+    def as_linear(self, tensor):
+        """An ``mlp_in``/``mlp_out`` weight (or its gradient) in stored layout, viewed as ``(d_out, d_in)``.
+
+        ``Conv1D`` stores ``(d_in, d_out)`` (declared by ``mlp_conv1d``); the result is a view, so
+        in-place writes through it reach the stored tensor.
+        """
+        return tensor.T if self.mlp_conv1d else tensor
 
 
 _LLAMA = ArchAdapter(

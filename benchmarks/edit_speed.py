@@ -1,0 +1,214 @@
+"""Per-edit seconds of ROME, ROME+SADR, MEMIT, PMET side by side, the forward+backward floor and
+evaluation throughput, all measured in one run; prints ratios and writes JSON.
+
+Every arm optimises the same cases for exactly ``--steps`` steps (early stopping off), interleaved
+case by case so that machine noise hits every arm alike. Arms:
+
+* ``floor``: one plain forward + backward of the same rewriting batch per step (no hooks, no
+  extra loss; the gradient flows to the input embeddings), the cost any z-step must pay;
+* ``rome_recompute`` / ``rome``: ROME with the blocks below the edit layer recomputed at every
+  step / replayed from step 0 (:attr:`kelight.editors.zopt.ZConfig.reuse_prefix`);
+* ``rome_sadr_eager`` / ``rome_sadr``: ROME + SADR with eager ``T × T`` attention weights / with
+  only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``.
+
+Model shapes: a real model (``smollm2-135m``, ``gemma3-270m``, a hub id) or a random-weight model
+of a real shape (``shape:llama3-8b``, ``shape:gptj-6b``; byte tokenizer, C = I), e.g. in bf16 on
+a GPU — timing needs no trained weights.
+
+Examples:
+    python benchmarks/edit_speed.py --cases 3 --steps 20                       # CPU, SmolLM2
+    python benchmarks/edit_speed.py --model shape:llama3-8b --dtype bfloat16 --steps 80 --layer 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kelight.data import load_records, parse_record
+from kelight.editors.context import build_rewrite_batch
+from kelight.editors.memit import MemitEditor, MemitHParams
+from kelight.editors.rome import RomeEditor, RomeHParams
+from kelight.editors.update import UndoLog
+from kelight.editors.zopt import ZConfig
+from kelight.evaluation import encode_pairs, evaluate_case, locality_reference
+from kelight.lm import head
+from kelight.models import load
+from kelight.objectives.sadr import SADR
+from kelight.paths import default_data_root
+from kelight.readouts import readouts, shared_prompt_readouts
+
+SHAPES = {  # real model shapes with random weights
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400, n_positions=2048)),
+}
+
+
+def load_model(name: str, dtype: str, device: str):
+    """A real model, or ``shape:<name>``: random weights of that shape with the byte tokenizer."""
+    if not name.startswith("shape:"):
+        return load(name, dtype=dtype, device=device)
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+    from kelight.models.tiny import byte_tokenizer  # noqa: PLC0415
+
+    family, kwargs = SHAPES[name.split(":", 1)[1]]
+    config = AutoConfig.for_model(family, **kwargs)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return model.eval().requires_grad_(False), byte_tokenizer()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor_step(model, batch) -> None:
+    """One plain forward + backward of ``batch`` (gradient to the input embeddings)."""
+    embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)  # (B, T, D)
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                              use_cache=False).last_hidden_state
+    logits = head(model, hidden[batch.target_rows, batch.target_cols]).float()  # (N, V)
+    logits.log_softmax(-1).gather(1, batch.target_ids[:, None]).sum().neg().backward()
+
+
+def arms(args, model, tok) -> dict[str, Callable]:
+    """Name -> function(request) running one timed unit of work."""
+    z = ZConfig(steps=args.steps, early_stop_loss=0.0)
+    mom2 = not args.model.startswith("shape:")
+    common = dict(context_templates=((5, 10), (10, 10)), mom2_adjustment=mom2)
+    rome = RomeEditor(RomeHParams(layer=args.layer, z=z, **common))
+    rome_recompute = RomeEditor(RomeHParams(layer=args.layer, z=replace(z, reuse_prefix=False), **common))
+    rome_sadr = RomeEditor(RomeHParams(layer=args.layer, z=z, **common), (SADR(args.gamma, args.layer + 1),))
+    rome_sadr_eager = RomeEditor(RomeHParams(layer=args.layer, z=replace(z, attention_rows=False), **common),
+                                 (SADR(args.gamma, args.layer + 1),))
+    out: dict[str, Callable] = {}
+    for name, editor in (("rome_recompute", rome_recompute), ("rome", rome), ("rome_sadr_eager", rome_sadr_eager),
+                         ("rome_sadr", rome_sadr)):
+        editor.setup(model, tok)
+        out[name] = lambda r, e=editor: e.compute(model, tok, r)
+    device = next(model.parameters()).device
+    templates = rome.templates
+    out = {"floor": lambda r: [floor_step(model, build_rewrite_batch(tok, r, templates, device))
+                               for _ in range(args.steps)], **out}
+    if mom2:  # MEMIT/PMET need C for their solve; shapes time ROME's family only
+        for name, pmet in (("memit", False), ("pmet", True)):
+            layers = tuple(range(max(args.layer - 2, 0), args.layer + 3))
+            editor = MemitEditor(MemitHParams(layers=layers, z=z, mom2_update_weight=1400.0, pmet=pmet,
+                                              mom2_n_tokens=args.mom2_tokens))
+            editor.setup(model, tok)
+            out[name] = lambda r, e=editor: _memit_once(model, tok, e, r)
+    return out
+
+
+def _memit_once(model, tok, editor: MemitEditor, request) -> None:
+    undo = UndoLog()
+    try:
+        editor.apply(model, tok, [request], undo)
+    finally:
+        undo.restore()
+
+
+def time_arms(arms_: dict[str, Callable], warmup, requests, device: torch.device) -> dict[str, float]:
+    """Mean seconds per request of each arm, arms interleaved request by request (after a warm-up)."""
+    for fn in arms_.values():
+        fn(warmup)
+    totals = dict.fromkeys(arms_, 0.0)
+    for request in requests:
+        for name, fn in arms_.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn(request)
+            _sync(device)
+            totals[name] += time.perf_counter() - t0
+    return {name: total / len(requests) for name, total in totals.items()}
+
+
+def eval_throughput(model, tok, cases, fluency: bool, device: torch.device) -> float:
+    """Cases per second of the full evaluation of each case (locality reference included)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for case in cases:
+        evaluate_case(model, tok, case, fluency=fluency, pre_locality=locality_reference(model, tok, case))
+    _sync(device)
+    return len(cases) / (time.perf_counter() - t0)
+
+
+def scoring_paths(model, tok, cases, device: torch.device) -> dict[str, float]:
+    """Seconds per case of the teacher-forced scoring, full sequences vs shared prompts, and the
+    largest log-prob difference between the two paths (they compute the same numbers)."""
+    timings, logprobs = {}, {}
+    for name in ("full_sequences", "shared_prompts"):
+        _sync(device)
+        t0 = time.perf_counter()
+        logprobs[name] = []
+        for case in cases:
+            pairs = [(p.prompt, t) for probes in case.probes.values() for p in probes for t in (p.right, p.wrong)]
+            prompts, targets = encode_pairs(tok, pairs)
+            if name == "full_sequences":
+                seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
+                out = readouts(model, seqs, [len(p) for p in prompts], tok.pad_token_id, 128)
+            else:
+                out = shared_prompt_readouts(model, prompts, targets, tok.pad_token_id, 128)
+            logprobs[name] += [lp for lp, _, _ in out]
+        _sync(device)
+        timings[f"{name}_seconds_per_case"] = (time.perf_counter() - t0) / len(cases)
+    diff = max(float((a - b).abs().max()) for a, b in zip(*logprobs.values(), strict=True))
+    speedup = timings["full_sequences_seconds_per_case"] / timings["shared_prompts_seconds_per_case"]
+    return {**timings, "speedup": speedup, "max_abs_logprob_diff": diff}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layer", type=int, default=4)
+    parser.add_argument("--cases", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--gamma", type=float, default=0.08)
+    parser.add_argument("--mom2-tokens", type=int, default=100_000)
+    parser.add_argument("--data", default=str(default_data_root() / "counterfact_mix" / "dev.json"))
+    parser.add_argument("--out", default="benchmarks/results/edit_speed.json")
+    args = parser.parse_args()
+    model, tok = load_model(args.model, args.dtype, args.device)
+    device = next(model.parameters()).device
+    records = load_records(args.data).select(range(max(args.cases + 1, 8)))
+    cases = [parse_record(r, i) for i, r in enumerate(records)]
+    requests = [c.request for c in cases[1 : args.cases + 1]]  # case 0 only warms up
+    seconds = time_arms(arms(args, model, tok), cases[0].request, requests, device)
+    per_step = {k: v / args.steps for k, v in seconds.items()}
+    result = {
+        "model": args.model, "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
+        "cases": len(requests), "steps": args.steps, "seconds_per_edit": seconds, "seconds_per_step": per_step,
+        "ratios": {
+            "rome_over_floor": seconds["rome"] / seconds["floor"],
+            "prefix_reuse_speedup": seconds["rome_recompute"] / seconds["rome"],
+            "sadr_overhead": seconds["rome_sadr"] / seconds["rome"] - 1.0,
+            "sadr_overhead_eager_attention": seconds["rome_sadr_eager"] / seconds["rome"] - 1.0,
+            "row_kernel_speedup": seconds["rome_sadr_eager"] / seconds["rome_sadr"],
+        },
+    }
+    if not args.model.startswith("shape:"):
+        result["scoring"] = scoring_paths(model, tok, cases[:8], device)
+        result["eval_cases_per_second"] = {
+            "scores_only": eval_throughput(model, tok, cases[:8], False, device),
+            "with_fluency": eval_throughput(model, tok, cases[:8], True, device),
+        }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The query-row attention kernel: same rows as eager attention, same outputs, restored on exit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kelight.attention_rows import KERNEL, query_row_attention
+from kelight.editors.context import build_rewrite_batch
+from kelight.editors.zopt import ZConfig, optimise_z
+from kelight.lm import attention_implementation
+from kelight.models.adapters import adapter_for
+from kelight.objectives.sadr import SADR
+from kelight.types import EditRequest
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a right-padded row
+    return ids, mask, torch.tensor([5, 6, 8])
+
+
+def test_rows_equal_eager_rows_and_outputs_are_unchanged(tiny):
+    model, _ = tiny
+    ids, mask, rows = _inputs()
+    with attention_implementation(model, "eager"):
+        eager = model.base_model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    with query_row_attention(model, rows):
+        got = model.base_model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(got.attentions) == len(eager.attentions)
+    batch = torch.arange(3)
+    for full, row in zip(eager.attentions, got.attentions, strict=True):
+        assert row.shape == (3, full.shape[1], 1, 9)  # (B, H, 1, T)
+        torch.testing.assert_close(row[:, :, 0], full[batch, :, rows], rtol=1e-5, atol=1e-6)
+    keep = mask.bool()
+    torch.testing.assert_close(got.last_hidden_state[keep], eager.last_hidden_state[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_and_module_state_are_restored(tiny):
+    model, _ = tiny
+    before = model.config._attn_implementation
+    ids, mask, rows = _inputs()
+    with pytest.raises(RuntimeError, match="boom"), query_row_attention(model, rows):
+        assert model.config._attn_implementation == KERNEL
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == before
+    attn = adapter_for(model).module(model, "attn", 0)
+    assert not any(name.startswith("_kelight") for name in vars(attn))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_sadr_with_row_kernel_equals_sadr_with_eager(family):
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model(family)
+    batch = build_rewrite_batch(tok, EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome"),
+                                ["{}", "Yes. {}"], "cpu")
+    runs = []
+    for rows_only in (False, True):
+        sadr = SADR(5.0, 1)
+        cfg = ZConfig(steps=5, early_stop_loss=0.0, attention_rows=rows_only)
+        z = optimise_z(model, adapter_for(model).path("mlp_out", 0), batch, cfg, (sadr,), want_attn=True,
+                       first_edited_block=0)
+        runs.append((z, sadr))
+    (z_eager, sadr_eager), (z_rows, sadr_rows) = runs
+    assert z_rows.losses == pytest.approx(z_eager.losses, rel=1e-5, abs=1e-6)
+    assert [m.tolist() for m in sadr_rows.selected] == [m.tolist() for m in sadr_eager.selected]
+    assert sum(int(m.sum()) for m in sadr_rows.selected) > 0  # heads were restrained: the KL was compared
+    assert dataclasses.replace(ZConfig(), attention_rows=False).attention_rows is False
