@@ -11,7 +11,9 @@ Example:
 from kelight.api import edit
 from kelight.models.loading import load
 from kelight.module import FT, MEMIT, PMET, ROME, EditModule
+from kelight.path_module import PathEdit
 from kelight.types import EditCase, EditInputError, EditRequest
 
-__all__ = ["FT", "MEMIT", "PMET", "ROME", "EditCase", "EditInputError", "EditModule", "EditRequest", "edit", "load"]
+__all__ = ["FT", "MEMIT", "PMET", "ROME", "EditCase", "EditInputError", "EditModule", "EditRequest", "PathEdit", "edit",
+           "load"]
 __version__ = "0.1.0"

@@ -9,13 +9,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.ft import FTEditor, FTHParams
 from kelight.editors.memit import MemitEditor, MemitHParams
+from kelight.editors.pathedit import PathEditor, PathHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
 from kelight.objectives.sadr import sadr_terms
 from kelight.types import EditInputError, EditRequest
 
-METHODS = ("rome", "memit", "pmet", "ft")
+METHODS = ("rome", "memit", "pmet", "ft", "pathedit")
 
 
 def _as_requests(request: EditRequest | Mapping | Sequence) -> list[EditRequest]:
@@ -55,14 +56,17 @@ def method_hparams(hparams_cls: type, method: str, **options: object):
 
 def _editor(method: str, options: dict[str, object]):
     gamma = float(options.pop("sadr_gamma", 0.0))  # type: ignore[arg-type]
+    selective = bool(options.pop("sadr_selective", True))
     if method == "rome":
         hp = method_hparams(RomeHParams, method, **options)
-        return RomeEditor(hp, sadr_terms(gamma, hp.layer + 1))
+        return RomeEditor(hp, sadr_terms(gamma, hp.layer + 1, selective))
     if method in ("memit", "pmet"):
         hp = method_hparams(MemitHParams, method, pmet=method == "pmet", **options)
-        return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1))
+        return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1, selective))
+    if method == "pathedit":  # FFN paths in every layer: attention can drift from layer 1 on
+        return PathEditor(method_hparams(PathHParams, method, **options), sadr_terms(gamma, 1, selective))
     hp = method_hparams(FTHParams, method, **options)
-    return FTEditor(hp, sadr_terms(gamma, hp.layer + 1))
+    return FTEditor(hp, sadr_terms(gamma, hp.layer + 1, selective))
 
 
 def edit(
@@ -78,8 +82,8 @@ def edit(
         model: a causal LM of an adapted architecture.
         tokenizer: its tokenizer.
         request: an :class:`EditRequest`, a dict of its fields, or a list of them.
-        method: ``"rome"``, ``"memit"``, ``"pmet"`` or ``"ft"`` (several requests are edited
-            jointly by MEMIT/PMET, in turn by ROME/FT).
+        method: ``"rome"``, ``"memit"``, ``"pmet"``, ``"ft"`` or ``"pathedit"`` (several requests
+            are edited jointly by MEMIT/PMET/PathEdit, in turn by ROME/FT).
         **options: method hyper-parameters, e.g. ``layer=4, steps=20, mom2_adjustment=False, sadr_gamma=1e-2``.
 
     Returns:

@@ -139,14 +139,16 @@ def test_api_errors_leave_model_unchanged(kwargs, request_, match):
     _assert_identical(model, snap)
 
 
-@pytest.mark.parametrize("method", ["memit", "pmet", "ft"])
+@pytest.mark.parametrize("method", ["memit", "pmet", "ft", "pathedit"])
 def test_api_other_methods_roundtrip(method):
     from kelight.models.tiny import tiny_model
 
     model, tok = tiny_model("llama")
     snap = _snapshot(model)
-    opts = {"layers": [0, 1], "mom2_corpus": "model", "mom2_n_tokens": 200} if method != "ft" else {"layer": 1}
-    model, undo = kelight.edit(model, tok, [REQ], method=method, steps=2, **opts)
+    opts = {"memit": {"layers": [0, 1], "mom2_corpus": "model", "mom2_n_tokens": 200, "steps": 2},
+            "ft": {"layer": 1, "steps": 2}, "pathedit": {"path_size": 2, "epochs": 2, "lr": 1e-2}}
+    opts["pmet"] = opts["memit"]
+    model, undo = kelight.edit(model, tok, [REQ], method=method, **opts[method])
     assert len(undo) >= 1
     undo.restore()
     _assert_identical(model, snap)

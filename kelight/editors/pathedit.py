@@ -1,0 +1,318 @@
+"""PathEdit: edit FFN keys/values on gradient-traced critical paths across all layers (PAC).
+
+PAC (Zhai et al., ACL 2025; reference ``SonglinZhai/PAC`` ``pac.py``), DESIGN §3:
+
+1. **Tracing.** Sum the signed gradient of the target NLL over the edit batches for every FFN input
+   matrix (keys = rows) and output matrix (values = columns). Per layer and matrix, viewed as
+   ``G: (hidden, d_ff)``, z-score each hidden row across the FFN neurons, take ``|·|`` and average
+   over the hidden dimension: one impact score per key and per value (:func:`impact_scores`).
+2. **Paths.** In every layer the top ``path_size`` keys and values (ranked separately) form the
+   critical path T+, the bottom ``neg_path_size`` the negative path τ− (:func:`select_paths`;
+   disjoint by construction). Tracing is repeated every ``eta`` epochs on the model being edited.
+3. **Editing.** Only the path deltas (:class:`~kelight.editors.path_deltas.PathDeltas`) are
+   trainable. Loss per batch: ``NLL(o_edit | prompt)`` with T+ trainable (+ extra terms such as
+   γ·SADR) ``+ λ·CE(model(prompt + o_edit), unedited argmax)`` with τ− trainable
+   (:mod:`kelight.objectives.contrastive`). Adam, lr 1e-5, 12 epochs, eta 2, λ 0.1 by default.
+
+Differences from the reference, on purpose: (a) the reference keeps one Adam over the full FFN
+matrices and zeroes gradients off the path, so momentum moves masked weights; here the deltas are
+the optimiser's only parameters, and at every re-tracing they are folded into the weights and
+Adam's state is reset (its moments belong to the old neurons). (b) The reference takes two Adam
+steps per batch (NLL on T+, then λ·CE on τ−); here one step on the sum, each term's forward
+detaching the other path, which gives T+ and τ− the same gradients except that the CE forward
+sees T+ before rather than after that batch's step. (c) The GPT-J FFN biases are not edited.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kelight.editors.context import RewriteBatch, build_rewrite_batch
+from kelight.editors.path_deltas import MODULE_OF, PathDeltas, PathSelection
+from kelight.editors.rome import EditInfo
+from kelight.editors.update import UndoLog
+from kelight.editors.zopt import EditOptimizationError, ExtraLoss, StepState, ZResult, _forward_logprobs, finish_loss
+from kelight.lm import attention_implementation
+from kelight.models.adapters import ArchAdapter, adapter_for
+from kelight.objectives import rewrite_nll
+from kelight.objectives.contrastive import contrastive_loss, unedited_targets
+from kelight.tokens import pad_batch
+from kelight.types import EditInputError, EditRequest
+
+
+@dataclass(frozen=True)
+class PathHParams:
+    """PathEdit hyper-parameters (PAC reference defaults; method settings only).
+
+    Attributes:
+        path_size: keys and values per layer on the critical path T+ (``--topk``).
+        neg_path_size: keys and values per layer on the negative path τ− (``--bottomk``); 0 = none.
+        eta: re-trace the paths every ``eta`` epochs.
+        contrastive_lambda: λ of the contrastive term (0 = off).
+        lr: Adam learning rate of the path deltas.
+        epochs: passes over the edit set (per :meth:`PathEditor.apply` call: optimisation steps).
+    """
+
+    path_size: int = 15
+    neg_path_size: int = 1
+    eta: int = 2
+    contrastive_lambda: float = 0.1
+    lr: float = 1e-5
+    epochs: int = 12
+
+    def __post_init__(self) -> None:
+        for name, low in (("path_size", 1), ("neg_path_size", 0), ("eta", 1), ("epochs", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise EditInputError(f"expected {name} to be an integer ≥ {low}, got {value!r}")
+        for name, positive in (("lr", True), ("contrastive_lambda", False)):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+            if not ok:
+                raise EditInputError(
+                    f"expected {name} to be a finite {'positive' if positive else 'non-negative'} number, got {value!r}"
+                )
+
+
+def impact_scores(grad: torch.Tensor) -> torch.Tensor:
+    """PAC's impact score of every FFN neuron from a summed gradient.
+
+    Args:
+        grad: ``(hidden, d_ff)`` summed signed gradient of one matrix (keys: ``mlp_in``ᵀ, values:
+            ``mlp_out``, in linear convention).
+
+    Returns:
+        ``(d_ff,)`` float32: ``mean_h |(G[h] − mean(G[h])) / std(G[h])|`` (unbiased std, as
+        ``torch.std`` in the reference). A hidden row whose gradient is constant across neurons
+        contributes 0 (the reference would produce NaN).
+    """
+    g = grad.float()
+    std, mean = torch.std_mean(g, dim=1, keepdim=True)  # (H, 1) each
+    inv = torch.where(std > 0, std.reciprocal(), torch.zeros_like(std))  # (H, 1)
+    return (inv.T @ (g - mean).abs_()).squeeze(0) / g.shape[0]  # (F,) = mean over h of |z[h]|, one pass
+
+
+def select_paths(scores: torch.Tensor, path_size: int, neg_path_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``path_size`` and bottom ``neg_path_size`` neurons of every layer, never overlapping.
+
+    Args:
+        scores: ``(L, d_ff)`` impact scores.
+
+    Returns:
+        ``(pos, neg)``: ``(L, path_size)`` indices by decreasing score and ``(L, neg_path_size)``
+        by increasing score; ties are broken by index (stable sort).
+
+    Raises:
+        EditInputError: if ``path_size + neg_path_size`` exceeds ``d_ff``.
+        EditOptimizationError: if a score is NaN/inf.
+    """
+    n_ff = scores.shape[1]
+    if path_size + neg_path_size > n_ff:
+        raise EditInputError(
+            f"path_size + neg_path_size = {path_size + neg_path_size} exceeds the FFN width d_ff = {n_ff}; "
+            f"expected at most {n_ff} (lower path_size)"
+        )
+    if not torch.isfinite(scores).all():
+        raise EditOptimizationError("path impact scores are NaN/inf (the gradient of the target NLL diverged); "
+                                    "use float32 or check the data; the model weights were not changed")
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)  # (L, F)
+    return order[:, :path_size], order[:, n_ff - neg_path_size:].flip(1)
+
+
+@contextmanager
+def _requires_grad(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Temporarily let autograd differentiate ``params`` (their values are never written)."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def path_nll(model: PreTrainedModel, batch: RewriteBatch) -> torch.Tensor:
+    """Mean per-token NLL of ``o_edit`` after each prompt, averaged over the prompts (the rewrite NLL)."""
+    tgt, _, _ = _forward_logprobs(model, batch, want_attn=False)  # (N, V)
+    return rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
+
+
+def trace_paths(model: PreTrainedModel, adapter: ArchAdapter, batches: Sequence[RewriteBatch], path_size: int,
+                neg_path_size: int) -> PathSelection:
+    """Impact scores from the target NLL's gradient summed over ``batches``, and the paths."""
+    n_layers = adapter.n_layers(model)
+    weights = [adapter.module(model, MODULE_OF[kind], layer).weight for layer in range(n_layers)
+               for kind in ("key", "value")]
+    if not batches:
+        raise EditInputError("expected at least one batch of edit requests to trace paths on, got none")
+    sums: list[torch.Tensor] = []
+    with _requires_grad(weights), torch.enable_grad():
+        for batch in batches:
+            grads = torch.autograd.grad(path_nll(model, batch), weights)
+            if not sums:
+                sums = [g.float() for g in grads]  # fresh tensors: summed into in place below
+                continue
+            for total, grad in zip(sums, grads, strict=True):
+                total.add_(grad.float())
+    # (hidden, d_ff) per matrix: keys are rows of mlp_in (d_ff, D), values columns of mlp_out (D, d_ff)
+    key_scores = torch.stack([impact_scores(adapter.as_linear(sums[2 * i]).T) for i in range(n_layers)])
+    value_scores = torch.stack([impact_scores(adapter.as_linear(sums[2 * i + 1])) for i in range(n_layers)])
+    key_pos, key_neg = select_paths(key_scores, path_size, neg_path_size)
+    value_pos, value_neg = select_paths(value_scores, path_size, neg_path_size)
+    return PathSelection(key_pos, key_neg, value_pos, value_neg, key_scores, value_scores)
+
+
+def build_path_batch(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+                     device: torch.device | str) -> RewriteBatch:
+    """One row ``prompt + target_new[:-1]`` per request (no context templates, no essence prompt)."""
+    if not requests:
+        raise EditInputError("expected at least one edit request, got none")
+    parts = [build_rewrite_batch(tok, r, ("{}",), device, essence_templates=()) for r in requests]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids, mask = pad_batch([p.input_ids[0].tolist() for p in parts], pad, device)  # (B, T)
+    return RewriteBatch(
+        input_ids, mask,
+        subject_pos=torch.cat([p.subject_pos for p in parts]),
+        target_rows=torch.cat([p.target_rows + i for i, p in enumerate(parts)]),
+        target_cols=torch.cat([p.target_cols for p in parts]),
+        target_ids=torch.cat([p.target_ids for p in parts]),
+        query_pos=torch.cat([p.query_pos for p in parts]),
+        essence_pos=torch.zeros(0, dtype=torch.long, device=input_ids.device),
+        n_rewrite=len(parts),
+    )
+
+
+@dataclass
+class PathEditor:
+    """Traces paths and trains their deltas; same ``setup``/``apply`` interface as the other editors.
+
+    ``apply`` runs ``epochs`` steps on the given requests as one batch (the single and consecutive
+    regimes); :class:`kelight.path_module.PathEdit` drives the same pieces (``retrace``, ``loss``)
+    from Lightning's loop for multi-epoch training over a whole edit set (the batch regime).
+
+    Example:
+        >>> editor = PathEditor(PathHParams(path_size=15))  # doctest: +SKIP
+        >>> editor.setup(model, tok); undo = UndoLog()  # doctest: +SKIP
+        >>> editor.apply(model, tok, [request], undo)  # doctest: +SKIP
+    """
+
+    hp: PathHParams = field(default_factory=PathHParams)
+    extra_losses: tuple[ExtraLoss, ...] = ()
+    adapter: ArchAdapter | None = None
+    deltas: PathDeltas | None = None
+    traces: list[PathSelection] = field(default_factory=list)  # the first tracing of every run
+
+    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+        """Check the architecture and path sizes against the model; create the (zero) deltas.
+
+        Raises:
+            ValueError: unknown architecture; EditInputError: paths wider than the FFN.
+        """
+        self.adapter = adapter_for(model)
+        w_in = self.adapter.as_linear(self.adapter.module(model, "mlp_in", 0).weight)  # (d_ff, D)
+        n_ff, d_model = w_in.shape
+        if self.hp.path_size + self.hp.neg_path_size > n_ff:
+            raise EditInputError(
+                f"path_size + neg_path_size = {self.hp.path_size + self.hp.neg_path_size} exceeds the FFN width "
+                f"d_ff = {n_ff} of this {self.adapter.family} model; expected at most {n_ff} (lower path_size)"
+            )
+        self.deltas = PathDeltas(self.adapter.n_layers(model), d_model, self.hp.path_size, self.hp.neg_path_size,
+                                 w_in.device)
+
+    def _ready(self) -> tuple[ArchAdapter, PathDeltas]:
+        if self.adapter is None or self.deltas is None:
+            raise RuntimeError("call setup(model, tokenizer) before editing")
+        return self.adapter, self.deltas
+
+    def retrace(self, model: PreTrainedModel, batches: Sequence[RewriteBatch], logs: Sequence[UndoLog],
+                optimizer: torch.optim.Optimizer | None = None, first: bool = False) -> PathSelection:
+        """Fold the current deltas into the weights, trace new paths, zero the deltas, reset Adam."""
+        adapter, deltas = self._ready()
+        deltas.fold_into(model, adapter, logs)
+        selection = trace_paths(model, adapter, batches, self.hp.path_size, self.hp.neg_path_size)
+        deltas.select(selection)
+        if optimizer is not None:
+            optimizer.state.clear()  # moments of the previous neurons must not move the new ones
+        if first:
+            self.traces.append(selection)
+        return selection
+
+    @torch.no_grad()
+    def reference_ids(self, model: PreTrainedModel, batch: RewriteBatch) -> torch.Tensor:
+        """``(N,)`` argmax of the model as it is now at the target positions (call before editing)."""
+        tgt, _, _ = _forward_logprobs(model, batch, want_attn=False)
+        return unedited_targets(tgt)
+
+    @torch.no_grad()
+    def prime(self, model: PreTrainedModel, batch: RewriteBatch, extra_losses: Sequence[ExtraLoss]) -> None:
+        """Let extra terms record their step-0 state on the model as it is (SADR: vanilla attention).
+
+        Needs eager attention (:func:`kelight.lm.attention_implementation`) when there are terms.
+        """
+        if extra_losses:
+            _, _, outputs = _forward_logprobs(model, batch, want_attn=True)
+            for term in extra_losses:
+                term(StepState(0, batch, outputs))
+
+    def loss(self, model: PreTrainedModel, batch: RewriteBatch, reference_ids: torch.Tensor,
+             extra_losses: Sequence[ExtraLoss], step: int) -> torch.Tensor:
+        """NLL on T+ (+ extra terms on its forward) + λ·CE towards ``reference_ids`` on τ−; finite."""
+        _, deltas = self._ready()
+        want_attn = bool(extra_losses)
+        with deltas.training_part("pos"):
+            tgt, _, outputs = _forward_logprobs(model, batch, want_attn)  # (N, V)
+        loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
+        if self.hp.contrastive_lambda > 0 and self.hp.neg_path_size > 0:
+            with deltas.training_part("neg"):
+                tgt_neg, _, _ = _forward_logprobs(model, batch, want_attn=False)  # (N, V)
+            loss = loss + contrastive_loss(tgt_neg, reference_ids, batch.target_rows, batch.n_rewrite,
+                                           self.hp.contrastive_lambda)
+        return finish_loss(loss, extra_losses, StepState(step, batch, outputs), self.hp.lr, "path editing")
+
+    def apply(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
+    ) -> EditInfo:
+        """Train the path deltas for ``requests`` jointly for ``epochs`` steps and write them into the weights.
+
+        Logged into ``undo``; if anything fails, this call's changes are undone before the error
+        propagates (earlier calls' edits stay).
+
+        Raises:
+            EditOptimizationError: if the loss or the impact scores become NaN/inf.
+        """
+        adapter, deltas = self._ready()
+        batch = build_path_batch(tok, requests, deltas.key_pos.device)
+        reference = self.reference_ids(model, batch)
+        local = UndoLog()
+        try:
+            losses = self._train(model, batch, reference, (undo, local))
+            deltas.fold_into(model, adapter, (undo, local))
+        except BaseException:
+            local.restore()
+            raise
+        norm = torch.stack([p.detach().norm() for p in deltas.parameters()]).norm()
+        return EditInfo(z=[ZResult(norm[None], norm.new_zeros(1), losses, len(losses))])
+
+    def _train(self, model: PreTrainedModel, batch: RewriteBatch, reference: torch.Tensor,
+               logs: Sequence[UndoLog]) -> list[float]:
+        adapter, deltas = self._ready()
+        opt = torch.optim.Adam(deltas.parameters(), lr=self.hp.lr)
+        losses = []
+        with attention_implementation(model, "eager" if self.extra_losses else None), torch.enable_grad():
+            for epoch in range(self.hp.epochs):
+                if epoch % self.hp.eta == 0:
+                    self.retrace(model, [batch], logs, opt, first=epoch == 0)
+                with deltas.attached(model, adapter):
+                    loss = self.loss(model, batch, reference, self.extra_losses, epoch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        return losses

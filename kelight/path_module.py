@@ -1,0 +1,198 @@
+"""PathEdit as a LightningModule: multi-epoch training of path deltas over an edit set (DESIGN §2, §3).
+
+Regimes:
+
+``batch`` (PAC's setting)
+    Lightning's own loop, automatic optimisation: one epoch = one pass over the edit set in loader
+    batches of ``--data.batch_size`` requests (PAC: 2); ``--model.epochs`` epochs (PAC: 12; the
+    module sets the trainer's ``max_epochs`` to it, the CLI default of 1 being meant for one-pass
+    editors). The only parameters given to Adam are the path deltas. Paths are traced over the
+    whole set on the unedited model before epoch 0 and re-traced every ``eta`` epochs. At the end
+    the deltas are written into the weights, every case is evaluated, and the weights are restored
+    (bit-exact) when the fit ends.
+``consecutive`` (alias ``sequential``)
+    Each loader batch (one request with ``--data.batch_size 1``) is traced and trained for
+    ``epochs`` steps, written into the weights and kept; the next batch starts from the edited
+    model. Every case is evaluated after the last edit.
+``single``
+    As ``consecutive``, but each batch is evaluated right after its edit and then undone.
+
+The per-batch regimes run PathEdit's inner loop inside one ``training_step`` (a Trainer per edit
+would cost more than the edit, DESIGN §2); its contrastive targets are the model's argmax before
+that batch's edit (in ``consecutive`` that model holds the earlier edits). The outputs are the
+contract of DESIGN §5 plus ``path_importance.png``/``.json`` (the critical path's impact scores,
+layer × rank, PAC Figure 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from typing import Literal
+
+import torch
+
+from kelight.analysis.path_importance import save_path_importance
+from kelight.editors.pathedit import PathEditor, PathHParams, build_path_batch
+from kelight.evaluation import locality_reference
+from kelight.lm import attention_implementation
+from kelight.module import EditModule
+from kelight.objectives.sadr import sadr_terms
+from kelight.types import EditCase
+
+log = logging.getLogger(__name__)
+PathRegime = Literal["batch", "consecutive", "sequential", "single"]
+
+
+def _key(cases: list[EditCase]) -> tuple:
+    return tuple(case.case_id for case in cases)
+
+
+class PathEdit(EditModule):
+    """PathEdit (PAC, Zhai et al. ACL 2025): critical paths across all layers + contrastive rectification.
+
+    Every argument is a CLI/sweep key (``--model.path_size`` ...).
+
+    Args:
+        path_size: keys and values per layer on the critical path T+ (PAC: 15).
+        neg_path_size: keys and values per layer on the negative path τ− (PAC: 1; 0 = none).
+        eta: re-trace the paths every ``eta`` epochs (PAC: 2).
+        contrastive_lambda: λ of the contrastive term towards the unedited predictions (PAC: 0.1).
+        lr: Adam learning rate of the path deltas (PAC: 1e-5).
+        epochs: passes over the edit set (``batch``) or steps per edit (other regimes) (PAC: 12).
+        sadr_gamma: γ of the SADR attention-drift term on the NLL forward (0 = off); layers ≥ 1.
+        regime: ``batch`` (default, PAC), ``consecutive``/``sequential`` or ``single``.
+        **kwargs: :class:`~kelight.module.EditModule` arguments.
+    """
+
+    def __init__(
+        self,
+        path_size: int = 15,
+        neg_path_size: int = 1,
+        eta: int = 2,
+        contrastive_lambda: float = 0.1,
+        lr: float = 1e-5,
+        epochs: int = 12,
+        sadr_gamma: float = 0.0,
+        regime: PathRegime = "batch",
+        **kwargs,
+    ) -> None:
+        super().__init__(regime="sequential" if regime == "consecutive" else regime, **kwargs)
+        self.save_hyperparameters()
+        self.hparams.regime = "sequential" if regime == "consecutive" else regime
+        self.path_hparams = PathHParams(path_size=path_size, neg_path_size=neg_path_size, eta=eta,
+                                        contrastive_lambda=contrastive_lambda, lr=lr, epochs=epochs)
+        if not sadr_gamma >= 0:  # NaN included
+            raise ValueError(f"expected sadr_gamma ≥ 0, got {sadr_gamma}")
+        self.automatic_optimization = self.hparams.regime == "batch"
+        self.path_deltas = None  # the only trainable parameters, registered in configure_model
+        self._stack = ExitStack()
+
+    @property
+    def batch_regime(self) -> bool:
+        return self.hparams.regime == "batch"
+
+    # ---- model, editor, optimiser ----------------------------------------------------
+    def build_editor(self) -> PathEditor:
+        return PathEditor(self.path_hparams, sadr_terms(self.hparams.sadr_gamma, 1))
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.editor is None:  # before configure_optimizers, which needs the deltas
+            self.editor = self.build_editor()
+            self.editor.setup(self.lm, self.tok)
+            self.path_deltas = self.editor.deltas
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.batch_regime and self.trainer.world_size > 1:
+            raise ValueError(
+                f"PathEdit's batch regime trains one set of path deltas on the whole edit set, but "
+                f"{self.trainer.world_size} processes would each train on their own shard (the edit "
+                f"strategy shares no gradients); run it on one device (--trainer.devices 1), or use "
+                f"--model.regime single to shard independent edits across devices"
+            )
+        if stage == "fit":
+            epochs = self.path_hparams.epochs if self.batch_regime else 1
+            if self.trainer.max_epochs not in (1, epochs):
+                log.info("PathEdit runs %d epoch(s) (--model.epochs); ignoring trainer.max_epochs=%s",
+                         epochs, self.trainer.max_epochs)
+            self.trainer.fit_loop.max_epochs = epochs
+
+    def configure_optimizers(self):
+        if not self.batch_regime:
+            return None  # per-batch regimes: a fresh Adam per edit inside PathEditor.apply
+        return torch.optim.Adam(self.path_deltas.parameters(), lr=self.path_hparams.lr)
+
+    def on_fit_start(self) -> None:
+        self.editor.traces.clear()
+        self._reset_run()
+
+    # ---- batch regime: Lightning's loop ----------------------------------------------
+    def on_train_start(self) -> None:
+        if self.batch_regime:
+            self._guarded(self._prepare_batches)
+
+    def _prepare_batches(self) -> None:
+        """Pre-edit references of every loader batch: locality, contrastive targets, SADR attention."""
+        self._t0 = time.perf_counter()
+        loader_batches = [list(b) for b in self.trainer.train_dataloader]
+        self._cases = [case for b in loader_batches for case in b]
+        self._pres = [locality_reference(self.lm, self.tok, case) for case in self._cases]
+        device = self.path_deltas.key_pos.device
+        self._batches = {_key(b): build_path_batch(self.tok, [c.request for c in b], device) for b in loader_batches}
+        self._refs = {k: self.editor.reference_ids(self.lm, b) for k, b in self._batches.items()}
+        self._sadr = {k: sadr_terms(self.hparams.sadr_gamma, 1) for k in self._batches}
+        self._stack.enter_context(attention_implementation(self.lm, "eager" if self.hparams.sadr_gamma else None))
+        self._stack.enter_context(self.editor.deltas.attached(self.lm, self.editor.adapter))
+        for key, terms in self._sadr.items():
+            self.editor.prime(self.lm, self._batches[key], terms)  # SADR: the unedited model's attention
+
+    def on_train_epoch_start(self) -> None:
+        if self.batch_regime and self.current_epoch % self.path_hparams.eta == 0:
+            self._guarded(lambda: self.editor.retrace(
+                self.lm, list(self._batches.values()), (self.undo,), self.trainer.optimizers[0],
+                first=self.current_epoch == 0))
+
+    def training_step(self, batch: list[EditCase], batch_idx: int):
+        if not self.batch_regime:
+            return super().training_step(batch, batch_idx)
+        if not batch:
+            return None  # an empty padding slot (no step)
+        key = _key(batch)
+        loss = self._guarded(lambda: self.editor.loss(
+            self.lm, self._batches[key], self._refs[key], self._sadr[key], step=self.global_step + 1))
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if not self.batch_regime:
+            super().on_train_epoch_end()  # evaluates the consecutive edits and writes the contract
+            self._save_importance()
+
+    def on_train_end(self) -> None:
+        if not self.batch_regime:
+            return
+        self._guarded(lambda: self.editor.deltas.fold_into(self.lm, self.editor.adapter, (self.undo,)))
+        self._stack.close()  # hooks off, attention back: evaluate the edited weights themselves
+        seconds = (time.perf_counter() - self._t0) / len(self._cases)  # tracing + training, per edit
+        self.edit_seconds = [seconds] * len(self._cases)
+        for case, pre in zip(self._cases, self._pres, strict=True):
+            self._record(case, self._evaluate(case, pre), seconds)
+        self._finish("fit")
+        self._save_importance()
+
+    def _guarded(self, fn):
+        """Run ``fn``; on any error remove the hooks and restore the weights before re-raising."""
+        try:
+            return fn()
+        except BaseException:
+            self._stack.close()
+            self.undo.restore()
+            raise
+
+    def _save_importance(self) -> None:
+        if self.editor.traces and self.trainer.is_global_zero:
+            out = getattr(self, "out_dir", None) or self.trainer.default_root_dir  # the run directory
+            save_path_importance(out, self.editor.traces,
+                                 title=f"PathEdit critical path, {self.hparams.model_name}")

@@ -1,0 +1,296 @@
+"""PathEdit on tiny models of every family: impact scores by hand, disjoint paths, sparse deltas
+that cannot touch masked weights (momentum included), exact restore, clear errors."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kelight.editors.path_deltas import PathDeltas, PathSelection
+from kelight.editors.pathedit import (
+    PathEditor,
+    PathHParams,
+    build_path_batch,
+    impact_scores,
+    path_nll,
+    select_paths,
+    trace_paths,
+)
+from kelight.editors.update import UndoLog
+from kelight.editors.zopt import EditOptimizationError
+from kelight.lm import final_hidden
+from kelight.models.adapters import adapter_for
+from kelight.models.tiny import tiny_model
+from kelight.objectives.sadr import SADR
+from kelight.tokens import target_ids
+from kelight.types import EditInputError, EditRequest
+
+REQS = [EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris"),
+        EditRequest("Mount Fuji is in", "Mount Fuji", "Peru", "Japan")]
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(model, snap):
+    return [k for k, v in model.state_dict().items() if not torch.equal(v, snap[k])]
+
+
+def _hand_scores(grad_hf: np.ndarray) -> np.ndarray:
+    """The reference's recipe in NumPy: z-score rows across neurons (ddof=1), |·|, mean over rows."""
+    z = (grad_hf - grad_hf.mean(1, keepdims=True)) / grad_hf.std(1, ddof=1, keepdims=True)
+    return np.abs(z).mean(0)
+
+
+# stored layout -> (hidden, d_ff), written out per family rather than taken from the adapter
+HAND_LAYOUT = {  # family: (mlp_in name, transpose mlp_in grad?, mlp_out name, transpose mlp_out grad?)
+    "llama": ("mlp.up_proj", True, "mlp.down_proj", False),
+    "gpt2": ("mlp.c_fc", False, "mlp.c_proj", True),  # Conv1D stores (in, out)
+    "gptj": ("mlp.fc_in", True, "mlp.fc_out", False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HAND_LAYOUT))
+def test_impact_scores_match_hand_computation(family):
+    model, tok = tiny_model(family)
+    request = REQS[0]
+    prompt_ids, tgt = target_ids(tok, request.prompt, request.target_new)
+    ids = torch.tensor([prompt_ids + tgt])
+    labels = torch.tensor([[-100] * len(prompt_ids) + tgt])
+    model.requires_grad_(True)
+    model(input_ids=ids, labels=labels).loss.backward()  # HF's own mean token cross-entropy
+    model.requires_grad_(False)
+    blocks = model.model.layers if family == "llama" else model.transformer.h
+    in_name, in_t, out_name, out_t = HAND_LAYOUT[family]
+    selection = trace_paths(model, adapter_for(model), [build_path_batch(tok, [request], "cpu")], 5, 1)
+    for layer, block in enumerate(blocks):
+        g_in = block.get_submodule(in_name).weight.grad.double().numpy()
+        g_out = block.get_submodule(out_name).weight.grad.double().numpy()
+        expect_key = _hand_scores(g_in.T if in_t else g_in)
+        expect_value = _hand_scores(g_out.T if out_t else g_out)
+        np.testing.assert_allclose(selection.key_scores[layer].numpy(), expect_key, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(selection.value_scores[layer].numpy(), expect_value, rtol=2e-4, atol=1e-6)
+        assert set(selection.key_pos[layer].tolist()) == set(np.argsort(-expect_key)[:5].tolist())
+
+
+def test_impact_scores_constant_row_counts_zero():
+    grad = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])  # (H=2, F=3); the second row is constant
+    expect = torch.tensor([1.0, 0.0, 1.0]) / 2  # row 1: z = (-1, 0, 1); row 2 contributes 0
+    torch.testing.assert_close(impact_scores(grad), expect)
+
+
+@pytest.mark.parametrize("scores", [
+    torch.rand(4, 20, generator=torch.Generator().manual_seed(0)),
+    torch.ones(4, 20),  # all tied: still disjoint
+    torch.arange(20.0).repeat(4, 1),
+])
+@pytest.mark.parametrize(("size", "neg"), [(15, 1), (19, 1), (1, 19), (5, 0), (10, 10)])
+def test_negative_path_never_overlaps_critical_path(scores, size, neg):
+    pos, bottom = select_paths(scores, size, neg)
+    assert pos.shape == (4, size) and bottom.shape == (4, neg)
+    for layer in range(4):
+        assert not set(pos[layer].tolist()) & set(bottom[layer].tolist())
+        assert len(set(pos[layer].tolist())) == size
+        s = scores[layer]
+        if neg:
+            assert s[pos[layer]].min() >= s[bottom[layer]].max()
+            assert s[bottom[layer, 0]] == s.min()
+        assert s[pos[layer, 0]] == s.max()
+
+
+def test_select_paths_errors():
+    with pytest.raises(EditInputError, match="exceeds the FFN width d_ff = 20"):
+        select_paths(torch.rand(2, 20), 20, 1)
+    with pytest.raises(EditOptimizationError, match="NaN/inf"):
+        select_paths(torch.tensor([[1.0, float("nan"), 0.0]]), 1, 1)
+
+
+def test_hooks_equal_dense_weights(tiny):
+    """The hook form of the deltas computes what the folded weights compute (Conv1D orientation)."""
+    model, tok = tiny
+    adapter = adapter_for(model)
+    editor = PathEditor(PathHParams(path_size=3, neg_path_size=2))
+    editor.setup(model, tok)
+    batch = build_path_batch(tok, REQS, "cpu")
+    editor.deltas.select(trace_paths(model, adapter, [batch], 3, 2))
+    with torch.no_grad():
+        for p in editor.deltas.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), editor.deltas.attached(model, adapter):
+        hooked = final_hidden(model, batch.input_ids, batch.attention_mask)
+    undo = UndoLog()
+    editor.deltas.fold_into(model, adapter, (undo,))
+    with torch.no_grad():
+        dense = final_hidden(model, batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(hooked, dense, rtol=1e-4, atol=1e-5)
+    assert all(not p.any() for p in editor.deltas.parameters())  # folded deltas are zeroed
+    undo.restore()
+
+
+def _spy_retrace(editor, model):
+    """Record every selection and the weights right after its fold."""
+    selections, snapshots = [], []
+    original = editor.retrace
+
+    def retrace(*args, **kwargs):
+        selection = original(*args, **kwargs)
+        selections.append(selection)
+        snapshots.append(_snapshot(model))
+        return selection
+
+    editor.retrace = retrace
+    return selections, snapshots
+
+
+def _masked_indices(selections, kind, layer):
+    return set().union(*(set(getattr(s, f"{kind}_pos")[layer].tolist()) | set(getattr(s, f"{kind}_neg")[layer].tolist())
+                         for s in selections))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_masked_weights_bit_identical_momentum_included(family):
+    """Off-path weights never move; neurons that leave the path keep their folded value exactly."""
+    model, tok = tiny_model(family)
+    snap = _snapshot(model)
+    editor = PathEditor(PathHParams(path_size=4, neg_path_size=1, eta=2, lr=5e-2, epochs=6))
+    editor.setup(model, tok)
+    selections, snapshots = _spy_retrace(editor, model)
+    undo = UndoLog()
+    editor.apply(model, tok, REQS, undo)
+    adapter = adapter_for(model)
+    assert len(selections) == 3
+    left_path = 0
+    for layer in range(adapter.n_layers(model)):
+        for kind, which, dim in (("key", "mlp_in", 0), ("value", "mlp_out", 1)):
+            name = f"{adapter.path(which, layer)}.weight"
+            final = adapter.as_linear(model.state_dict()[name])
+            for j, snapshot in enumerate([snap, *snapshots[1:]]):  # weights after the fold of tracing j
+                keep = sorted(set(range(final.shape[dim])) - _masked_indices(selections[j:], kind, layer))
+                before = adapter.as_linear(snapshot[name])
+                assert torch.equal(final.index_select(dim, torch.tensor(keep)),
+                                   before.index_select(dim, torch.tensor(keep))), (name, j)
+            first, later = _masked_indices(selections[:1], kind, layer), _masked_indices(selections[1:], kind, layer)
+            left_path += len(first - later)
+    assert left_path > 0, "the paths must change between tracings for the momentum check to bite"
+    ffn = {f"{adapter.path(w, layer)}.weight" for layer in range(3) for w in ("mlp_in", "mlp_out")}
+    assert set(_changed(model, snap)) == ffn  # gate, attention, norms, embeddings, biases untouched
+    undo.restore()
+    assert _changed(model, snap) == []
+
+
+def test_retrace_resets_adam_state():
+    model, tok = tiny_model("llama")
+    editor = PathEditor(PathHParams(path_size=4, lr=1e-2))
+    editor.setup(model, tok)
+    batch = build_path_batch(tok, REQS, "cpu")
+    opt = torch.optim.Adam(editor.deltas.parameters(), lr=1e-2)
+    editor.retrace(model, [batch], (UndoLog(),), opt)
+    with editor.deltas.attached(model, editor.adapter):
+        editor.loss(model, batch, editor.reference_ids(model, batch), (), step=0).backward()
+    opt.step()
+    assert len(opt.state) == 4
+    editor.retrace(model, [batch], (UndoLog(),), opt)
+    assert len(opt.state) == 0 and all(not p.any() for p in editor.deltas.parameters())
+
+
+def test_each_term_reaches_only_its_path():
+    model, tok = tiny_model("llama")
+    editor = PathEditor(PathHParams(path_size=4, contrastive_lambda=1.0))
+    editor.setup(model, tok)
+    batch = build_path_batch(tok, REQS, "cpu")
+    editor.retrace(model, [batch], (UndoLog(),))
+    reference = editor.reference_ids(model, batch)
+    grads = {}
+    for lam in (0.0, 1.0):
+        editor.hp = PathHParams(path_size=4, contrastive_lambda=lam)
+        with editor.deltas.attached(model, editor.adapter):
+            loss = editor.loss(model, batch, reference, (), step=0)
+        grads[lam] = torch.autograd.grad(loss, list(editor.deltas.parameters()), allow_unused=True)
+    names = [n for n, _ in editor.deltas.named_parameters()]
+    for name, g0, g1 in zip(names, grads[0.0], grads[1.0], strict=True):
+        if name.endswith("_pos"):  # the contrastive term does not reach T+
+            torch.testing.assert_close(g0, g1, rtol=0, atol=0)
+        else:  # τ− gets nothing from the NLL, something from the contrastive term
+            assert g0 is None or not g0.any()
+            assert g1 is not None and g1.any()
+
+
+def test_restore_is_bit_exact_and_hooks_are_gone(tiny):
+    model, tok = tiny
+    snap = _snapshot(model)
+    editor = PathEditor(PathHParams(path_size=4, lr=1e-2, epochs=3))
+    editor.setup(model, tok)
+    undo = UndoLog()
+    before = path_nll(model, build_path_batch(tok, REQS, "cpu")).item()
+    info = editor.apply(model, tok, REQS, undo)
+    after = path_nll(model, build_path_batch(tok, REQS, "cpu")).item()
+    assert after < before and info.z[0].steps_run == 3 and len(editor.traces) == 1
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    undo.restore()
+    assert _changed(model, snap) == []
+
+
+def test_sadr_composes():
+    model, tok = tiny_model("llama")
+    sadr = SADR(gamma=1.0, first_layer=1)
+    editor = PathEditor(PathHParams(path_size=4, lr=1e-2, epochs=3), (sadr,))
+    editor.setup(model, tok)
+    attn_before = model.config._attn_implementation
+    undo = UndoLog()
+    editor.apply(model, tok, REQS, undo)
+    assert sadr.vanilla is not None and sadr.vanilla.shape[:2] == (2, 2)  # (L' = layers 1..2, P = 2 prompts)
+    assert len(sadr.selected) == 3  # one head selection per step
+    assert model.config._attn_implementation == attn_before
+    undo.restore()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"path_size": 0}, "path_size to be an integer ≥ 1"),
+    ({"neg_path_size": -1}, "neg_path_size"),
+    ({"eta": 0}, "eta"),
+    ({"epochs": 1.5}, "epochs"),
+    ({"lr": 0.0}, "lr to be a finite positive"),
+    ({"contrastive_lambda": float("nan")}, "contrastive_lambda"),
+])
+def test_bad_hparams(kwargs, match):
+    with pytest.raises(EditInputError, match=match):
+        PathHParams(**kwargs)
+
+
+def test_setup_errors_name_the_fix():
+    model, tok = tiny_model("llama")
+    with pytest.raises(EditInputError, match="exceeds the FFN width d_ff = 96 of this llama model"):
+        PathEditor(PathHParams(path_size=96, neg_path_size=1)).setup(model, tok)
+    fake = nn.Linear(2, 2)
+    fake.config = SimpleNamespace(model_type="bert")
+    with pytest.raises(ValueError, match="unknown architecture 'bert'"):
+        PathEditor().setup(fake, tok)
+    with pytest.raises(RuntimeError, match="call setup"):
+        PathEditor().apply(model, tok, REQS, UndoLog())
+
+
+def test_divergence_leaves_weights_unchanged():
+    model, tok = tiny_model("llama")
+    snap = _snapshot(model)
+    editor = PathEditor(PathHParams(path_size=4, lr=1e30, epochs=4, eta=1))
+    editor.setup(model, tok)
+    undo = UndoLog()
+    with pytest.raises(FloatingPointError, match="diverged|NaN/inf"):
+        editor.apply(model, tok, REQS, undo)
+    assert _changed(model, snap) == []
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_path_selection_ranked():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
+    pos, neg = select_paths(scores, 2, 1)
+    selection = PathSelection(pos, neg, pos, neg, scores, scores)
+    torch.testing.assert_close(selection.ranked("key"), torch.tensor([[0.9, 0.5]]))
+    deltas = PathDeltas(1, 3, 2, 1, "cpu")
+    deltas.select(selection)
+    idx, delta = deltas.delta("value", 0)
+    assert idx.tolist() == [1, 2, 0] and delta.shape == (3, 3)

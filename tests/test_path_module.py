@@ -1,0 +1,169 @@
+"""PathEdit as a LightningModule: the CLI writes the contract in every regime, Lightning trains
+only the path deltas, masked weights stay bit-identical, errors and the end of fit restore."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from kelight.analysis.path_importance import ranked_importance, save_path_importance
+from kelight.cli import run
+from kelight.data import EditDataModule
+from kelight.editors.path_deltas import PathSelection
+from kelight.editors.pathedit import select_paths
+from kelight.models.tiny import tiny_model
+from kelight.path_module import PathEdit
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = [
+    {"case_id": 0, "prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "Rome",
+     "ground_truth": "Paris", "rephrase_prompt": "Where is the Eiffel Tower? In",
+     "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"},
+    {"case_id": 1, "prompt": "Mount Fuji is in", "subject": "Mount Fuji", "target_new": "Peru",
+     "ground_truth": "Japan", "rephrase_prompt": "Fuji, the mountain, is in",
+     "locality_prompt": "Kyoto is in", "locality_ground_truth": "Japan"},
+    {"case_id": 2, "prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English",
+     "ground_truth": "French", "rephrase_prompt": "The language of Danielle Darrieux is",
+     "locality_prompt": "Michel Rocard speaks", "locality_ground_truth": "French"},
+]
+TINY = ["--model.model_name", "tiny:llama", "--model.path_size", "4", "--model.lr", "0.01", "--model.epochs", "4",
+        "--model.fluency", "false", "--trainer.enable_progress_bar", "false"]
+
+
+def _data(tmp_path: Path) -> Path:
+    path = tmp_path / "edit.json"
+    path.write_text(json.dumps(DATA))
+    return path
+
+
+def _assert_unedited(model):
+    fresh, _ = tiny_model("llama")  # same seed: the run must end with the unedited weights
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(("config", "extra"), [
+    ("pathedit.yaml", ["--data.batch_size", "2"]),
+    ("pathedit_sadr.yaml", ["--model.regime", "consecutive", "--data.batch_size", "1"]),
+    ("pathedit.yaml", ["--model.regime", "single", "--data.batch_size", "1"]),
+])
+def test_cli_fit_writes_contract_and_restores(tmp_path, config, extra):
+    out = tmp_path / "run"
+    cli = run(["fit", "--config", str(ROOT / "configs/smollm2" / config), *TINY, *extra,
+               "--data.path", str(_data(tmp_path)), "--data.format", "counterfact_edit",
+               "--trainer.default_root_dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_cases"] == 3 and metrics["seconds_per_edit"] > 0
+    for key in ("Efficacy", "Generality", "Locality", "Score", "ES", "PS", "NS"):
+        assert key in metrics
+    rows = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2]
+    assert (out / "path_importance.png").stat().st_size > 0
+    importance = json.loads((out / "path_importance.json").read_text())
+    assert importance["n_layers"] == 3 and importance["path_size"] == 4
+    expected_epochs = 4 if cli.model.hparams.regime == "batch" else 1
+    assert cli.trainer.current_epoch == expected_epochs
+    _assert_unedited(cli.model.lm)
+
+
+class _FoldedWeights(L.Callback):
+    """Copies the weights after training, before the module restores them (callbacks run first)."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.weights = {k: v.clone() for k, v in pl_module.lm.state_dict().items()}
+
+
+def _fit(module, out_dir, callbacks=(), batch_size=2):
+    data = EditDataModule(path=None, batch_size=batch_size, limit=4)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks), accelerator="cpu",
+                        default_root_dir=str(out_dir))
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def _module(**kwargs):
+    return PathEdit(model_name="tiny:llama", fluency=False, path_size=4, epochs=4, lr=1e-2, **kwargs)
+
+
+def test_lightning_trains_only_path_deltas_and_masked_weights_stay(tmp_path, monkeypatch):
+    module = _module(eta=2)
+    selections = []
+    original = None
+
+    def spy(*args, **kwargs):
+        selections.append(original(*args, **kwargs))
+        return selections[-1]
+
+    module.configure_model()
+    original = module.editor.retrace
+    monkeypatch.setattr(module.editor, "retrace", spy)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("path_deltas.") for n in trainable)
+    fresh, _ = tiny_model("llama")
+    folded = _FoldedWeights()
+    trainer = _fit(module, tmp_path, [folded])
+    assert len(selections) == 2 and trainer.current_epoch == 4  # tracings at epochs 0 and 2
+    edited = folded.weights
+    adapter = module.editor.adapter
+    for name, original_weight in fresh.state_dict().items():
+        if not any(name == f"{adapter.path(w, layer)}.weight" for layer in range(3) for w in ("mlp_in", "mlp_out")):
+            assert torch.equal(edited[name], original_weight), name
+    for layer in range(3):
+        for kind, which, dim in (("key", "mlp_in", 0), ("value", "mlp_out", 1)):
+            name = f"{adapter.path(which, layer)}.weight"
+            touched = set().union(*(set(getattr(s, f"{kind}_pos")[layer].tolist())
+                                    | set(getattr(s, f"{kind}_neg")[layer].tolist()) for s in selections))
+            keep = torch.tensor(sorted(set(range(96)) - touched))
+            a, b = adapter.as_linear(edited[name]), adapter.as_linear(fresh.state_dict()[name])
+            assert torch.equal(a.index_select(dim, keep), b.index_select(dim, keep)), name
+            assert not torch.equal(a, b), name  # the path itself was edited
+    _assert_unedited(module.lm)
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_cases"] == 4  # the built-in demo set
+
+
+def test_divergence_in_lightning_loop_restores(tmp_path):
+    module = _module()
+    module.path_hparams = type(module.path_hparams)(path_size=4, lr=1e30, epochs=4, eta=1)
+    with pytest.raises(FloatingPointError, match="diverged|NaN/inf"):
+        _fit(module, tmp_path)
+    _assert_unedited(module.lm)
+    assert all(not m._forward_hooks for m in module.lm.modules())
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="path_size"):
+        PathEdit(model_name="tiny:llama", path_size=0)
+    with pytest.raises(ValueError, match="sadr_gamma"):
+        PathEdit(model_name="tiny:llama", sadr_gamma=-1.0)
+    with pytest.raises(ValueError, match="regime"):
+        PathEdit(model_name="tiny:llama", regime="sometimes")
+    module = PathEdit(model_name="tiny:llama", path_size=96)
+    with pytest.raises(ValueError, match="exceeds the FFN width"):
+        module.configure_model()
+
+
+def test_path_importance_plot(tmp_path):
+    scores = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
+    pos, neg = select_paths(scores, 4, 1)
+    selection = PathSelection(pos, neg, pos, neg, scores, scores * 2)
+    ranked = ranked_importance([selection, selection])
+    assert ranked["key"].shape == (3, 4) and torch.all(ranked["key"][:, :-1] >= ranked["key"][:, 1:])
+    png, js = save_path_importance(tmp_path, [selection], title="tiny")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads(js.read_text())
+    assert payload["key_index"] == pos.tolist()
+    torch.testing.assert_close(torch.tensor(payload["value_scores"]), 2 * ranked["key"])
+    with pytest.raises(ValueError, match="at least one path tracing"):
+        ranked_importance([])
+
+
+def test_batch_regime_refuses_several_processes():
+    from types import SimpleNamespace
+
+    module = PathEdit(model_name="tiny:llama", regime="batch")
+    module._trainer = SimpleNamespace(world_size=2, max_epochs=1)
+    with pytest.raises(ValueError, match="--trainer.devices 1"):
+        module.setup("fit")
