@@ -17,11 +17,17 @@ def _clean(value: object) -> object:
 PARTIAL = "cases.partial.jsonl"
 
 
-def append_partial(out_dir: str | Path, row: Mapping) -> None:
-    """Append one case row to ``cases.partial.jsonl`` (replaced by ``cases.jsonl`` at the end)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / PARTIAL).open("a") as f:
+def partial_path(out_dir: str | Path, rank: int = 0) -> Path:
+    """The partial log of process ``rank``: ``cases.partial.jsonl`` (rank 0 or a single process),
+    ``cases.partial.rank{rank}.jsonl`` otherwise, so that processes never interleave writes."""
+    return Path(out_dir) / (PARTIAL if rank == 0 else f"cases.partial.rank{rank}.jsonl")
+
+
+def append_partial(out_dir: str | Path, row: Mapping, rank: int = 0) -> None:
+    """Append one case row to this process's partial log (replaced by ``cases.jsonl`` at the end)."""
+    path = partial_path(out_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
         f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
 
@@ -29,7 +35,8 @@ def write_results(out_dir: str | Path, metrics: Mapping[str, float], cases: Sequ
     """Write ``metrics.json`` and ``cases.jsonl`` into ``out_dir``; returns the metrics path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / PARTIAL).unlink(missing_ok=True)
+    for partial in out.glob("cases.partial*.jsonl"):  # every process's log
+        partial.unlink(missing_ok=True)
     path = out / "metrics.json"
     path.write_text(json.dumps({k: _clean(v) for k, v in metrics.items()}, indent=1) + "\n")
     with (out / "cases.jsonl").open("w") as f:

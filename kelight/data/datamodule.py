@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from kelight.data.builtin import builtin_path
 from kelight.data.formats import parse_record
@@ -71,19 +71,44 @@ def select_indices(n: int, limit: int | None = None, seed: int = 0, shuffle: boo
     return order if limit is None else order[:limit]
 
 
-def collate_cases(batch: Sequence[EditCase]) -> list[EditCase]:
-    """Collate for edit cases: a plain list (cases hold text, never tensors)."""
-    return list(batch)
+def collate_cases(batch: Sequence[EditCase | None]) -> list[EditCase]:
+    """Collate for edit cases: a plain list (cases hold text, never tensors), padding slots dropped."""
+    return [case for case in batch if case is not None]
+
+
+class PaddedShardSampler(DistributedSampler):
+    """Process r's cases r, r + N, r + 2N, ..., then the padding slot ``n_cases`` up to ``ceil(n / N)``.
+
+    Lightning's training loop broadcasts once per step (SIGTERM propagation), so every process must
+    run the same number of steps. Shards of unequal length are padded with a slot that is no case
+    (the loader's dataset holds ``None`` there and :func:`collate_cases` drops it), never with a
+    duplicate, so each case is still edited exactly once.
+
+    Example:
+        >>> list(PaddedShardSampler(5, num_replicas=2, rank=1))
+        [1, 3, 5]
+    """
+
+    def __init__(self, n_cases: int, num_replicas: int, rank: int) -> None:
+        super().__init__(range(n_cases), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.n_cases = n_cases
+
+    def __iter__(self) -> Iterator[int]:
+        own = list(range(self.rank, self.n_cases, self.num_replicas))
+        return iter(own + [self.n_cases] * (self.num_samples - len(own)))
 
 
 class EditDataModule(L.LightningDataModule):
     """Edit cases for ``kelight fit``/``validate``: one batch = a list of :class:`EditCase`.
 
     Train, validation and test loaders iterate the same cases in the same order. With several
-    processes (``trainer.world_size > 1``) the validation and test loaders shard the cases with
-    ``UnrepeatedDistributedSampler`` so every case is evaluated exactly once (Lightning's default
-    sampler pads shards with duplicates); the train loader is left to Lightning, which pads, so
-    that DDP processes run the same number of steps.
+    processes (``trainer.world_size > 1``) every loader shards the cases: process r gets cases
+    r, r + N, r + 2N, ... so every case is edited and evaluated exactly once (Lightning's default
+    sampler pads shards with duplicates; it leaves a distributed sampler it finds in place). The
+    evaluation loaders use ``UnrepeatedDistributedSampler`` (shards may differ by one case); the
+    train loader pads a shorter shard with an empty slot (:class:`PaddedShardSampler`), because
+    Lightning's training loop needs the same number of steps on every process; such a batch holds
+    fewer cases, possibly none.
 
     Args:
         path: JSON or JSON-lines file of records; ``None`` uses the built-in demo set.
@@ -139,33 +164,39 @@ class EditDataModule(L.LightningDataModule):
                 f"target) by group: {self.skipped}"
             )
 
-    def _sampler(self) -> Sampler[int] | None:
+    def _world(self) -> tuple[int, int]:
+        """(number of processes, this process's rank)."""
+        if not self.cases:
+            raise RuntimeError("EditDataModule.setup() must run before its dataloaders are requested")
         trainer: Any = self.trainer
         world = getattr(trainer, "world_size", 1) if trainer is not None else 1
-        if world <= 1:
-            return None
-        if len(self.cases) < world:
+        if world > len(self.cases):
             raise EditInputError(
                 f"{len(self.cases)} cases cannot be shared among {world} processes; raise "
                 f"--data.limit or use fewer devices"
             )
-        return UnrepeatedDistributedSampler(self.cases, num_replicas=world, rank=trainer.global_rank, shuffle=False)
+        return world, (trainer.global_rank if world > 1 else 0)
 
-    def _loader(self, sampler: Sampler[int] | None = None) -> DataLoader[list[EditCase]]:
-        if not self.cases:
-            raise RuntimeError("EditDataModule.setup() must run before its dataloaders are requested")
-        return DataLoader(
-            self.cases, batch_size=self.batch_size, shuffle=False, sampler=sampler, collate_fn=collate_cases
-        )
+    def _loader(self, padded: bool = False) -> DataLoader[list[EditCase]]:
+        world, rank = self._world()
+        dataset: list[EditCase | None] = list(self.cases)
+        sampler: Sampler[int] | None = None
+        if world > 1 and padded:
+            dataset.append(None)  # the padding slot, index len(cases)
+            sampler = PaddedShardSampler(len(self.cases), num_replicas=world, rank=rank)
+        elif world > 1:
+            sampler = UnrepeatedDistributedSampler(self.cases, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          collate_fn=collate_cases)
 
     def train_dataloader(self) -> DataLoader[list[EditCase]]:
-        """All cases in order (Lightning injects its distributed sampler under DDP)."""
-        return self._loader()
+        """All cases in order; sharded without duplicates, shards padded to equal length with no-cases."""
+        return self._loader(padded=True)
 
     def val_dataloader(self) -> DataLoader[list[EditCase]]:
         """All cases in order; sharded without duplicates across processes."""
-        return self._loader(self._sampler())
+        return self._loader()
 
     def test_dataloader(self) -> DataLoader[list[EditCase]]:
         """All cases in order; sharded without duplicates across processes."""
-        return self._loader(self._sampler())
+        return self._loader()

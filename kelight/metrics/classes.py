@@ -152,6 +152,8 @@ class EditMetrics(nn.Module):
     Args:
         probe_groups: probe group -> (score name, magnitude name).
         token_groups: token group -> metric name.
+        **metric_kwargs: torchmetrics options of every member, e.g. ``sync_on_compute=False`` for
+            a report of this process's cases only.
 
     Example:
         >>> from kelight.evaluation import CaseResult
@@ -165,14 +167,15 @@ class EditMetrics(nn.Module):
         self,
         probe_groups: Mapping[str, tuple[str, str]] = PROBE_GROUPS,
         token_groups: Mapping[str, str] = TOKEN_GROUPS,
+        **metric_kwargs: object,
     ) -> None:
         super().__init__()
         self.probe_groups = dict(probe_groups)
         self.token_groups = dict(token_groups)
-        self.pairwise = nn.ModuleDict({g: PairwiseScore() for g in self.probe_groups})
-        self.tokens = nn.ModuleDict({g: TokenAccuracy() for g in self.token_groups})
-        self.fluency = Fluency()
-        self.perplexity = Perplexity()
+        self.pairwise = nn.ModuleDict({g: PairwiseScore(**metric_kwargs) for g in self.probe_groups})
+        self.tokens = nn.ModuleDict({g: TokenAccuracy(**metric_kwargs) for g in self.token_groups})
+        self.fluency = Fluency(**metric_kwargs)
+        self.perplexity = Perplexity(**metric_kwargs)
 
     def update(self, result: CaseResult) -> None:
         """Add one evaluated case.

@@ -11,6 +11,7 @@ import pytest
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
 from kelight.data import EditDataModule, builtin_cases, default_data_root, load_records, select_indices
+from kelight.data.datamodule import PaddedShardSampler
 from kelight.types import EditCase, EditInputError
 
 
@@ -90,11 +91,20 @@ def test_distributed_eval_loaders_do_not_repeat(edit_file: Path) -> None:
         for loader in (dm.val_dataloader(), dm.test_dataloader()):
             assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
         seen.append([c.case_id for b in dm.test_dataloader() for c in b])
-        assert dm.train_dataloader().sampler.__class__.__name__ == "SequentialSampler"  # Lightning injects
+        train = [[c.case_id for c in b] for b in dm.train_dataloader()]
+        assert isinstance(dm.train_dataloader().sampler, PaddedShardSampler)  # Lightning keeps it
+        assert train == [[c] for c in seen[-1]] + [[]] * (4 - len(seen[-1]))  # 4 steps each, padded
     assert sorted(seen[0] + seen[1]) == ids(dm)  # 7 cases: 4 + 3, no duplicate
     dm.trainer = SimpleNamespace(world_size=8, global_rank=0)
     with pytest.raises(EditInputError, match=r"7 cases cannot be shared among 8 processes"):
         dm.val_dataloader()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_padded_train_shards_cover_each_case_once(world: int) -> None:
+    shards = [list(PaddedShardSampler(7, num_replicas=world, rank=r)) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # the same number of steps on every process
+    assert sorted(i for s in shards for i in s if i < 7) == list(range(7))  # index 7 = padding slot
 
 
 def test_errors(tmp_path: Path, edit_file: Path) -> None:
