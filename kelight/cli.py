@@ -6,6 +6,7 @@ W&B logs offline by default (``WANDB_MODE=offline`` unless the user set it); eac
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from kelight.data import EditDataModule
+from kelight.distributed import EditDDPStrategy
 from kelight.module import EditModule
 from kelight.results import report
 
@@ -36,7 +38,7 @@ class KelightCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         if not cfg.trainer.get("default_root_dir"):
-            cfg.trainer.default_root_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+            cfg.trainer.default_root_dir = str(default_run_dir())
         self._use_wandb = cfg.trainer.get("logger") in (None, False, True) and self._wandb_wanted()
 
     @staticmethod
@@ -50,6 +52,8 @@ class KelightCLI(LightningCLI):
 
             Path(root).mkdir(parents=True, exist_ok=True)
             kwargs["logger"] = WandbLogger(project=os.environ.get("WANDB_PROJECT", "kelight"), save_dir=root)
+        if self.config[self.subcommand].trainer.get("strategy") == "ddp":
+            kwargs["strategy"] = EditDDPStrategy()  # DDP processes without the gradient wrapper
         return super().instantiate_trainer(**kwargs)
 
     def _finish_wandb(self) -> None:
@@ -58,6 +62,15 @@ class KelightCLI(LightningCLI):
             wandb.finish()
 
     after_fit = after_validate = after_test = _finish_wandb
+
+
+def default_run_dir() -> Path:
+    """``runs/<sweep id>/<run id>`` under a W&B agent (two agents may start in the same second),
+    else ``runs/<timestamp>``."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run:
+        return Path("runs") / sweep / run
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
 # Lightning warnings that are expected for edit runs (frozen eval-mode model, no optimiser, text
@@ -85,8 +98,13 @@ def _environment_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+# Subcommands that are not LightningCLI runs, imported when used: module with a ``main(argv)``.
+_TOOLS = {"sweep": "kelight.sweep", "analyze": "kelight.analysis.cli"}
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``).
+    """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``,
+    ``sweep SPEC --count N``, ``analyze drift|substitution|patching|heads ...``).
 
     Returns ``None`` so that the console script exits with status 0 (``sys.exit(main())``).
     """
@@ -94,8 +112,14 @@ def main(args: list[str] | None = None) -> None:
 
 
 def run(args: list[str] | None = None) -> KelightCLI | None:
-    """Parse ``args`` (default: ``sys.argv[1:]``) and run; returns the CLI (``None`` for ``report``)."""
+    """Parse ``args`` (default: ``sys.argv[1:]``) and run; returns the CLI (``None`` for the other tools)."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] and argv[0] in _TOOLS:  # `kelight sweep ...`, `kelight analyze ...`
+        _environment_defaults()
+        _quiet_expected_warnings()
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        importlib.import_module(_TOOLS[argv[0]]).main(argv[1:])
+        return None
     if argv[:1] == ["report"]:
         if len(argv) < 2:
             raise SystemExit("usage: kelight report RUN_DIR [RUN_DIR ...]")

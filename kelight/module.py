@@ -5,6 +5,11 @@ optimiser per edit. Regimes: ``single`` restores the weights (bit-exact) after e
 case; ``batch`` edits a loader batch jointly (MEMIT/PMET; ROME applies them in turn), evaluates
 and restores; ``sequential`` keeps every edit and evaluates all cases at the end (optionally every N
 edits), then restores the model when the fit ends.
+
+Several processes (``--trainer.devices N --trainer.strategy ddp``, :mod:`kelight.distributed`) each
+edit their own shard of the cases; the metrics, ``n_cases``, ``seconds_per_edit`` and ``cases.jsonl``
+cover every case exactly once. The sequential regime is then sequential per shard: each process
+keeps only its own edits (N independent edit sequences, not one).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from kelight.distributed import gather_objects, interleave
 from kelight.editors.ft import FTEditor, FTHParams
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
@@ -26,7 +32,7 @@ from kelight.evaluation import case_summary, evaluate_case, locality_reference
 from kelight.metrics import EditMetrics
 from kelight.models.loading import load
 from kelight.objectives.sadr import sadr_terms
-from kelight.results import PARTIAL, append_partial, format_table, write_results
+from kelight.results import append_partial, format_table, partial_path, write_results
 from kelight.types import EditCase
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,7 @@ class EditModule(L.LightningModule):
         self.case_rows: list[dict] = []
         self.edit_seconds: list[float] = []
         self.pending: list[tuple[EditCase, dict, float]] = []
+        self.out_dir: Path | None = None  # the run directory (rank 0's under DDP)
 
     # ---- model and editor -------------------------------------------------------------
     def configure_model(self) -> None:
@@ -98,7 +105,9 @@ class EditModule(L.LightningModule):
         self._reset_run()
 
     def _reset_run(self) -> None:
-        (Path(self.trainer.default_root_dir) / PARTIAL).unlink(missing_ok=True)
+        # rank 0's directory: DDP processes started later may have picked another default one
+        self.out_dir = Path(self.trainer.strategy.broadcast(str(self.trainer.default_root_dir)))
+        partial_path(self.out_dir, self.global_rank).unlink(missing_ok=True)
         self.metrics.reset()
         self.source_metrics = {}
         self.case_rows, self.edit_seconds = [], []
@@ -106,12 +115,14 @@ class EditModule(L.LightningModule):
 
     # ---- fit: edit + evaluate ---------------------------------------------------------
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
+        if not batch:
+            return  # the padding slot of a shorter shard under DDP (PaddedShardSampler)
         groups = [batch] if self.hparams.regime == "batch" else [[case] for case in batch]
         for cases in groups:
             self._edit(cases)
         every = self.hparams.eval_every
         if self.hparams.regime == "sequential" and every and len(self.pending) % every == 0:
-            partial = EditMetrics().to(self.device)
+            partial = EditMetrics(sync_on_compute=False).to(self.device)  # this process's shard
             for case, pre, _ in self.pending:
                 partial.update(self._evaluate(case, pre))
             self.log_dict({f"seq/{k}": v for k, v in partial.compute().items()}, on_step=True, batch_size=1)
@@ -151,8 +162,7 @@ class EditModule(L.LightningModule):
         if seconds is not None:
             row["edit_seconds"] = seconds
         self.case_rows.append(row)
-        if self.trainer.is_global_zero:  # progress that survives an interrupted run
-            append_partial(self.trainer.default_root_dir, row)
+        append_partial(self.out_dir or self.trainer.default_root_dir, row, self.global_rank)  # survives a crash
 
     def on_train_epoch_end(self) -> None:
         for case, pre, seconds in self.pending:  # sequential: every edit is in place now
@@ -180,18 +190,23 @@ class EditModule(L.LightningModule):
 
     # ---- output contract --------------------------------------------------------------
     def _finish(self, stage: str) -> None:
+        """Report every case of every process (all ranks call this: metrics sync on compute)."""
+        shards = gather_objects((self.case_rows, self.edit_seconds, sorted(self.source_metrics)))
+        rows = interleave([shard[0] for shard in shards])  # dataset order, each case once
+        seconds = [s for shard in shards for s in shard[1]]
+        sources = sorted({name for shard in shards for name in shard[2]})
         values = self.metrics.compute()
-        if len(self.source_metrics) > 1:  # e.g. "counterfact/ES" next to the pooled "ES"
-            for source, metrics in sorted(self.source_metrics.items()):
+        if len(sources) > 1:  # e.g. "counterfact/ES" next to the pooled "ES"
+            for source in sources:  # same keys on every rank, even one that saw no case of a source
+                metrics = self.source_metrics.setdefault(source, EditMetrics().to(self.device))
                 values.update({f"{source}/{k}": v for k, v in metrics.compute().items()})
-        values["n_cases"] = float(len(self.case_rows))
-        if self.edit_seconds:
-            values["seconds_per_edit"] = sum(self.edit_seconds) / len(self.edit_seconds)
+        values["n_cases"] = float(len(rows))
+        if seconds:
+            values["seconds_per_edit"] = sum(seconds) / len(seconds)
         if self.logger is not None:
             self.logger.log_metrics({f"{stage}/{k}": v for k, v in values.items()}, step=self.global_step)
         if self.trainer.is_global_zero:
-            out = Path(self.trainer.default_root_dir)
-            path = write_results(out, values, self.case_rows)
+            path = write_results(self.out_dir or self.trainer.default_root_dir, values, rows)
             log.info("wrote %s\n%s", path, format_table({stage: values}))
         self.final_metrics = values
 
@@ -209,6 +224,8 @@ class LocateEditModule(EditModule):
         mom2_n_tokens: corpus tokens for the key second moment C.
         mom2_corpus: corpus for C (None: WikiText-2 in the shared data, else model samples).
         sadr_gamma: γ of the SADR attention-drift term (0 = off).
+        sadr_selective: restrain only the heads that over-attend the subject (SADR); ``false``
+            restrains every head after the edit point (the paper's all-heads ablation).
         **kwargs: :class:`EditModule` arguments.
     """
 
@@ -223,10 +240,15 @@ class LocateEditModule(EditModule):
         mom2_n_tokens: int = 100_000,
         mom2_corpus: str | None = None,
         sadr_gamma: float = 0.0,
+        sadr_selective: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
+
+    def sadr(self, edit_layer: int) -> tuple:
+        """The SADR term for drift after ``edit_layer`` (empty when γ = 0)."""
+        return sadr_terms(self.hparams.sadr_gamma, edit_layer + 1, self.hparams.sadr_selective)
 
     def z_config(self) -> ZConfig:
         h = self.hparams
@@ -258,7 +280,7 @@ class ROME(LocateEditModule):
         hp = RomeHParams(layer=h.layer, z=self.z_config(), context_templates=self.templates(),
                          mom2_adjustment=h.mom2_adjustment, mom2_n_tokens=h.mom2_n_tokens,
                          mom2_corpus=h.mom2_corpus, mean_key_insertion=h.mean_key_insertion)
-        return RomeEditor(hp, sadr_terms(h.sadr_gamma, h.layer + 1))
+        return RomeEditor(hp, self.sadr(h.layer))
 
 
 class MEMIT(LocateEditModule):
@@ -283,7 +305,7 @@ class MEMIT(LocateEditModule):
         hp = MemitHParams(layers=tuple(h.layers), z=self.z_config(), context_templates=self.templates(),
                           mom2_update_weight=h.mom2_update_weight, mom2_n_tokens=h.mom2_n_tokens,
                           mom2_corpus=h.mom2_corpus, pmet=self.pmet)
-        return MemitEditor(hp, sadr_terms(h.sadr_gamma, hp.layers[-1] + 1))
+        return MemitEditor(hp, self.sadr(hp.layers[-1]))
 
 
 class PMET(MEMIT):

@@ -15,7 +15,8 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_configs_exist_for_every_method():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
     for model in ("smollm2", "gemma3"):
-        for method in ("rome", "rome_sadr", "memit", "memit_sadr", "pmet", "pmet_sadr", "ft"):
+        for method in ("rome", "rome_sadr", "memit", "memit_sadr", "pmet", "pmet_sadr", "ft", "pathedit",
+                       "pathedit_sadr"):
             assert f"{model}/{method}.yaml" in names
 
 
@@ -108,3 +109,13 @@ def test_console_script_exits_zero(tmp_path):
                                "--model.layer", "1", "--data.path", str(_case_file(tmp_path)),
                                "--trainer.default_root_dir", str(out)]))
     assert exit_info.value.code is None
+
+
+def test_default_run_dir_is_unique_per_wandb_agent_run(monkeypatch):
+    from kelight.cli import default_run_dir
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    monkeypatch.setenv("WANDB_RUN_ID", "run7")
+    assert default_run_dir() == Path("runs") / "abc123" / "run7"
+    monkeypatch.delenv("WANDB_RUN_ID")
+    assert default_run_dir().parent == Path("runs") and default_run_dir().name[:2] == "20"

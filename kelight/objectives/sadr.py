@@ -24,7 +24,8 @@ def query_rows(attentions: Sequence[torch.Tensor], rows: torch.Tensor, query_pos
 
 
 def sadr_loss(
-    vanilla: torch.Tensor, current: torch.Tensor, subject_pos: torch.Tensor, eps: float = EPS
+    vanilla: torch.Tensor, current: torch.Tensor, subject_pos: torch.Tensor, eps: float = EPS,
+    selective: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective KL(vanilla ‖ current) and the head mask.
 
@@ -32,6 +33,9 @@ def sadr_loss(
         vanilla: ``(L, P, H, T)`` attention rows at z = 0 (treated as constants).
         current: ``(L, P, H, T)`` attention rows now.
         subject_pos: ``(P,)`` key column of the subject's last token in each prompt.
+        eps: added inside the log ratio.
+        selective: restrain only the over-attending heads (SADR); ``False`` restrains every head
+            (the paper's "all heads" ablation, Figure 6).
 
     Returns:
         ``(loss, mask)``: the scalar loss (summed over layers and selected heads, averaged over
@@ -43,6 +47,8 @@ def sadr_loss(
     p_subj = p.gather(-1, cols).squeeze(-1)  # (L, P, H)
     q_subj = current.gather(-1, cols).squeeze(-1)  # (L, P, H)
     mask = q_subj > p_subj.max(dim=-1, keepdim=True).values  # (L, P, H), recomputed every step
+    if not selective:
+        mask = torch.ones_like(mask)
     kl = (p * ((p + eps) / (current + eps)).log()).sum(-1)  # (L, P, H)
     return (kl * mask).sum() / n_prompts, mask
 
@@ -53,29 +59,32 @@ class SADR:
     Args:
         gamma: weight γ (the paper uses 5e-3 … 8e-2); 0 disables the term.
         first_layer: first layer whose attention can drift (layers ≤ the edit point are skipped).
+        selective: restrain only heads that over-attend the subject (``False``: every head).
     """
 
-    def __init__(self, gamma: float, first_layer: int) -> None:
+    def __init__(self, gamma: float, first_layer: int, selective: bool = True) -> None:
         if gamma < 0:
             raise ValueError(f"expected sadr_gamma ≥ 0, got {gamma}")
         self.gamma = gamma
         self.first_layer = first_layer
+        self.selective = selective
         self.vanilla: torch.Tensor | None = None
         self.selected: list[torch.Tensor] = []  # per step (L, P, H) masks, for statistics
 
     def __call__(self, state: StepState) -> torch.Tensor:
         batch = state.batch
-        attentions = state.outputs.attentions[self.first_layer:]
+        attentions = state.outputs.attentions[self.first_layer - state.attn_offset :]  # layers > edit point
         rows = torch.arange(batch.n_rewrite, device=batch.input_ids.device)
-        current = query_rows(attentions, rows, batch.query_pos)  # (L', P, H, T)
+        query_pos = torch.zeros_like(batch.query_pos) if state.attn_rows else batch.query_pos  # row kernel: 1 row
+        current = query_rows(attentions, rows, query_pos)  # (L', P, H, T)
         if state.step == 0 or self.vanilla is None:
             self.vanilla = current.detach()
             self.selected = []
-        loss, mask = sadr_loss(self.vanilla, current, batch.subject_pos[: batch.n_rewrite])
+        loss, mask = sadr_loss(self.vanilla, current, batch.subject_pos[: batch.n_rewrite], selective=self.selective)
         self.selected.append(mask.detach().sum(dim=(1,)).cpu())  # (L', H) prompts selecting each head
         return self.gamma * loss
 
 
-def sadr_terms(gamma: float, first_layer: int) -> tuple[SADR, ...]:
-    """``(SADR(gamma, first_layer),)`` when γ > 0, else ``()`` (the term is off)."""
-    return (SADR(gamma, first_layer),) if gamma > 0 else ()
+def sadr_terms(gamma: float, first_layer: int, selective: bool = True) -> tuple[SADR, ...]:
+    """``(SADR(gamma, first_layer, selective),)`` when γ > 0, else ``()`` (the term is off)."""
+    return (SADR(gamma, first_layer, selective),) if gamma > 0 else ()

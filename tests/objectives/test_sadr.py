@@ -58,6 +58,16 @@ def test_hand_built_case():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_all_heads_variant_restrains_every_head():
+    vanilla = torch.tensor([[[[0.5, 0.3, 0.2], [0.6, 0.2, 0.2]]]])
+    current = torch.tensor([[[[0.2, 0.6, 0.2], [0.5, 0.25, 0.25]]]])
+    loss, mask = sadr_loss(vanilla, current, torch.tensor([1]), selective=False)
+    assert mask.tolist() == [[[True, True]]]
+    expected = sum(p * math.log(p / q) for p, q in [(0.5, 0.2), (0.3, 0.6), (0.2, 0.2)])
+    expected += sum(p * math.log(p / q) for p, q in [(0.6, 0.5), (0.2, 0.25), (0.2, 0.25)])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_vectorised_equals_loop():
     v, cur = _rows(3), _rows(4)
     s = torch.tensor([6, 0, 3, 2])

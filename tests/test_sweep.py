@@ -1,0 +1,122 @@
+"""Sweep specs parse and expand into CLI calls LightningCLI accepts; the offline sweep loop."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kelight.cli import main
+from kelight.sweep import _as_sweep_run, expand_command, load_spec, read_metric, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "sweeps").glob("*.yaml"))
+TINY = ("--model.model_name", "tiny:llama", "--model.context_templates", "[[3, 1]]", "--model.steps", "3",
+        "--model.mom2_adjustment", "false", "--model.fluency", "false", "--data.limit", "1")
+
+
+def _first_params(spec: dict) -> dict:
+    import random
+
+    from sweeps import next_run
+
+    random.seed(0)
+    np.random.seed(0)
+    proposal = next_run(spec, [], validate=True)
+    return {k: (v["value"].item() if isinstance(v["value"], np.generic) else v["value"]) for k, v in
+            proposal.config.items()}
+
+
+def test_the_specs_the_issue_asks_for_exist():
+    methods = {p.stem: load_spec(p)["method"] for p in SPECS}
+    assert methods.get("rome_sadr_gamma_grid") == "grid"
+    gamma = load_spec(ROOT / "sweeps/rome_sadr_gamma_grid.yaml")["parameters"]["model.sadr_gamma"]["values"]
+    assert len(gamma) >= 5 and 0 in gamma
+    bayes = load_spec(ROOT / "sweeps/rome_sadr_bayes.yaml")
+    assert set(bayes["parameters"]) == {"model.sadr_gamma", "model.steps", "model.lr", "model.kl_factor"}
+    assert set(load_spec(ROOT / "sweeps/pathedit_lambda_path.yaml")["parameters"]) == {
+        "model.contrastive_lambda", "model.path_size"}
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.name)
+def test_spec_expands_into_a_cli_call_lightning_accepts(spec_path, capsys):
+    spec = load_spec(spec_path)
+    config = spec["command"][spec["command"].index("--config") + 1]
+    if not (ROOT / config).exists():
+        pytest.skip(f"{config} does not exist yet (its method is being added by another change)")
+    params = _first_params(spec)
+    command = expand_command(spec, params)
+    assert command[:3] == ["/usr/bin/env", "kelight", "fit"]
+    assert all(f"--{k}={v}" in command for k, v in params.items())  # ${args}: --model.sadr_gamma=0.01
+    args = [str(ROOT / a) if a == config else a for a in command[2:]]  # `fit --config ... --model.x=v`
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in params.items():
+        assert printed["model"]["init_args"][key.removeprefix("model.")] == value
+
+
+def test_expansion_follows_the_agent(monkeypatch):
+    monkeypatch.setenv("KELIGHT_TEST_DATA", "cases.json")
+    spec = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "--data.path",
+                                               "${envvar:KELIGHT_TEST_DATA}", "${args}", "--tail"]}
+    command = expand_command(spec, {"model.sadr_gamma": 0.01, "model.fluency": False}, ("--model.steps", "20"))
+    assert command == ["/usr/bin/env", "python", "train.py", "--data.path", "cases.json", "--model.steps", "20",
+                       "--model.sadr_gamma=0.01", "--model.fluency=False", "--tail"]
+    assert spec["command"][4] == "${envvar:KELIGHT_TEST_DATA}"  # the spec itself is not rewritten
+    assert expand_command({"command": ["kelight", "fit"]}, {"model.lr": 0.1}, ("-x",)) == ["kelight", "fit", "-x"]
+
+
+def test_metric_is_read_with_or_without_the_stage_prefix():
+    assert read_metric({"Avg.S": 41.5}, "fit/Avg.S") == 41.5
+    assert read_metric({"fit/Avg.S": 3.0, "Avg.S": 1.0}, "fit/Avg.S") == 3.0
+    assert read_metric({"Avg.S": None}, "Avg.S") is None
+    assert read_metric({"Avg.S": float("nan")}, "Avg.S") is None
+
+
+def test_invalid_spec_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: grid\nparameters: {model.lr: {values: [0.1]}}\ncommand: '${env} kelight'\n")
+    with pytest.raises(ValueError, match="block list"):
+        load_spec(bad)
+    bad.write_text("method: nope\nmetric: {name: Avg.S}\nparameters: {model.lr: {values: [0.1]}}\ncommand: [a]\n")
+    with pytest.raises(ValueError, match="invalid sweep spec"):
+        load_spec(bad)
+
+
+def test_bayes_accepts_finished_and_crashed_trials():
+    from kelight.sweep import Trial
+    from sweeps import next_run
+
+    spec = load_spec(ROOT / "sweeps/rome_sadr_bayes.yaml")
+    trials = [Trial(i, f"r{i}", _first_params(spec), [], "", state="finished", metric=40.0 + i) for i in range(2)]
+    trials.append(Trial(2, "r2", _first_params(spec), [], "", state="crashed", returncode=1))
+    proposal = next_run(spec, [_as_sweep_run(t, "fit/Avg.S") for t in trials], validate=True)
+    assert set(proposal.config) == set(spec["parameters"])
+
+
+def test_offline_sweep_records_a_crash_and_goes_on(tmp_path, monkeypatch):
+    """Two grid trials on the tiny model; layer 7 does not exist, so the second one crashes."""
+    monkeypatch.chdir(ROOT)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "method": "grid", "metric": {"name": "fit/Avg.S", "goal": "maximize"},
+        "parameters": {"model.layer": {"values": [1, 7]}},
+        "command": ["${env}", "kelight", "fit", "--config", "configs/smollm2/rome.yaml", "${args}"],
+    }))
+    out = tmp_path / "sweep"
+    summary = run_sweep(spec, count=5, out=out, extra_args=TINY)  # the grid stops after 2
+    ok, crashed = summary["trials"]
+    assert ok["state"] == "finished" and ok["returncode"] == 0 and ok["params"] == {"model.layer": 1}
+    assert ok["metric"] == ok["metrics"]["Avg.S"] and ok["metrics"]["n_cases"] == 1
+    assert Path(ok["directory"], "metrics.json").exists()
+    assert list(Path(ok["directory"], "wandb").glob(f"offline-run-*-{ok['run_id']}"))  # WANDB_RUN_ID honoured
+    assert yaml.safe_load(Path(ok["directory"], "sweep-params.yaml").read_text())["model.layer"]["value"] == 1
+    assert crashed["state"] == "crashed" and crashed["returncode"] != 0
+    assert "layer 7 is out of range" in crashed["stderr_tail"]
+    assert json.loads((out / "summary.json").read_text())["best"]["run_id"] == ok["run_id"]
+    table = (out / "summary.md").read_text()
+    assert ok["run_id"] in table and f"crashed (exit {crashed['returncode']})" in table
+    assert (out / "tradeoff.png").stat().st_size > 0
