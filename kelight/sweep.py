@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -244,8 +245,18 @@ def write_summary(out: Path, spec: dict, spec_path: str, sweep_id: str, trials: 
     return summary
 
 
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit`` so that ``subprocess.run`` kills the running trial with the sweep."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str]) -> dict:
     """``kelight sweep SPEC --count N [--out DIR] [--seed S] [--wandb-mode M] [--timeout T] [-- ARGS]``."""
+    _exit_on_sigterm()
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")

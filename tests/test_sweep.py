@@ -120,3 +120,33 @@ def test_offline_sweep_records_a_crash_and_goes_on(tmp_path, monkeypatch):
     table = (out / "summary.md").read_text()
     assert ok["run_id"] in table and f"crashed (exit {crashed['returncode']})" in table
     assert (out / "tradeoff.png").stat().st_size > 0
+
+
+def test_sigterm_stops_the_running_trial_too(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    pid_file = tmp_path / "trial.pid"
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    spec = tmp_path / "sleepy.yaml"
+    spec.write_text(yaml.safe_dump({"method": "grid", "metric": {"name": "Avg.S", "goal": "maximize"},
+                                    "parameters": {"x": {"values": [1]}},
+                                    "command": [sys.executable, str(sleeper), "${args}"]}))
+    sweep = subprocess.Popen([sys.executable, "-m", "kelight.cli", "sweep", str(spec), "--count", "1",
+                              "--out", str(tmp_path / "out"), "--wandb-mode", "disabled"])
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and sweep.poll() is None, "the trial never started"
+        time.sleep(0.2)
+    trial_pid = int(pid_file.read_text())
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=30) != 0
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the trial is gone with the sweep
+        os.kill(trial_pid, 0)
