@@ -38,14 +38,11 @@ import itertools
 import json
 import logging
 import os
-import random
-import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -53,220 +50,28 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.editors.corpus import (  # noqa: F401 (clean_wikitext: re-exported for callers of this module)
+    FORMAT,
+    CorpusSpec,
+    Source,
+    as_corpus,
+    clean_wikitext,
+    content_digest,
+    model_device,
+    pad_token_id,
+    resolve_corpus,
+)
 from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.models.loading import cache_dir
-from kelight.paths import default_data_root
 from kelight.tokens import pad_batch
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "kelight-mom2-v1"
 _SORT_WINDOW = 32  # batches per length-sorted window
 _TOKENIZE_CHUNK = 256  # texts tokenised per call
 _TOKENIZER_PROBE = "The Eiffel Tower, 1,000 ft (300 m) tall, is in Paris."
 _VOLATILE_CONFIG = frozenset({"_name_or_path", "transformers_version", "_commit_hash", "name_or_path"})
-_SAMPLE_PROMPTS = (
-    "The", "In", "A", "It", "This", "He", "She", "They", "When", "After", "One", "On",
-    "During", "His", "Her", "Although", "However", "There", "As", "For", "At", "By", "We", "If",
-)
-_WIKITEXT_MARKERS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
-_SPACE_BEFORE = re.compile(r" ([,.;:!?)\]]|'s\b|n't\b)")
-_SPACE_AFTER = re.compile(r"([(\[]) ")
-CorpusKind = Literal["auto", "wikitext2", "file", "hub", "texts", "model"]
-
-
-@dataclass(frozen=True)
-class CorpusSpec:
-    """Where the texts for key statistics come from.
-
-    Attributes:
-        kind: ``"wikitext2"`` (the shared raw WikiText-2 valid+test files), ``"file"`` (a
-            .txt/.json/.jsonl file at ``path``), ``"hub"`` (``datasets.load_dataset(name, config,
-            split)``), ``"texts"`` (the ``texts`` given), ``"model"`` (texts sampled from the model
-            itself), or ``"auto"``: WikiText-2 when found, else model samples with a warning.
-        path: the file for ``kind="file"``. A .txt file gives one text per non-blank line
-            (WikiText headings skipped, its markers undone); .json a list of strings or of records;
-            .jsonl one string or record per line. Records are read at ``field``.
-        name: hub dataset name for ``kind="hub"``.
-        config: hub dataset config (``None`` for the default).
-        split: hub dataset split.
-        field: text field of records (hub rows, json records).
-        texts: the texts for ``kind="texts"``.
-        shuffle: shuffle the texts (seeded) before streaming, so a token budget spans the corpus.
-        seed: seed of the shuffle and of model sampling.
-        sample_prompts: prompts that start model-sampled texts.
-        samples_per_prompt: sampled texts per prompt.
-        sample_tokens: new tokens per sampled text.
-        sample_top_k: top-k of the sampling.
-    """
-
-    kind: CorpusKind = "auto"
-    path: str | None = None
-    name: str | None = None
-    config: str | None = None
-    split: str = "train"
-    field: str = "text"
-    texts: tuple[str, ...] = ()
-    shuffle: bool = True
-    seed: int = 0
-    sample_prompts: tuple[str, ...] = _SAMPLE_PROMPTS
-    samples_per_prompt: int = 2
-    sample_tokens: int = 128
-    sample_top_k: int = 40
-
-    def __post_init__(self) -> None:
-        required = {"file": self.path, "hub": self.name, "texts": self.texts, "model": self.sample_prompts}
-        if self.kind not in ("auto", "wikitext2", *required):
-            raise ValueError(f"expected a corpus kind in {CorpusKind.__args__}, got {self.kind!r}")
-        if self.kind in required and not required[self.kind]:
-            what = {"file": "path", "hub": "name", "texts": "texts", "model": "sample_prompts"}[self.kind]
-            raise ValueError(f"CorpusSpec(kind={self.kind!r}) expects a non-empty {what}, got none")
-
-
-def as_corpus(corpus: CorpusSpec | str | os.PathLike | None) -> CorpusSpec:
-    """A :class:`CorpusSpec` from a spec, ``None`` (auto), a file path, ``"wikitext2"``,
-    ``"model"``, ``"auto"``, or a hub dataset ``"name"`` / ``"name:config"``."""
-    if corpus is None or isinstance(corpus, CorpusSpec):
-        return corpus or CorpusSpec()
-    text = os.fspath(corpus)
-    if text in ("auto", "wikitext2", "model"):
-        return CorpusSpec(kind=text)  # type: ignore[arg-type]
-    if isinstance(corpus, os.PathLike) or Path(text).suffix in (".txt", ".json", ".jsonl"):
-        if not Path(text).is_file():
-            raise FileNotFoundError(f"expected an existing .txt/.json/.jsonl corpus file, got {text!r}")
-        return CorpusSpec(kind="file", path=text)
-    name, _, config = text.partition(":")
-    return CorpusSpec(kind="hub", name=name, config=config or None)
-
-
-data_root = default_data_root  # the folder that contains wikitext2/
-
-
-def _wikitext_files() -> list[Path] | None:
-    root = data_root()
-    files = [root / "wikitext2" / f"{s}.txt" for s in ("valid", "test")] if root else []
-    return files if files and all(f.is_file() for f in files) else None
-
-
-def clean_wikitext(line: str) -> str | None:
-    """A natural-text paragraph from one WikiText line, or ``None`` for headings and blank lines.
-
-    Undoes `` @-@ `` / `` @,@ `` / `` @.@ ``, drops ``<unk>``, re-attaches punctuation, and skips
-    lines left with fewer than four words.
-    """
-    text = line.strip()
-    if not text or (text.startswith("= ") and text.endswith(" =")):
-        return None
-    for marker, plain in _WIKITEXT_MARKERS:
-        text = text.replace(marker, plain)
-    text = " ".join(w for w in text.split() if w != "<unk>")
-    text = _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
-    return text if len(text.split()) >= 4 else None
-
-
-def _record_text(record: object, field: str, source: object) -> str:
-    if isinstance(record, str):
-        return record
-    if isinstance(record, dict) and isinstance(record.get(field), str):
-        return record[field]
-    raise ValueError(f"expected strings or records with a string {field!r} in {source}, got {record!r:.80}; "
-                     f"set CorpusSpec(field=...)")
-
-
-def _read_file(path: Path, field: str) -> list[str]:
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
-        texts = [clean_wikitext(line) for line in raw.splitlines()]
-    elif path.suffix == ".jsonl":
-        texts = [_record_text(json.loads(line), field, path) for line in raw.splitlines() if line.strip()]
-    elif path.suffix == ".json":
-        records = json.loads(raw)
-        if not isinstance(records, list):
-            kind = type(records).__name__
-            raise ValueError(f"expected a JSON list of texts or records in {path}, got a {kind}")
-        texts = [_record_text(r, field, path) for r in records]
-    else:
-        raise ValueError(f"expected a .txt, .json or .jsonl corpus file, got {path}")
-    return [t for t in texts if t and t.strip()]
-
-
-@dataclass(frozen=True)
-class _Source:
-    """A resolved corpus: a content digest and a lazy text stream (built only on a cache miss)."""
-
-    digest: str
-    texts: Callable[[], Iterable[str]]
-
-
-def _sha(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        h.update(len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()
-
-
-def _shuffled(texts: list[str], spec: CorpusSpec) -> list[str]:
-    if spec.shuffle:
-        random.Random(spec.seed).shuffle(texts)
-    return texts
-
-
-def _hub_source(spec: CorpusSpec) -> _Source:
-    import datasets  # noqa: PLC0415 (heavy import, only for hub corpora)
-
-    ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
-    fingerprint = str(getattr(ds, "_fingerprint", ""))
-    if spec.shuffle:
-        ds = ds.shuffle(seed=spec.seed)
-    digest = _sha("hub", str(spec.name), str(spec.config), spec.split, spec.field, fingerprint,
-                  str(spec.shuffle), str(spec.seed))
-    return _Source(digest, lambda: (_record_text(row, spec.field, spec.name) for row in ds))
-
-
-def _sample_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, spec: CorpusSpec) -> list[str]:
-    """Texts sampled from the model (top-k), seeded without disturbing the global RNG state."""
-    device = _device(model)
-    texts: list[str] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(spec.seed)
-        for prompt in spec.sample_prompts:
-            ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)  # (1, T)
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=spec.sample_top_k,
-                max_new_tokens=spec.sample_tokens, num_return_sequences=spec.samples_per_prompt,
-                pad_token_id=_pad_id(tok),
-            )  # (samples_per_prompt, T)
-            texts += tok.batch_decode(out, skip_special_tokens=True)
-    return texts
-
-
-def _resolve(
-    spec: CorpusSpec, model: PreTrainedModel, tok: PreTrainedTokenizerBase, hasher: _WeightHasher
-) -> _Source:
-    """The corpus digest and lazy texts of ``spec`` (``auto``: WikiText-2, else model samples)."""
-    files = _wikitext_files() if spec.kind in ("auto", "wikitext2") else None
-    if spec.kind == "wikitext2" and files is None:
-        raise FileNotFoundError("expected WikiText-2 at $KELIGHT_DATA/wikitext2/{valid,test}.txt or "
-                                "../shared/data/wikitext2; set KELIGHT_DATA or pass a corpus file")
-    order = ("shuffle", str(spec.shuffle), str(spec.seed))
-    if files:
-        digest = _sha("wikitext2", _FORMAT, *(f.read_bytes() for f in files), *order)
-        return _Source(digest, lambda: _shuffled([t for f in files for t in _read_file(f, spec.field)], spec))
-    if spec.kind == "file":
-        path = Path(spec.path)  # type: ignore[arg-type]
-        digest = _sha("file", _FORMAT, path.suffix, spec.field, path.read_bytes(), *order)
-        return _Source(digest, lambda: _shuffled(_read_file(path, spec.field), spec))
-    if spec.kind == "texts":
-        return _Source(_sha("texts", *spec.texts, *order), lambda: _shuffled(list(spec.texts), spec))
-    if spec.kind == "hub":
-        return _hub_source(spec)
-    if spec.kind == "auto":
-        log.warning("no corpus given and WikiText-2 not found (set KELIGHT_DATA); sampling %d texts from the "
-                    "model itself for key statistics", len(spec.sample_prompts) * spec.samples_per_prompt)
-    digest = _sha("model", repr(spec), hasher.full())
-    return _Source(digest, lambda: _shuffled(_sample_texts(model, tok, spec), spec))
 
 
 class _WeightHasher:
@@ -276,14 +81,14 @@ class _WeightHasher:
         self.adapter = adapter
         self.state = model.state_dict()  # ordered; embeddings precede the blocks in every family
         config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG}
-        self.config = _sha(json.dumps(config, sort_keys=True, default=str))
+        self.config = content_digest(json.dumps(config, sort_keys=True, default=str))
         self.digests: dict[str, str] = {}
 
     def _tensor(self, name: str) -> str:
         if name not in self.digests:
             t = self.state[name]
-            head = _sha(name, str(t.dtype), str(tuple(t.shape)))
-            self.digests[name] = _sha(head, _tensor_sha(t.detach().reshape(-1).view(torch.uint8)))
+            head = content_digest(name, str(t.dtype), str(tuple(t.shape)))
+            self.digests[name] = content_digest(head, _tensor_sha(t.detach().reshape(-1).view(torch.uint8)))
         return self.digests[name]
 
     def _influences(self, name: str, layer: int) -> bool:
@@ -305,11 +110,11 @@ class _WeightHasher:
                 break  # final norm, LM head: after the blocks
             if self._influences(name, layer):
                 names.append(name)
-        return _sha(self.config, *(self._tensor(n) for n in names))
+        return content_digest(self.config, *(self._tensor(n) for n in names))
 
     def full(self) -> str:
         """Digest of the config and all weights (model-sampled corpora depend on all of them)."""
-        return _sha(self.config, *(self._tensor(n) for n in self.state))
+        return content_digest(self.config, *(self._tensor(n) for n in self.state))
 
 
 def _tokenizer_digest(tok: PreTrainedTokenizerBase) -> str:
@@ -321,15 +126,7 @@ def _tokenizer_digest(tok: PreTrainedTokenizerBase) -> str:
     else:
         definition = json.dumps(sorted(tok.get_vocab().items()))
     probe = tok(_TOKENIZER_PROBE, add_special_tokens=True)["input_ids"]
-    return _sha(type(tok).__name__, definition, json.dumps(list(probe)))
-
-
-def _device(model: PreTrainedModel) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_id(tok: PreTrainedTokenizerBase) -> int:
-    return next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+    return content_digest(type(tok).__name__, definition, json.dumps(list(probe)))
 
 
 def _sequences(
@@ -368,7 +165,7 @@ def _accumulate(
     seqs = _sequences(tok, texts, opts.max_length, opts.n_tokens)
     bar = tqdm(total=opts.n_tokens, unit="tok", desc=f"key moments {list(paths)}", disable=not opts.progress)
     with bar:
-        for ids, mask in _batches(seqs, opts.batch_size, _pad_id(tok), _device(model)):
+        for ids, mask in _batches(seqs, opts.batch_size, pad_token_id(tok), model_device(model)):
             real = mask.reshape(-1).bool()  # (B*T,) non-pad positions
             with torch.no_grad(), trace(model, list(paths.values()), inputs=True, stop=True) as rec:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -401,11 +198,11 @@ def _key_fields(hasher: _WeightHasher, layer: int, corpus: str, tokenizer: str, 
     str, str
 ]:
     fields = {
-        "format": _FORMAT, "family": hasher.adapter.family, "layer": str(layer), "weights": hasher.layer(layer),
+        "format": FORMAT, "family": hasher.adapter.family, "layer": str(layer), "weights": hasher.layer(layer),
         "corpus": corpus, "tokenizer": tokenizer, "n_tokens": str(opts.n_tokens),
         "max_length": str(opts.max_length), "dtype": str(opts.dtype).removeprefix("torch."),
     }
-    return {**fields, "key": _sha(*(f"{k}={v}" for k, v in fields.items()))}
+    return {**fields, "key": content_digest(*(f"{k}={v}" for k, v in fields.items()))}
 
 
 def _cache_path(fields: dict[str, str]) -> Path:
@@ -456,7 +253,7 @@ def _key_dim(model: PreTrainedModel, adapter: ArchAdapter, layer: int) -> int:
 
 
 def _compute(model: PreTrainedModel, tok: PreTrainedTokenizerBase, adapter: ArchAdapter, layers: list[int],
-             source: _Source, opts: _Options) -> tuple[dict[int, torch.Tensor], int]:
+             source: Source, opts: _Options) -> tuple[dict[int, torch.Tensor], int]:
     """E[k kᵀ] (CPU float32) at ``layers`` in one streamed pass, and the token count."""
     start, was_training = time.perf_counter(), model.training
     model.eval()
@@ -514,7 +311,7 @@ def second_moments(
         adapter.check_layer(model, layer)
     wanted = sorted(set(layers))  # ascending: trace stops after the last (highest) layer
     hasher = _WeightHasher(model, adapter)
-    source = _resolve(as_corpus(corpus), model, tok, hasher)
+    source = resolve_corpus(as_corpus(corpus), model, tok, hasher.full)
     tokenizer = _tokenizer_digest(tok)
     fields = {layer: _key_fields(hasher, layer, source.digest, tokenizer, opts) for layer in wanted}
     dims = {layer: _key_dim(model, adapter, layer) for layer in wanted}
@@ -528,7 +325,7 @@ def second_moments(
             if cache:
                 _save(_cache_path(fields[layer]), computed[layer], fields[layer], count)
             found[layer] = computed[layer]
-    return {layer: found[layer].to(_device(model)) for layer in layers}
+    return {layer: found[layer].to(model_device(model)) for layer in layers}
 
 
 def second_moment(

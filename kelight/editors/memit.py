@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
-from kelight.editors.covariance import CorpusSpec
+from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import mean_keys
 from kelight.editors.rome import EditInfo
 from kelight.editors.update import UndoLog, least_squares_update

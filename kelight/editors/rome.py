@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
-from kelight.editors.covariance import CorpusSpec
+from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import templated_keys
 from kelight.editors.update import UndoLog, rank_one_update
 from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from kelight.editors.covariance import CorpusSpec, as_corpus, clean_wikitext, second_moment, second_moments
+from kelight.editors.corpus import CorpusSpec, as_corpus, clean_wikitext
+from kelight.editors.covariance import second_moment, second_moments
 from kelight.models.adapters import adapter_for
 from kelight.models.tiny import TINY_CONFIGS, byte_tokenizer, tiny_model
 

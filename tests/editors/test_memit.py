@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kelight.editors.covariance import CorpusSpec
+from kelight.editors.corpus import CorpusSpec
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
