@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.analysis.attention import last_token_rows
@@ -36,14 +35,13 @@ DRIFT_TASKS = ("distracted_neighbor", "relation")
 def attention_kl(vanilla: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
     """Σ_l Σ_h KL(vanilla ‖ edited) per prompt, ``(L, P, H, T)`` each -> ``(P,)``.
 
-    Computed by SADR's own KL (:func:`kelight.objectives.sadr.sadr_loss`, same ε) with every head
-    selected: an extra key column where ``vanilla`` is 0 and ``edited`` is 1 makes every head pass
-    SADR's test (1 > max_h vanilla) and adds ``0 · log(ε / (1 + ε)) = 0`` to each KL.
+    Computed by SADR's own KL (:func:`kelight.objectives.sadr.sadr_loss`, same ε) over every head
+    (``selective=False``), one prompt at a time (the loss averages over the prompts it is given).
     """
-    v = F.pad(vanilla, (0, 1), value=0.0)  # (L, P, H, T + 1)
-    e = F.pad(edited, (0, 1), value=1.0)  # (L, P, H, T + 1)
-    sentinel = torch.tensor([vanilla.shape[-1]], device=vanilla.device)  # (1,) the extra column
-    return torch.stack([sadr_loss(v[:, i : i + 1], e[:, i : i + 1], sentinel)[0] for i in range(v.shape[1])])
+    column = torch.zeros(1, dtype=torch.long, device=vanilla.device)  # unused: every head is kept
+    n_prompts = vanilla.shape[1]
+    return torch.stack([sadr_loss(vanilla[:, i : i + 1], edited[:, i : i + 1], column, selective=False)[0]
+                        for i in range(n_prompts)])
 
 
 def drift_factors(vanilla: torch.Tensor, edited: torch.Tensor, subject_pos: torch.Tensor) -> dict[str, torch.Tensor]:
