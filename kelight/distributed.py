@@ -1,12 +1,12 @@
 """Several processes (``--trainer.devices N --trainer.strategy ddp``): cases are sharded, metrics exact.
 
 An edit run has no gradient to all-reduce: every process edits its own shard of the cases (z and
-its optimiser live inside the editor, the model weights are frozen), and processes meet only at
+its optimiser live inside the editor, the model weights are frozen); besides Lightning's per-step
+bookkeeping, processes meet only at
 the end of the epoch, where the metric states are summed and the case rows gathered. So
 :class:`EditDDPStrategy` is Lightning's DDP (process launch, process group, collectives) without
-the ``DistributedDataParallel`` wrapper: that wrapper refuses a module with no trainable parameter,
-and its per-step buffer broadcast would hang shards of unequal length (5 cases over 2 processes
-are 3 + 2 steps). ``kelight fit/validate --trainer.strategy ddp`` selects it.
+the ``DistributedDataParallel`` wrapper, which refuses a module with no trainable parameter.
+``kelight fit/validate --trainer.strategy ddp`` selects it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ T = TypeVar("T")
 class EditDDPStrategy(DDPStrategy):
     """Lightning's ``ddp`` for edit runs: one process per device, no gradient synchronisation.
 
-    Each process edits and evaluates its own cases (``UnrepeatedDistributedSampler``: every case
-    exactly once, shards may differ by one); :class:`~kelight.module.EditModule` sums the metric
-    states and gathers the case rows at the end. Not for methods that train shared parameters on
+    Each process edits and evaluates its own cases, every case exactly once (training:
+    :class:`~kelight.data.datamodule.PaddedShardSampler`, shorter shards padded with an empty slot so
+    all processes run the same number of steps; evaluation: ``UnrepeatedDistributedSampler``, shards
+    may differ by one); :class:`~kelight.module.EditModule` sums the metric states and gathers the
+    case rows at the end. Not for methods that train shared parameters on
     gradients of several processes' cases (they need the ``DistributedDataParallel`` wrapper).
 
     Example:
