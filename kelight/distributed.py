@@ -2,8 +2,8 @@
 
 An edit run has no gradient to all-reduce: every process edits its own shard of the cases (z and
 its optimiser live inside the editor, the model weights are frozen); besides Lightning's per-step
-bookkeeping, processes meet only at
-the end of the epoch, where the metric states are summed and the case rows gathered. So
+bookkeeping, processes meet only at the end of the epoch, where the metric states are summed and
+the case rows gathered. So
 :class:`EditDDPStrategy` is Lightning's DDP (process launch, process group, collectives) without
 the ``DistributedDataParallel`` wrapper, which refuses a module with no trainable parameter.
 ``kelight fit/validate --trainer.strategy ddp`` selects it.
