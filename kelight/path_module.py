@@ -62,6 +62,8 @@ class PathEdit(EditModule):
         lr: Adam learning rate of the path deltas (PAC: 1e-5).
         epochs: passes over the edit set (``batch``) or steps per edit (other regimes) (PAC: 12).
         sadr_gamma: γ of the SADR attention-drift term on the NLL forward (0 = off); layers ≥ 1.
+        layer_weighting: exponent of the layer-aware weighting of the critical path (0 = PAC's
+            uniform; 1 = each layer's step ∝ its paths' mean impact score).
         regime: ``batch`` (default, PAC), ``consecutive``/``sequential`` or ``single``.
         **kwargs: :class:`~kelight.module.EditModule` arguments.
     """
@@ -75,6 +77,7 @@ class PathEdit(EditModule):
         lr: float = 1e-5,
         epochs: int = 12,
         sadr_gamma: float = 0.0,
+        layer_weighting: float = 0.0,
         regime: PathRegime = "batch",
         **kwargs,
     ) -> None:
@@ -82,7 +85,8 @@ class PathEdit(EditModule):
         self.save_hyperparameters()
         self.hparams.regime = "sequential" if regime == "consecutive" else regime
         self.path_hparams = PathHParams(path_size=path_size, neg_path_size=neg_path_size, eta=eta,
-                                        contrastive_lambda=contrastive_lambda, lr=lr, epochs=epochs)
+                                        contrastive_lambda=contrastive_lambda, lr=lr, epochs=epochs,
+                                        layer_weighting=layer_weighting)
         if not sadr_gamma >= 0:  # NaN included
             raise ValueError(f"expected sadr_gamma ≥ 0, got {sadr_gamma}")
         self.automatic_optimization = self.hparams.regime == "batch"

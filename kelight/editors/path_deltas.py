@@ -6,6 +6,7 @@ output matrix (``down_proj``, ``fc_out``, ``c_proj``, ``dense_4h_to_h``), both i
 ``(d_out, d_in)``; the adapter declares GPT-2's transposed ``Conv1D``. A gated MLP's gate stays
 frozen. :class:`PathDeltas` holds, per layer, one ``(n, d_model)`` delta per selected key and per
 selected value, for the critical path T+ (``path_size``) and the negative path τ− (``neg_path_size``).
+An optional per-layer weight ``w_l`` scales layer ``l``'s T+ deltas (:func:`layer_weights`; all 1 = PAC).
 
 While :meth:`PathDeltas.attached`, forward hooks make every FFN compute as if its weights held the
 deltas: ``up(x)[..., j] += x · Δk_j`` and ``down(h) += Σ_j h_j Δv_j``. The model's weights are not
@@ -56,6 +57,28 @@ class PathSelection:
         return scores.gather(1, pos.to(scores.device))
 
 
+def layer_weights(ranked: torch.Tensor, power: float) -> torch.Tensor:
+    """Layer-aware weights of the critical path: ``w_l = s_l^p / mean_l(s_l^p)``.
+
+    ``s_l`` is the mean impact score of layer ``l``'s critical-path nodes, so layers whose paths
+    matter more (PAC Figure 4: the middle layers) get larger weights, and the weights average 1
+    (the same total step as uniform weighting). PAC's §6.2.1 suggests this re-weighting as future
+    work; ``p = 0`` is PAC's uniform optimisation.
+
+    Args:
+        ranked: ``(L, path_size)`` scores of the critical-path nodes (:meth:`PathSelection.ranked`).
+        power: the exponent ``p ≥ 0``.
+
+    Returns:
+        ``(L,)`` float32 weights; all ones when ``p = 0`` or every score is 0 (nothing to rank by).
+    """
+    s = ranked.float().mean(dim=1)  # (L,)
+    if power == 0 or not bool((s > 0).any()):
+        return torch.ones_like(s)
+    w = s.clamp_min(0).pow(power)  # (L,)
+    return w / w.mean()
+
+
 class PathDeltas(nn.Module):
     """Trainable deltas of the critical and negative paths of every layer (float32).
 
@@ -77,13 +100,19 @@ class PathDeltas(nn.Module):
                                         nn.Parameter(torch.zeros(n_layers, n, d_model, device=device)))  # (L, n, D)
                 self.register_buffer(f"{kind}_{part}_idx", torch.zeros(n_layers, n, dtype=torch.long, device=device),
                                      persistent=False)  # (L, n)
+            self.register_buffer(f"{kind}_weight", torch.ones(n_layers, device=device), persistent=False)  # (L,)
         self.part: Part = "all"
         self.selected = False  # True while the deltas hold a selection's change that is not folded yet
 
     @torch.no_grad()
-    def select(self, selection: PathSelection) -> None:
-        """Point the deltas at ``selection``'s neurons and zero them (fold first to keep a change)."""
+    def select(self, selection: PathSelection, layer_power: float = 0.0) -> None:
+        """Point the deltas at ``selection``'s neurons and zero them (fold first to keep a change).
+
+        ``layer_power`` > 0 weights each layer's T+ deltas by :func:`layer_weights` of the
+        selection's scores (keys and values separately); 0 keeps every weight at 1.
+        """
         for kind in KINDS:
+            getattr(self, f"{kind}_weight").copy_(layer_weights(selection.ranked(kind), layer_power))
             for part in ("pos", "neg"):
                 getattr(self, f"{kind}_{part}_idx").copy_(getattr(selection, f"{kind}_{part}"))
                 getattr(self, f"{kind}_{part}").zero_()
@@ -99,12 +128,13 @@ class PathDeltas(nn.Module):
             self.part = before
 
     def delta(self, kind: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices ``(n,)`` and deltas ``(n, D)`` of ``kind`` at ``layer``, T+ rows then τ− rows."""
+        """Indices ``(n,)`` and deltas ``(n, D)`` of ``kind`` at ``layer``, T+ rows (× the layer weight) then τ− rows."""
         pos, neg = getattr(self, f"{kind}_pos")[layer], getattr(self, f"{kind}_neg")[layer]  # (P, D), (N, D)
         if self.part == "neg":
             pos = pos.detach()
         elif self.part == "pos":
             neg = neg.detach()
+        pos = pos * getattr(self, f"{kind}_weight")[layer]
         idx = torch.cat([getattr(self, f"{kind}_pos_idx")[layer], getattr(self, f"{kind}_neg_idx")[layer]])
         return idx, torch.cat([pos, neg])
 

@@ -57,6 +57,10 @@ class PathHParams:
         contrastive_lambda: λ of the contrastive term (0 = off).
         lr: Adam learning rate of the path deltas.
         epochs: passes over the edit set (per :meth:`PathEditor.apply` call: optimisation steps).
+        layer_weighting: exponent ``p`` of the layer-aware weighting of T+
+            (:func:`~kelight.editors.path_deltas.layer_weights`): each layer's deltas are scaled by
+            its paths' mean impact score to the power ``p``, normalised to mean 1. Under Adam this
+            scales the layer's step, so high-impact (middle) layers move more. 0 = PAC (uniform).
     """
 
     path_size: int = 15
@@ -65,13 +69,14 @@ class PathHParams:
     contrastive_lambda: float = 0.1
     lr: float = 1e-5
     epochs: int = 12
+    layer_weighting: float = 0.0
 
     def __post_init__(self) -> None:
         for name, low in (("path_size", 1), ("neg_path_size", 0), ("eta", 1), ("epochs", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise EditInputError(f"expected {name} to be an integer ≥ {low}, got {value!r}")
-        for name, positive in (("lr", True), ("contrastive_lambda", False)):
+        for name, positive in (("lr", True), ("contrastive_lambda", False), ("layer_weighting", False)):
             value = getattr(self, name)
             ok = isinstance(value, int | float) and math.isfinite(value) and (value > 0 if positive else value >= 0)
             if not ok:
@@ -237,7 +242,7 @@ class PathEditor:
         adapter, deltas = self._ready()
         deltas.fold_into(model, adapter, logs)
         selection = trace_paths(model, adapter, batches, self.hp.path_size, self.hp.neg_path_size)
-        deltas.select(selection)
+        deltas.select(selection, self.hp.layer_weighting)
         if optimizer is not None:
             optimizer.state.clear()  # moments of the previous neurons must not move the new ones
         if first:

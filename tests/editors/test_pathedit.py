@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kelight.editors.path_deltas import PathDeltas, PathSelection
+from kelight.editors.path_deltas import PathDeltas, PathSelection, layer_weights
 from kelight.editors.pathedit import (
     PathEditor,
     PathHParams,
@@ -255,6 +255,7 @@ def test_sadr_composes():
     ({"epochs": 1.5}, "epochs"),
     ({"lr": 0.0}, "lr to be a finite positive"),
     ({"contrastive_lambda": float("nan")}, "contrastive_lambda"),
+    ({"layer_weighting": -1.0}, "layer_weighting to be a finite non-negative"),
 ])
 def test_bad_hparams(kwargs, match):
     with pytest.raises(EditInputError, match=match):
@@ -294,3 +295,43 @@ def test_path_selection_ranked():
     deltas.select(selection)
     idx, delta = deltas.delta("value", 0)
     assert idx.tolist() == [1, 2, 0] and delta.shape == (3, 3)
+
+
+def test_layer_weights_match_hand_computation():
+    ranked = torch.tensor([[3.0, 1.0], [1.0, 1.0], [0.0, 0.0]])  # layer means 2, 1, 0
+    torch.testing.assert_close(layer_weights(ranked, 0.0), torch.ones(3))
+    torch.testing.assert_close(layer_weights(ranked, 1.0), torch.tensor([2.0, 1.0, 0.0]))  # mean 1
+    torch.testing.assert_close(layer_weights(ranked, 2.0), torch.tensor([4.0, 1.0, 0.0]) * 3 / 5)
+    torch.testing.assert_close(layer_weights(torch.zeros(2, 3), 1.0), torch.ones(2))  # nothing to rank by
+
+
+def test_layer_weighting_scales_each_layers_critical_path_only(tiny):
+    """With p > 0 the hooks and the fold both add w_l·Δ on T+ and Δ on τ−; p = 0 is PAC exactly."""
+    model, tok = tiny
+    adapter = adapter_for(model)
+    batch = build_path_batch(tok, REQS, "cpu")
+    selection = trace_paths(model, adapter, [batch], 3, 1)
+    outs = {}
+    for power in (0.0, 1.0):
+        editor = PathEditor(PathHParams(path_size=3, neg_path_size=1, layer_weighting=power))
+        editor.setup(model, tok)
+        editor.deltas.select(selection, power)
+        with torch.no_grad():
+            for p in editor.deltas.parameters():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        for kind in ("key", "value"):
+            w = layer_weights(selection.ranked(kind), power)
+            for layer in range(adapter.n_layers(model)):
+                _, delta = editor.deltas.delta(kind, layer)
+                raw_pos, raw_neg = getattr(editor.deltas, f"{kind}_pos")[layer], getattr(editor.deltas, f"{kind}_neg")[layer]
+                torch.testing.assert_close(delta, torch.cat([raw_pos * w[layer], raw_neg]), rtol=0, atol=0)
+        with torch.no_grad(), editor.deltas.attached(model, adapter):
+            outs[power] = final_hidden(model, batch.input_ids, batch.attention_mask)
+        undo = UndoLog()
+        editor.deltas.fold_into(model, adapter, (undo,))
+        with torch.no_grad():
+            dense = final_hidden(model, batch.input_ids, batch.attention_mask)
+        undo.restore()
+        torch.testing.assert_close(outs[power], dense, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(outs[0.0], outs[1.0])
+    assert not torch.equal(layer_weights(selection.ranked("value"), 1.0), torch.ones(adapter.n_layers(model)))
