@@ -105,14 +105,14 @@ class PathDeltas(nn.Module):
         self.selected = False  # True while the deltas hold a selection's change that is not folded yet
 
     @torch.no_grad()
-    def select(self, selection: PathSelection, layer_power: float = 0.0) -> None:
+    def select(self, selection: PathSelection, layer_weighting: float = 0.0) -> None:
         """Point the deltas at ``selection``'s neurons and zero them (fold first to keep a change).
 
-        ``layer_power`` > 0 weights each layer's T+ deltas by :func:`layer_weights` of the
+        ``layer_weighting`` > 0 weights each layer's T+ deltas by :func:`layer_weights` of the
         selection's scores (keys and values separately); 0 keeps every weight at 1.
         """
         for kind in KINDS:
-            getattr(self, f"{kind}_weight").copy_(layer_weights(selection.ranked(kind), layer_power))
+            getattr(self, f"{kind}_weight").copy_(layer_weights(selection.ranked(kind), layer_weighting))
             for part in ("pos", "neg"):
                 getattr(self, f"{kind}_{part}_idx").copy_(getattr(selection, f"{kind}_{part}"))
                 getattr(self, f"{kind}_{part}").zero_()
