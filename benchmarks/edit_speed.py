@@ -9,7 +9,10 @@ case by case so that machine noise hits every arm alike. Arms:
 * ``rome_recompute`` / ``rome``: ROME with the blocks below the edit layer recomputed at every
   step / replayed from step 0 (:attr:`kelight.editors.zopt.ZConfig.reuse_prefix`);
 * ``rome_sadr_eager`` / ``rome_sadr``: ROME + SADR with eager ``T × T`` attention weights / with
-  only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``.
+  only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``;
+* with ``--z-batch N``: ``rome_zbatch`` / ``rome_sadr_zbatch``, the z of N independent requests
+  optimised together (:func:`kelight.editors.zopt.optimise_zs`), then each ΔW; ``floor_zbatch``,
+  the plain forward + backward of those N requests' merged batch. Seconds are per request.
 
 Model shapes: a real model (``smollm2-135m``, ``gemma3-270m``, a hub id) or a random-weight model
 of a real shape (``shape:llama3-8b``, ``shape:gptj-6b``; byte tokenizer, C = I), e.g. in bf16 on
@@ -32,7 +35,7 @@ from pathlib import Path
 import torch
 
 from kelight.data import load_records, parse_record
-from kelight.editors.context import build_rewrite_batch
+from kelight.editors.context import build_rewrite_batch, merge_rewrite_batches
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
@@ -81,7 +84,7 @@ def floor_step(model, batch) -> None:
 
 
 def arms(args, model, tok) -> dict[str, Callable]:
-    """Name -> function(request) running one timed unit of work."""
+    """Name -> function(requests) running the timed work of a group of requests."""
     z = ZConfig(steps=args.steps, early_stop_loss=0.0)
     mom2 = not args.model.startswith("shape:")
     common = dict(context_templates=((5, 10), (10, 10)), mom2_adjustment=mom2)
@@ -94,18 +97,46 @@ def arms(args, model, tok) -> dict[str, Callable]:
     for name, editor in (("rome_recompute", rome_recompute), ("rome", rome), ("rome_sadr_eager", rome_sadr_eager),
                          ("rome_sadr", rome_sadr)):
         editor.setup(model, tok)
-        out[name] = lambda r, e=editor: e.compute(model, tok, r)
+        out[name] = lambda rs, e=editor: [e.compute(model, tok, r) for r in rs]
     device = next(model.parameters()).device
     templates = rome.templates
-    out = {"floor": lambda r: [floor_step(model, build_rewrite_batch(tok, r, templates, device))
-                               for _ in range(args.steps)], **out}
+
+    def floor(rs) -> None:
+        for r in rs:
+            batch = build_rewrite_batch(tok, r, templates, device)
+            for _ in range(args.steps):
+                floor_step(model, batch)
+
+    out = {"floor": floor, **out}
+    if args.z_batch > 1:
+        out.update(_zbatch_arms(args, model, tok, replace(z, z_batch=args.z_batch), common, templates))
     if mom2:  # MEMIT/PMET need C for their solve; shapes time ROME's family only
         for name, pmet in (("memit", False), ("pmet", True)):
             layers = tuple(range(max(args.layer - 2, 0), args.layer + 3))
             editor = MemitEditor(MemitHParams(layers=layers, z=z, mom2_update_weight=1400.0, pmet=pmet,
                                               mom2_n_tokens=args.mom2_tokens))
             editor.setup(model, tok)
-            out[name] = lambda r, e=editor: _memit_once(model, tok, e, r)
+            out[name] = lambda rs, e=editor: [_memit_once(model, tok, e, r) for r in rs]
+    return out
+
+
+def _zbatch_arms(args, model, tok, z: ZConfig, common: dict, templates: list[str]) -> dict[str, Callable]:
+    """ROME and ROME+SADR with the z of a group optimised together, and that group's plain floor."""
+    out: dict[str, Callable] = {}
+    for name, extra in (("rome_zbatch", ()), ("rome_sadr_zbatch", (SADR(args.gamma, args.layer + 1),))):
+        editor = RomeEditor(RomeHParams(layer=args.layer, z=z, **common), extra)
+        editor.setup(model, tok)
+        out[name] = lambda rs, e=editor: [e.compute(model, tok, r, zr) for r, zr in
+                                         zip(rs, e.compute_zs(model, tok, rs), strict=True)]
+    device = next(model.parameters()).device
+
+    def floor_zbatch(rs) -> None:
+        parts = [build_rewrite_batch(tok, r, templates, device) for r in rs]
+        batch = merge_rewrite_batches(parts, tok.pad_token_id or 0) if len(parts) > 1 else parts[0]
+        for _ in range(args.steps):
+            floor_step(model, batch)
+
+    out["floor_zbatch"] = floor_zbatch
     return out
 
 
@@ -117,16 +148,17 @@ def _memit_once(model, tok, editor: MemitEditor, request) -> None:
         undo.restore()
 
 
-def time_arms(arms_: dict[str, Callable], warmup, requests, device: torch.device) -> dict[str, float]:
-    """Mean seconds per request of each arm, arms interleaved request by request (after a warm-up)."""
+def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: torch.device) -> dict[str, float]:
+    """Mean seconds per request of each arm, arms interleaved group by group (after a warm-up group)."""
     for fn in arms_.values():
         fn(warmup)
     totals = dict.fromkeys(arms_, 0.0)
-    for request in requests:
+    for start in range(0, len(requests), group):
+        rs = requests[start : start + group]
         for name, fn in arms_.items():
             _sync(device)
             t0 = time.perf_counter()
-            fn(request)
+            fn(rs)
             _sync(device)
             totals[name] += time.perf_counter() - t0
     return {name: total / len(requests) for name, total in totals.items()}
@@ -176,15 +208,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gamma", type=float, default=0.08)
     parser.add_argument("--mom2-tokens", type=int, default=100_000)
+    parser.add_argument("--z-batch", type=int, default=1, help="also time z of N requests optimised together")
     parser.add_argument("--data", default=str(default_data_root() / "counterfact_mix" / "dev.json"))
     parser.add_argument("--out", default="benchmarks/results/edit_speed.json")
     args = parser.parse_args()
     model, tok = load_model(args.model, args.dtype, args.device)
     device = next(model.parameters()).device
-    records = load_records(args.data).select(range(max(args.cases + 1, 8)))
+    group = max(args.z_batch, 1)
+    records = load_records(args.data).select(range(max(args.cases + group, 8)))
     cases = [parse_record(r, i) for i, r in enumerate(records)]
-    requests = [c.request for c in cases[1 : args.cases + 1]]  # case 0 only warms up
-    seconds = time_arms(arms(args, model, tok), cases[0].request, requests, device)
+    requests = [c.request for c in cases[group : args.cases + group]]  # the first group only warms up
+    warmup = [c.request for c in cases[:group]]
+    seconds = time_arms(arms(args, model, tok), warmup, requests, group, device)
     per_step = {k: v / args.steps for k, v in seconds.items()}
     result = {
         "model": args.model, "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
@@ -197,6 +232,14 @@ def main() -> None:
             "row_kernel_speedup": seconds["rome_sadr_eager"] / seconds["rome_sadr"],
         },
     }
+    if group > 1:
+        result["z_batch"] = group
+        result["ratios"].update({
+            "zbatch_speedup_rome": seconds["rome"] / seconds["rome_zbatch"],
+            "zbatch_speedup_rome_sadr": seconds["rome_sadr"] / seconds["rome_sadr_zbatch"],
+            "rome_zbatch_over_floor_zbatch": seconds["rome_zbatch"] / seconds["floor_zbatch"],
+            "sadr_overhead_zbatch": seconds["rome_sadr_zbatch"] / seconds["rome_zbatch"] - 1.0,
+        })
     if not args.model.startswith("shape:"):
         result["scoring"] = scoring_paths(model, tok, cases[:8], device)
         result["eval_cases_per_second"] = {

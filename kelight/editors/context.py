@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.tokens import pad_batch, subject_last_index, target_ids
-from kelight.types import EditRequest
+from kelight.types import EditInputError, EditRequest
 
 _SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -62,6 +62,9 @@ class RewriteBatch:
         query_pos: ``(P,)`` column that predicts the first target token of each rewriting prompt.
         essence_pos: ``(n_essence,)`` last-token column of each essence prompt.
         n_rewrite: ``P``.
+        n_requests: ``R``, independent requests merged by :func:`merge_rewrite_batches` (rows:
+            every request's ``P / R`` rewriting prompts in turn, then their essence prompts in
+            turn); 1 for one request or for one joint objective over all rows (PathEdit).
     """
 
     input_ids: torch.Tensor
@@ -73,10 +76,25 @@ class RewriteBatch:
     query_pos: torch.Tensor
     essence_pos: torch.Tensor
     n_rewrite: int
+    n_requests: int = 1
 
     @property
     def rows(self) -> torch.Tensor:
         return torch.arange(self.input_ids.shape[0], device=self.input_ids.device)
+
+    @property
+    def request_of_row(self) -> torch.Tensor:
+        """``(B,)`` the request each row belongs to (``0..n_requests-1``)."""
+        n_ess = self.input_ids.shape[0] - self.n_rewrite
+        per_request = torch.arange(self.n_requests, device=self.input_ids.device)
+        return torch.cat([per_request.repeat_interleave(self.n_rewrite // self.n_requests),
+                          per_request.repeat_interleave(n_ess // self.n_requests)])
+
+    @property
+    def first_rows(self) -> torch.Tensor:
+        """``(R,)`` each request's first rewriting row (its plain prompt when templates start with "{}")."""
+        step = self.n_rewrite // self.n_requests
+        return torch.arange(self.n_requests, device=self.input_ids.device) * step
 
 
 def build_rewrite_batch(
@@ -112,4 +130,56 @@ def build_rewrite_batch(
     return RewriteBatch(
         input_ids, mask, as_tensor(subj), as_tensor(rows), as_tensor(cols), as_tensor(tids),
         as_tensor(query), as_tensor(essence), len(templates),
+    )
+
+
+def merge_rewrite_batches(
+    batches: Sequence[RewriteBatch], pad_id: int, independent: bool = True
+) -> RewriteBatch:
+    """One padded batch holding the rows of several single-request batches.
+
+    Rows: every batch's rewriting prompts in turn, then every batch's essence prompts in turn.
+
+    Args:
+        batches: one :class:`RewriteBatch` per request, each built with the same templates.
+        pad_id: padding token id.
+        independent: the requests keep separate objectives (``n_requests = len(batches)``: z
+            optimised together for independent edits); ``False`` merges them into one joint
+            objective over all rows (``n_requests = 1``, PathEdit's batch).
+
+    Raises:
+        EditInputError: if ``batches`` is empty or, when independent, their prompt counts differ.
+    """
+    if not batches:
+        raise EditInputError("expected at least one rewrite batch to merge, got none")
+    if any(b.n_requests != 1 for b in batches):
+        raise EditInputError("expected single-request batches to merge; merge each request's batch once")
+    n_ess = [b.input_ids.shape[0] - b.n_rewrite for b in batches]
+    if independent and (len({b.n_rewrite for b in batches}) > 1 or len(set(n_ess)) > 1):
+        raise EditInputError(
+            f"expected every request to have the same rewriting/essence prompt counts to optimise them "
+            f"together, got {sorted({(b.n_rewrite, e) for b, e in zip(batches, n_ess, strict=True)})}; "
+            "build all batches with the same context and essence templates"
+        )
+    device = batches[0].input_ids.device
+    seqs, subj, rows, cols, tids, query, ess = [], [], [], [], [], [], []
+    offset = 0
+    for b in batches:  # rewriting rows
+        for r in range(b.n_rewrite):
+            seqs.append(b.input_ids[r][b.attention_mask[r].bool()].tolist())
+        subj.append(b.subject_pos[: b.n_rewrite])
+        rows.append(b.target_rows + offset)
+        cols.append(b.target_cols)
+        tids.append(b.target_ids)
+        query.append(b.query_pos)
+        offset += b.n_rewrite
+    for b in batches:  # essence rows
+        for r in range(b.n_rewrite, b.input_ids.shape[0]):
+            seqs.append(b.input_ids[r][b.attention_mask[r].bool()].tolist())
+        subj.append(b.subject_pos[b.n_rewrite :])
+        ess.append(b.essence_pos)
+    input_ids, mask = pad_batch(seqs, pad_id, device)
+    return RewriteBatch(
+        input_ids, mask, torch.cat(subj), torch.cat(rows), torch.cat(cols), torch.cat(tids), torch.cat(query),
+        torch.cat(ess), offset, len(batches) if independent else 1,
     )

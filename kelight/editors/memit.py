@@ -19,7 +19,7 @@ from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import mean_keys
 from kelight.editors.rome import EditInfo
 from kelight.editors.update import UndoLog, least_squares_update
-from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z
+from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_zs
 from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.tokens import pad_batch, subject_last_index
@@ -87,23 +87,33 @@ class MemitEditor:
         self.mom2 = second_moments(model, tok, list(self.hp.layers), corpus=self.hp.mom2_corpus,
                                    n_tokens=self.hp.mom2_n_tokens)
 
-    def _z(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest) -> ZResult:
-        assert self.adapter is not None and self.templates is not None
-        batch = build_rewrite_batch(tok, request, self.templates, next(model.parameters()).device)
+    def compute_zs(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                   requests: Sequence[EditRequest]) -> list[ZResult]:
+        """z of each request on the current weights, ``hp.z.z_batch`` requests per batch."""
+        if self.templates is None or self.adapter is None:
+            raise RuntimeError("call setup(model, tokenizer) before applying edits")
+        device = next(model.parameters()).device
+        batches = [build_rewrite_batch(tok, r, self.templates, device) for r in requests]
         if self.hp.pmet:  # attention and MLP deltas at L; only the MLP one is written
             paths = [self.adapter.path("mlp_out", self.last_layer), self.adapter.path("attn", self.last_layer)]
         else:
             paths = [self.adapter.block_path(self.last_layer)]
-        return optimise_z(model, paths, batch, self.hp.z, self.extra_losses, want_attn=bool(self.extra_losses),
-                          first_edited_block=self.last_layer)
+        return optimise_zs(model, paths, batches, self.hp.z, self.extra_losses, want_attn=bool(self.extra_losses),
+                           first_edited_block=self.last_layer, pad_id=tok.pad_token_id or 0)
 
     def apply(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog,
+        zs: Sequence[ZResult] | None = None,
     ) -> EditInfo:
-        """Edit all ``requests`` jointly (the batch regime; one request = the single regime)."""
+        """Edit all ``requests`` jointly (the batch regime; one request = the single regime).
+
+        ``zs``: their value vectors if already optimised on the current weights (:meth:`compute_zs`).
+        """
         if self.templates is None or self.adapter is None:
             raise RuntimeError("call setup(model, tokenizer) before applying edits")
-        zs = [self._z(model, tok, r) for r in requests]
+        if zs is not None and len(zs) != len(requests):
+            raise ValueError(f"expected one precomputed z per request, got {len(zs)} for {len(requests)} requests")
+        zs = list(zs) if zs is not None else self.compute_zs(model, tok, requests)
         targets = torch.stack([z.v_init[0] + z.delta[0] for z in zs], dim=1).double()  # (D, n)
         for i, layer in enumerate(self.hp.layers):
             keys = self._mean_keys(model, tok, layer, requests)  # (d_in, n)

@@ -128,7 +128,7 @@ class PathDeltas(nn.Module):
             self.part = before
 
     def delta(self, kind: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices ``(n,)`` and deltas ``(n, D)`` of ``kind`` at ``layer``, T+ rows (× the layer weight) then τ− rows."""
+        """Indices ``(n,)`` and deltas ``(n, D)`` of ``kind`` at ``layer``: T+ rows (× layer weight), then τ−."""
         pos, neg = getattr(self, f"{kind}_pos")[layer], getattr(self, f"{kind}_neg")[layer]  # (P, D), (N, D)
         if self.part == "neg":
             pos = pos.detach()

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.context import RewriteBatch, build_rewrite_batch
+from kelight.editors.context import RewriteBatch, build_rewrite_batch, merge_rewrite_batches
 from kelight.editors.path_deltas import MODULE_OF, PathDeltas, PathSelection
 from kelight.editors.rome import EditInfo
 from kelight.editors.update import UndoLog
@@ -42,7 +42,6 @@ from kelight.lm import attention_implementation
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
 from kelight.objectives.contrastive import contrastive_loss, unedited_targets
-from kelight.tokens import pad_batch
 from kelight.types import EditInputError, EditRequest
 
 
@@ -181,17 +180,7 @@ def build_path_batch(tok: PreTrainedTokenizerBase, requests: Sequence[EditReques
         raise EditInputError("expected at least one edit request, got none")
     parts = [build_rewrite_batch(tok, r, ("{}",), device, essence_templates=()) for r in requests]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids, mask = pad_batch([p.input_ids[0].tolist() for p in parts], pad, device)  # (B, T)
-    return RewriteBatch(
-        input_ids, mask,
-        subject_pos=torch.cat([p.subject_pos for p in parts]),
-        target_rows=torch.cat([p.target_rows + i for i, p in enumerate(parts)]),
-        target_cols=torch.cat([p.target_cols for p in parts]),
-        target_ids=torch.cat([p.target_ids for p in parts]),
-        query_pos=torch.cat([p.query_pos for p in parts]),
-        essence_pos=torch.zeros(0, dtype=torch.long, device=input_ids.device),
-        n_rewrite=len(parts),
-    )
+    return merge_rewrite_batches(parts, pad, independent=False)  # one joint objective (B, T)
 
 
 @dataclass

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.context import build_rewrite_batch, sample_context_templates
+from kelight.editors.context import RewriteBatch, build_rewrite_batch, sample_context_templates
 from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import templated_keys
 from kelight.editors.update import UndoLog, rank_one_update
-from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z
+from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z, optimise_zs
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.types import EditRequest
 
@@ -81,18 +81,38 @@ class RomeEditor:
                 model, tok, self.hp.layer, corpus=self.hp.mom2_corpus, n_tokens=self.hp.mom2_n_tokens
             )
 
-    def compute(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest) -> tuple[
-        torch.Tensor, ZResult
-    ]:
-        """ΔW (linear convention, float64) for one request; the model is not modified."""
+    def _batch(self, tok: PreTrainedTokenizerBase, request: EditRequest, device: torch.device) -> RewriteBatch:
         if self.templates is None or self.adapter is None:
             raise RuntimeError("call setup(model, tokenizer) before computing edits")
+        return build_rewrite_batch(tok, request, self.templates, device)
+
+    def compute_zs(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                   requests: Sequence[EditRequest]) -> list[ZResult]:
+        """z of each request on the current weights, ``hp.z.z_batch`` requests per batch (independent edits)."""
         device = next(model.parameters()).device
-        batch = build_rewrite_batch(tok, request, self.templates, device)
-        z = optimise_z(
-            model, self.adapter.path("mlp_out", self.hp.layer), batch, self.hp.z, self.extra_losses,
-            want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer,
+        batches = [self._batch(tok, r, device) for r in requests]
+        assert self.adapter is not None
+        return optimise_zs(
+            model, self.adapter.path("mlp_out", self.hp.layer), batches, self.hp.z, self.extra_losses,
+            want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer, pad_id=tok.pad_token_id or 0,
         )
+
+    def compute(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest,
+                z: ZResult | None = None) -> tuple[torch.Tensor, ZResult]:
+        """ΔW (linear convention, float64) for one request; the model is not modified.
+
+        ``z``: the request's value vector if already optimised (:meth:`compute_zs` on these weights).
+        """
+        device = next(model.parameters()).device
+        if z is None:
+            batch = self._batch(tok, request, device)
+            assert self.adapter is not None
+            z = optimise_z(
+                model, self.adapter.path("mlp_out", self.hp.layer), batch, self.hp.z, self.extra_losses,
+                want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer,
+            )
+        if self.templates is None or self.adapter is None:
+            raise RuntimeError("call setup(model, tokenizer) before computing edits")
         # one pass over "{}" + the prefixes: the plain prompt's key is the "{}" row
         templates = self.templates if "{}" in self.templates else ["{}", *self.templates]
         keys = templated_keys(model, tok, self.adapter, self.hp.layer, request, templates)  # (P, d_in)
@@ -105,12 +125,20 @@ class RomeEditor:
         return rank_one_update(weight, k_star, v_star, mom2, left_key=k_mean), z
 
     def apply(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog,
+        zs: Sequence[ZResult] | None = None,
     ) -> EditInfo:
-        """Edit ``requests`` one after another (each sees the previous ones), logging into ``undo``."""
+        """Edit ``requests`` one after another (each sees the previous ones), logging into ``undo``.
+
+        ``zs``: value vectors already optimised on the current weights (:meth:`compute_zs`), one per
+        request; only valid for one request, since a later request's z must see the earlier edits.
+        """
+        if zs is not None and (len(zs) != len(requests) or len(requests) > 1):
+            raise ValueError(f"expected precomputed z for exactly one request, got {len(zs)} for {len(requests)}; "
+                             "ROME applies several requests in turn, each z computed on the edited weights")
         info = EditInfo()
-        for request in requests:
-            delta, z = self.compute(model, tok, request)
+        for i, request in enumerate(requests):
+            delta, z = self.compute(model, tok, request, None if zs is None else zs[i])
             assert self.adapter is not None
             undo.add_(self.adapter.out_weight(model, self.hp.layer), delta, transposed=self.adapter.mlp_conv1d)
             info.z.append(z)

@@ -17,11 +17,12 @@ import torch
 from transformers import PreTrainedModel
 
 from kelight.attention_rows import query_row_attention
-from kelight.editors.context import RewriteBatch
+from kelight.editors.context import RewriteBatch, merge_rewrite_batches
 from kelight.hooks import edit_output, replay_blocks, trace
 from kelight.lm import attention_implementation, head
 from kelight.models.adapters import adapter_for
-from kelight.objectives import essence_kl, rewrite_nll
+from kelight.objectives.essence import essence_kl_rows
+from kelight.objectives.rewrite import per_prompt_nll
 from kelight.types import EditInputError
 
 
@@ -44,6 +45,10 @@ class ZConfig:
             one instead of recomputing them (they do not depend on z); same result, less compute.
         attention_rows: when a term needs attention weights (SADR), compute only each prompt's
             query row (:mod:`kelight.attention_rows`) instead of eager ``T × T`` matrices.
+        z_batch: independent requests whose z are optimised together in one padded batch
+            (:func:`optimise_zs`). Each keeps its own loss, Adam state, clamp and early stop, so the
+            result equals one-at-a-time up to float rounding; it pays where a step is launch-bound
+            (GPUs), not on CPU. Only for z computed on the same weights (single regime, MEMIT's batch).
     """
 
     steps: int = 20
@@ -54,10 +59,14 @@ class ZConfig:
     early_stop_loss: float = 5e-2
     reuse_prefix: bool = True
     attention_rows: bool = True
+    z_batch: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise EditInputError(f"expected steps to be a positive integer, got {self.steps!r}")
+        if not isinstance(self.z_batch, int) or self.z_batch < 1:
+            raise EditInputError(f"expected z_batch to be a positive integer (1 = one request at a time), "
+                                 f"got {self.z_batch!r}")
         for name in ("lr", "kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss"):
             value = getattr(self, name)
             positive = name in ("lr", "clamp_norm_factor")
@@ -111,24 +120,29 @@ def _forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bo
 
 
 class _Injector:
-    """Adds row ``i`` of ``delta`` to module ``i``'s output at the subject positions."""
+    """Adds ``delta[r, i]`` to module ``i``'s output at the subject of every row of request ``r``."""
 
     def __init__(self, delta: torch.Tensor, batch: RewriteBatch) -> None:
-        self.delta, self.rows, self.cols = delta, batch.rows, batch.subject_pos
-        self.v_init: dict[int, torch.Tensor] = {}
+        self.delta, self.rows, self.cols = delta, batch.rows, batch.subject_pos  # delta: (R, M, D)
+        self.request = batch.request_of_row  # (B,)
+        self.first = batch.first_rows  # (R,)
+        self.v_init: dict[int, torch.Tensor] = {}  # module -> (R, D)
 
     def fn(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def inject(output: torch.Tensor) -> torch.Tensor:  # (B, T, D)
             if i not in self.v_init:
-                self.v_init[i] = output[0, self.cols[0]].detach().float().clone()
+                self.v_init[i] = output[self.first, self.cols[self.first]].detach().float().clone()
             out = output.clone()
-            out[self.rows, self.cols] = out[self.rows, self.cols] + self.delta[i].to(out.dtype)
+            out[self.rows, self.cols] = out[self.rows, self.cols] + self.delta[self.request, i].to(out.dtype)
             return out
 
         return inject
 
+    def init(self) -> torch.Tensor:
+        return torch.stack([self.v_init[i] for i in range(len(self.v_init))], dim=1)  # (R, M, D)
+
     def init_norms(self) -> torch.Tensor:
-        return torch.stack([self.v_init[i] for i in range(len(self.v_init))]).norm(dim=-1)  # (M,)
+        return self.init().norm(dim=-1)  # (R, M)
 
 
 def _attn_offset(model: PreTrainedModel, outputs: object) -> int:
@@ -136,12 +150,15 @@ def _attn_offset(model: PreTrainedModel, outputs: object) -> int:
     return adapter_for(model).n_layers(model) - len(attentions) if attentions else 0
 
 
-def _total_loss(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init):
+def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init):
+    """``(R,)`` total loss of each request of ``batch`` (they share no term)."""
     tgt, ess, outputs = _forward_logprobs(model, batch, want_attn)
     ess_init = ess.detach() if ess_init is None else ess_init
-    loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
-    loss = loss + cfg.kl_factor * essence_kl(ess, ess_init)
-    loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum()
+    n = batch.n_requests
+    loss = per_prompt_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite).view(n, -1).mean(1)
+    if ess.shape[0]:
+        loss = loss + cfg.kl_factor * essence_kl_rows(ess, ess_init).view(n, -1).mean(1)
+    loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum(1)
     state = StepState(step, batch, outputs, attn_offset=_attn_offset(model, outputs),
                       attn_rows=want_attn and cfg.attention_rows)
     return finish_loss(loss, extra_losses, state, cfg.lr), ess_init
@@ -153,15 +170,19 @@ def finish_loss(
     """``loss + Σ term(state)`` over the extra terms (e.g. γ·SADR), checked to be finite.
 
     Shared by every editor's inner loop (z optimisation, FT), which writes no weight before it ends.
+    ``loss`` is a scalar (one joint objective) or ``(R,)`` per request of a merged batch; terms
+    return ``(R,)`` per request and are summed into a scalar loss.
 
     Raises:
         EditOptimizationError: if the total is NaN/inf, naming ``what`` and ``state.step``.
     """
     for term in extra_losses:
-        loss = loss + term(state)
-    if not torch.isfinite(loss):
+        value = term(state)
+        loss = loss + (value.sum() if loss.dim() == 0 else value)
+    if not torch.isfinite(loss).all():
+        bad = "" if loss.dim() == 0 else f" for request(s) {torch.nonzero(~torch.isfinite(loss)).flatten().tolist()}"
         raise EditOptimizationError(
-            f"{what} diverged at step {state.step} (loss {loss.item()}); lower lr "
+            f"{what} diverged at step {state.step}{bad} (loss {loss.detach().sum().item()}); lower lr "
             f"(now {lr}) or use float32; the model weights were not changed"
         )
     return loss
@@ -185,13 +206,58 @@ def optimise_z(
     Raises:
         EditOptimizationError: if the loss becomes NaN/inf.
     """
+    if batch.n_requests != 1:
+        raise EditInputError(f"expected a one-request batch, got {batch.n_requests} requests; use optimise_zs")
+    return _optimise_merged(model, module_paths, batch, cfg, extra_losses, want_attn, first_edited_block)[0]
+
+
+def optimise_zs(
+    model: PreTrainedModel,
+    module_paths: str | Sequence[str],
+    batches: Sequence[RewriteBatch],
+    cfg: ZConfig,
+    extra_losses: tuple[ExtraLoss, ...] = (),
+    want_attn: bool = False,
+    first_edited_block: int = 0,
+    pad_id: int = 0,
+) -> list[ZResult]:
+    """:func:`optimise_z` for independent requests, ``cfg.z_batch`` of them per padded batch.
+
+    Every request keeps its own loss, Adam moments, norm clamp and early stop; its δ sees only its
+    own rows, so the results equal one-at-a-time optimisation up to float rounding (padding).
+    The extra terms must return one value per request (``(R,)``, like :class:`~kelight.objectives.sadr.SADR`).
+
+    Raises:
+        EditOptimizationError: if any request's loss becomes NaN/inf (no result is returned).
+    """
+    results: list[ZResult] = []
+    for start in range(0, len(batches), cfg.z_batch):
+        group = list(batches[start : start + cfg.z_batch])
+        batch = group[0] if len(group) == 1 else merge_rewrite_batches(group, pad_id)
+        results += _optimise_merged(model, module_paths, batch, cfg, extra_losses, want_attn, first_edited_block)
+    return results
+
+
+def _optimise_merged(
+    model: PreTrainedModel,
+    module_paths: str | Sequence[str],
+    batch: RewriteBatch,
+    cfg: ZConfig,
+    extra_losses: tuple[ExtraLoss, ...],
+    want_attn: bool,
+    first_edited_block: int,
+) -> list[ZResult]:
     paths = [module_paths] if isinstance(module_paths, str) else list(module_paths)
     param = next(model.parameters())
     d_model = model.get_input_embeddings().embedding_dim  # block / MLP / attention outputs: residual width
-    delta = torch.zeros(len(paths), d_model, device=param.device, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    n = batch.n_requests
+    delta = torch.zeros(n, len(paths), d_model, device=param.device, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)  # element-wise: each request's moments are its own
     injector = _Injector(delta, batch)
-    ess_init, losses, step = None, [], 0
+    ess_init, losses = None, [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool, device=param.device)
+    frozen = torch.zeros_like(delta, requires_grad=False)  # δ of each request at its early stop
+    steps_run = [cfg.steps] * n
     n_replay = first_edited_block if cfg.reuse_prefix else 0
     layers = adapter_for(model).layers
     with ExitStack() as stack:
@@ -203,17 +269,27 @@ def optimise_z(
             stack.enter_context(edit_output(model, path, injector.fn(i)))
         for step in range(cfg.steps):
             with trace(model, [f"{layers}.{n_replay - 1}"] if step == 0 and n_replay else [], raw=True) as rec:
-                loss, ess_init = _total_loss(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init)
+                loss, ess_init = _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init)
             if rec:  # hidden states below the edit do not depend on z: replay them from now on
                 stack.enter_context(replay_blocks(model, layers, n_replay, next(iter(rec.values()))))
-            losses.append(loss.item())
-            if loss.item() < cfg.early_stop_loss:
+            values = loss.detach().cpu().tolist()
+            for r in range(n):
+                if done[r]:
+                    continue
+                losses[r].append(values[r])
+                if values[r] < cfg.early_stop_loss:  # this request stops here, before its update
+                    done[r], steps_run[r] = True, step + 1
+                    with torch.no_grad():
+                        frozen[r] = delta[r]
+            if bool(done.all()):
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss[~done].sum().backward()
             opt.step()
-            with torch.no_grad():  # clamp each ‖δ_i‖ to clamp_norm_factor·‖v_i‖
-                max_norm = cfg.clamp_norm_factor * injector.init_norms()  # (M,)
+            with torch.no_grad():  # clamp each ‖δ_ri‖ to clamp_norm_factor·‖v_ri‖; stopped requests stay put
+                max_norm = cfg.clamp_norm_factor * injector.init_norms()  # (R, M)
                 scale = (max_norm / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
-                delta.mul_(scale[:, None])
-    return ZResult(delta.detach(), torch.stack([injector.v_init[i] for i in range(len(paths))]), losses, step + 1)
+                delta.mul_(scale[..., None])
+                delta[done] = frozen[done]
+    v_init = injector.init()
+    return [ZResult(delta[r].detach(), v_init[r], losses[r], steps_run[r]) for r in range(n)]

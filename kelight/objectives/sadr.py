@@ -41,6 +41,15 @@ def sadr_loss(
         ``(loss, mask)``: the scalar loss (summed over layers and selected heads, averaged over
         prompts) and the ``(L, P, H)`` boolean head selection.
     """
+    per_prompt, mask = sadr_per_prompt_loss(vanilla, current, subject_pos, eps, selective)
+    return per_prompt.mean(), mask
+
+
+def sadr_per_prompt_loss(
+    vanilla: torch.Tensor, current: torch.Tensor, subject_pos: torch.Tensor, eps: float = EPS,
+    selective: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sadr_loss` before the mean over prompts: ``((P,) loss per prompt, (L, P, H) mask)``."""
     p = vanilla.detach()
     n_prompts = p.shape[1]
     cols = subject_pos.view(1, n_prompts, 1, 1).expand(p.shape[0], n_prompts, p.shape[2], 1)
@@ -50,11 +59,15 @@ def sadr_loss(
     if not selective:
         mask = torch.ones_like(mask)
     kl = (p * ((p + eps) / (current + eps)).log()).sum(-1)  # (L, P, H)
-    return (kl * mask).sum() / n_prompts, mask
+    return (kl * mask).sum(dim=(0, 2)), mask
 
 
 class SADR:
     """The SADR term ``γ·L_SADR`` as an extra loss of the z optimisation.
+
+    Returns ``(R,)``, one term per request of a merged batch (``batch.n_requests``; each request's
+    prompts are consecutive rewriting rows), so that independent edits optimised together keep
+    their own losses.
 
     Args:
         gamma: weight γ (the paper uses 5e-3 … 8e-2); 0 disables the term.
@@ -80,9 +93,10 @@ class SADR:
         if state.step == 0 or self.vanilla is None:
             self.vanilla = current.detach()
             self.selected = []
-        loss, mask = sadr_loss(self.vanilla, current, batch.subject_pos[: batch.n_rewrite], selective=self.selective)
+        per_prompt, mask = sadr_per_prompt_loss(self.vanilla, current, batch.subject_pos[: batch.n_rewrite],
+                                                selective=self.selective)
         self.selected.append(mask.detach().sum(dim=(1,)).cpu())  # (L', H) prompts selecting each head
-        return self.gamma * loss
+        return self.gamma * per_prompt.view(batch.n_requests, -1).mean(1)  # (R,) one term per request
 
 
 def sadr_terms(gamma: float, first_layer: int, selective: bool = True) -> tuple[SADR, ...]:

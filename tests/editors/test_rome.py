@@ -93,9 +93,9 @@ def test_nan_during_optimisation_raises_and_leaves_weights(monkeypatch):
 
     def poisoned(log_probs, init):  # finite at step 0, NaN from step 2 on
         calls.append(1)
-        return log_probs.sum() * (float("nan") if len(calls) > 2 else 0.0)
+        return log_probs.sum(-1) * (float("nan") if len(calls) > 2 else 0.0)  # (E,) per essence prompt
 
-    monkeypatch.setattr(zopt, "essence_kl", poisoned)
+    monkeypatch.setattr(zopt, "essence_kl_rows", poisoned)
     with pytest.raises(EditOptimizationError, match="diverged at step 2"):
         kelight.edit(model, tok, [REQ, REQ], layer=1, mom2_adjustment=False, context_templates=[], steps=5)
     _assert_identical(model, snap)
