@@ -8,6 +8,8 @@ case by case so that machine noise hits every arm alike. Arms:
   extra loss; the gradient flows to the input embeddings), the cost any z-step must pay;
 * ``rome_recompute`` / ``rome``: ROME with the blocks below the edit layer recomputed at every
   step / replayed from step 0 (:attr:`kelight.editors.zopt.ZConfig.reuse_prefix`);
+  ``rome_full_prompts``: ROME with every step over the whole prompts instead of only the tokens
+  from the subject on over a KV cache of the rest (:attr:`~kelight.editors.zopt.ZConfig.cache_prefix`);
 * ``rome_sadr_eager`` / ``rome_sadr``: ROME + SADR with eager ``T × T`` attention weights / with
   only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``;
 * with ``--z-batch N``: ``rome_zbatch`` / ``rome_sadr_zbatch``, the z of N independent requests
@@ -90,12 +92,13 @@ def arms(args, model, tok) -> dict[str, Callable]:
     common = dict(context_templates=((5, 10), (10, 10)), mom2_adjustment=mom2)
     rome = RomeEditor(RomeHParams(layer=args.layer, z=z, **common))
     rome_recompute = RomeEditor(RomeHParams(layer=args.layer, z=replace(z, reuse_prefix=False), **common))
+    rome_full = RomeEditor(RomeHParams(layer=args.layer, z=replace(z, cache_prefix=False), **common))
     rome_sadr = RomeEditor(RomeHParams(layer=args.layer, z=z, **common), (SADR(args.gamma, args.layer + 1),))
     rome_sadr_eager = RomeEditor(RomeHParams(layer=args.layer, z=replace(z, attention_rows=False), **common),
                                  (SADR(args.gamma, args.layer + 1),))
     out: dict[str, Callable] = {}
-    for name, editor in (("rome_recompute", rome_recompute), ("rome", rome), ("rome_sadr_eager", rome_sadr_eager),
-                         ("rome_sadr", rome_sadr)):
+    for name, editor in (("rome_recompute", rome_recompute), ("rome_full_prompts", rome_full), ("rome", rome),
+                         ("rome_sadr_eager", rome_sadr_eager), ("rome_sadr", rome_sadr)):
         editor.setup(model, tok)
         out[name] = lambda rs, e=editor: [e.compute(model, tok, r) for r in rs]
     device = next(model.parameters()).device
@@ -227,6 +230,7 @@ def main() -> None:
         "ratios": {
             "rome_over_floor": seconds["rome"] / seconds["floor"],
             "prefix_reuse_speedup": seconds["rome_recompute"] / seconds["rome"],
+            "cached_prefix_speedup": seconds["rome_full_prompts"] / seconds["rome"],
             "sadr_overhead": seconds["rome_sadr"] / seconds["rome"] - 1.0,
             "sadr_overhead_eager_attention": seconds["rome_sadr_eager"] / seconds["rome"] - 1.0,
             "row_kernel_speedup": seconds["rome_sadr_eager"] / seconds["rome_sadr"],

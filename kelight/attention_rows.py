@@ -29,11 +29,12 @@ KERNEL = "kelight_query_rows"
 _QUERY_POS = "_kelight_query_pos"  # attribute set on each attention module while inside the context
 
 
-def _row_mask(attention_mask: torch.Tensor | None, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """Which keys each row's query may attend, ``(B, 1, T)``; ``None`` means plain causal."""
+def _row_mask(attention_mask: torch.Tensor | None, rows: torch.Tensor, n_keys: int, n_queries: int) -> torch.Tensor:
+    """Which keys each row's query may attend, ``(B, 1, T)``; ``None`` means plain causal (the
+    queries being the last ``n_queries`` of the ``n_keys`` positions, as over a KV cache)."""
     if attention_mask is None:
         keys = torch.arange(n_keys, device=rows.device)
-        return (keys[None, :] <= rows[:, None])[:, None]  # (B, 1, T)
+        return (keys[None, :] <= rows[:, None] + (n_keys - n_queries))[:, None]  # (B, 1, T)
     batch = torch.arange(rows.shape[0], device=rows.device)
     mask = attention_mask[batch, :, rows]  # (B, 1 or H, T)
     return mask if mask.dtype == torch.bool else mask == 0
@@ -57,7 +58,8 @@ def row_attention_forward(
     q = query[batch, :, rows]  # (B, H, d)
     k = repeat_kv(key, query.shape[1] // key.shape[1])  # (B, H, T, d)
     scores = torch.einsum("bhd,bhtd->bht", q.float(), k.float()) * scale  # (B, H, T)
-    scores = scores.masked_fill(~_row_mask(attention_mask, rows, key.shape[2]), torch.finfo(scores.dtype).min)
+    allowed = _row_mask(attention_mask, rows, key.shape[2], query.shape[2])
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return out, scores.softmax(-1).to(query.dtype)[:, :, None]  # (B, H, 1, T)
 
 

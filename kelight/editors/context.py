@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.readouts import left_pad
 from kelight.tokens import pad_batch, subject_last_index, target_ids
 from kelight.types import EditInputError, EditRequest
 
@@ -65,6 +66,8 @@ class RewriteBatch:
         n_requests: ``R``, independent requests merged by :func:`merge_rewrite_batches` (rows:
             every request's ``P / R`` rewriting prompts in turn, then their essence prompts in
             turn); 1 for one request or for one joint objective over all rows (PathEdit).
+        key_offset: attention key column of input column 0 (> 0 when the batch runs on top of
+            a cached prefix, :func:`split_at_subject`); SADR's subject key is ``subject_pos + key_offset``.
     """
 
     input_ids: torch.Tensor
@@ -77,6 +80,7 @@ class RewriteBatch:
     essence_pos: torch.Tensor
     n_rewrite: int
     n_requests: int = 1
+    key_offset: int = 0
 
     @property
     def rows(self) -> torch.Tensor:
@@ -183,3 +187,49 @@ def merge_rewrite_batches(
         input_ids, mask, torch.cat(subj), torch.cat(rows), torch.cat(cols), torch.cat(tids), torch.cat(query),
         torch.cat(ess), offset, len(batches) if independent else 1,
     )
+
+
+@dataclass
+class PrefixSplit:
+    """A batch cut at each row's subject: the prefix before it (unaffected by z) and the rest.
+
+    Attributes:
+        prefix_ids, prefix_mask: ``(B, P)`` tokens ``0 … s_b − 1`` of each row, left-padded
+            (``P = max_b s_b``), run once to fill a KV cache.
+        suffix: the rest of each row, right-padded ``(B, T')``, as a :class:`RewriteBatch` whose
+            columns count from the subject (``subject_pos`` is 0) and whose ``key_offset`` is ``P``.
+        positions: ``(B, T')`` position ids of the suffix tokens (``s_b + j``).
+        mask: ``(B, P + T')`` attention mask over the cached prefix and the suffix.
+    """
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    suffix: RewriteBatch
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
+def split_at_subject(batch: RewriteBatch, pad_id: int) -> PrefixSplit | None:
+    """Cut every row of ``batch`` before its subject's last token (where z is added).
+
+    In a causal model nothing before that token depends on z, so its keys and values can be
+    computed once and each optimisation step runs only the rest. Returns ``None`` when no row
+    has a prefix (nothing to save).
+    """
+    starts = batch.subject_pos.tolist()
+    width = max(starts)
+    if width == 0:
+        return None
+    device = batch.input_ids.device
+    lengths = batch.attention_mask.sum(1).tolist()
+    rows = [batch.input_ids[b, : lengths[b]].tolist() for b in range(len(starts))]
+    prefix_ids, prefix_mask = left_pad([r[:s] for r, s in zip(rows, starts, strict=True)], pad_id, device)  # ends at P
+    suffix_ids, suffix_mask = pad_batch([r[s:] for r, s in zip(rows, starts, strict=True)], pad_id, device)
+    start = batch.subject_pos  # (B,)
+    suffix = RewriteBatch(
+        suffix_ids, suffix_mask, torch.zeros_like(start), batch.target_rows,
+        batch.target_cols - start[batch.target_rows], batch.target_ids, batch.query_pos - start[: batch.n_rewrite],
+        batch.essence_pos - start[batch.n_rewrite :], batch.n_rewrite, batch.n_requests, key_offset=width,
+    )
+    positions = start[:, None] + torch.arange(suffix_ids.shape[1], device=device)  # (B, T')
+    return PrefixSplit(prefix_ids, prefix_mask, suffix, positions, torch.cat([prefix_mask, suffix_mask], 1))

@@ -14,15 +14,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from kelight.attention_rows import query_row_attention
-from kelight.editors.context import RewriteBatch, merge_rewrite_batches
+from kelight.editors.context import PrefixSplit, RewriteBatch, merge_rewrite_batches, split_at_subject
 from kelight.hooks import edit_output, replay_blocks, trace
 from kelight.lm import attention_implementation, head
 from kelight.models.adapters import adapter_for
 from kelight.objectives.essence import essence_kl_rows
 from kelight.objectives.rewrite import per_prompt_nll
+from kelight.readouts import cache_keyword
 from kelight.types import EditInputError
 
 
@@ -45,6 +46,9 @@ class ZConfig:
             one instead of recomputing them (they do not depend on z); same result, less compute.
         attention_rows: when a term needs attention weights (SADR), compute only each prompt's
             query row (:mod:`kelight.attention_rows`) instead of eager ``T × T`` matrices.
+        cache_prefix: run every step on each prompt's tokens from the subject's last one on, over a
+            KV cache of the tokens before it (computed once: in a causal model they do not depend
+            on z); same result, a fraction of the tokens (:func:`~kelight.editors.context.split_at_subject`).
         z_batch: independent requests whose z are optimised together in one padded batch
             (:func:`optimise_zs`). Each keeps its own loss, Adam state, clamp and early stop, so the
             result equals one-at-a-time up to float rounding; it pays where a step is launch-bound
@@ -59,6 +63,7 @@ class ZConfig:
     early_stop_loss: float = 5e-2
     reuse_prefix: bool = True
     attention_rows: bool = True
+    cache_prefix: bool = True
     z_batch: int = 1
 
     def __post_init__(self) -> None:
@@ -105,13 +110,41 @@ class ZResult:
     steps_run: int
 
 
-def _forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bool) -> tuple[
-    torch.Tensor, torch.Tensor, object
-]:
-    out = model.base_model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-        output_attentions=want_attn,
-    )
+@dataclass
+class PrefixCache:
+    """Keys/values of the prompt prefixes (before each subject), computed once per optimisation."""
+
+    split: PrefixSplit
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, H_kv, P, d) keys and values
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: PreTrainedModel, split: PrefixSplit) -> PrefixCache | None:
+        """The cache of ``split``'s prefixes, or ``None`` where a layer keeps fewer keys than the
+        prefix (a sliding window shorter than it): the steps then run on the full prompts."""
+        mask = split.prefix_mask
+        out = model.base_model(input_ids=split.prefix_ids, attention_mask=mask,
+                               position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+        cached = getattr(out, cache_keyword(model)).layers
+        if any(layer.keys.shape[2] != mask.shape[1] for layer in cached):
+            return None
+        keep = mask.bool()[:, None, :, None]  # padding slots zeroed: masked later, and never NaN
+        layers = [(torch.where(keep, layer.keys, 0.0), torch.where(keep, layer.values, 0.0)) for layer in cached]
+        return cls(split, layers)
+
+    def forward_kwargs(self, model: PreTrainedModel) -> dict:
+        """Arguments of one forward of the suffix on a fresh copy of the cache."""
+        cache = DynamicCache(ddp_cache_data=self.layers, config=model.config)
+        return {"attention_mask": self.split.mask, "position_ids": self.split.positions, "use_cache": True,
+                cache_keyword(model): cache}
+
+
+def _forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bool,
+                      prefix: PrefixCache | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Log-probs at the target and essence positions of ``batch`` (on ``prefix``'s cache when given)."""
+    kwargs = (prefix.forward_kwargs(model) if prefix is not None
+              else {"attention_mask": batch.attention_mask, "use_cache": False})
+    out = model.base_model(input_ids=batch.input_ids, output_attentions=want_attn, **kwargs)
     hidden = out.last_hidden_state  # (B, T, D)
     tgt = head(model, hidden[batch.target_rows, batch.target_cols]).float().log_softmax(-1)  # (N, V)
     ess_rows = torch.arange(batch.n_rewrite, batch.input_ids.shape[0], device=hidden.device)
@@ -150,9 +183,9 @@ def _attn_offset(model: PreTrainedModel, outputs: object) -> int:
     return adapter_for(model).n_layers(model) - len(attentions) if attentions else 0
 
 
-def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init):
+def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init, prefix):
     """``(R,)`` total loss of each request of ``batch`` (they share no term)."""
-    tgt, ess, outputs = _forward_logprobs(model, batch, want_attn)
+    tgt, ess, outputs = _forward_logprobs(model, batch, want_attn, prefix)
     ess_init = ess.detach() if ess_init is None else ess_init
     n = batch.n_requests
     loss = per_prompt_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite).view(n, -1).mean(1)
@@ -196,6 +229,7 @@ def optimise_z(
     extra_losses: tuple[ExtraLoss, ...] = (),
     want_attn: bool = False,
     first_edited_block: int = 0,
+    pad_id: int = 0,
 ) -> ZResult:
     """Optimise one δ per module in ``module_paths``, added to its output at the subject.
 
@@ -208,7 +242,7 @@ def optimise_z(
     """
     if batch.n_requests != 1:
         raise EditInputError(f"expected a one-request batch, got {batch.n_requests} requests; use optimise_zs")
-    return _optimise_merged(model, module_paths, batch, cfg, extra_losses, want_attn, first_edited_block)[0]
+    return _optimise_merged(model, module_paths, batch, cfg, extra_losses, want_attn, first_edited_block, pad_id)[0]
 
 
 def optimise_zs(
@@ -234,7 +268,8 @@ def optimise_zs(
     for start in range(0, len(batches), cfg.z_batch):
         group = list(batches[start : start + cfg.z_batch])
         batch = group[0] if len(group) == 1 else merge_rewrite_batches(group, pad_id)
-        results += _optimise_merged(model, module_paths, batch, cfg, extra_losses, want_attn, first_edited_block)
+        results += _optimise_merged(model, module_paths, batch, cfg, extra_losses, want_attn, first_edited_block,
+                                    pad_id)
     return results
 
 
@@ -246,11 +281,15 @@ def _optimise_merged(
     extra_losses: tuple[ExtraLoss, ...],
     want_attn: bool,
     first_edited_block: int,
+    pad_id: int,
 ) -> list[ZResult]:
     paths = [module_paths] if isinstance(module_paths, str) else list(module_paths)
     param = next(model.parameters())
     d_model = model.get_input_embeddings().embedding_dim  # block / MLP / attention outputs: residual width
     n = batch.n_requests
+    split = split_at_subject(batch, pad_id) if cfg.cache_prefix else None
+    prefix = PrefixCache.build(model, split) if split is not None else None  # before any hook is on
+    batch = prefix.split.suffix if prefix is not None else batch  # from here on: columns from each subject
     delta = torch.zeros(n, len(paths), d_model, device=param.device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)  # element-wise: each request's moments are its own
     injector = _Injector(delta, batch)
@@ -269,7 +308,8 @@ def _optimise_merged(
             stack.enter_context(edit_output(model, path, injector.fn(i)))
         for step in range(cfg.steps):
             with trace(model, [f"{layers}.{n_replay - 1}"] if step == 0 and n_replay else [], raw=True) as rec:
-                loss, ess_init = _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init)
+                loss, ess_init = _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init,
+                                                 prefix)
             if rec:  # hidden states below the edit do not depend on z: replay them from now on
                 stack.enter_context(replay_blocks(model, layers, n_replay, next(iter(rec.values()))))
             values = loss.detach().cpu().tolist()

@@ -48,15 +48,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return prepare_tokenizer(fast)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[
-    PreTrainedModel, PreTrainedTokenizerFast
-]:
-    """A frozen random-weight model of ``family`` (a key of ``TINY_CONFIGS``) and a byte tokenizer."""
+def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
+               **overrides: object) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A frozen random-weight model of ``family`` (a key of ``TINY_CONFIGS``) and a byte tokenizer.
+
+    ``overrides`` replace config values (e.g. ``sliding_window=64``).
+    """
     if family not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {sorted(TINY_CONFIGS)}")
     tok = byte_tokenizer()
     config = AutoConfig.for_model(
-        family, **_COMMON, **TINY_CONFIGS[family],
+        family, **_COMMON, **{**TINY_CONFIGS[family], **overrides},
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)

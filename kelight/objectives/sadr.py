@@ -93,8 +93,8 @@ class SADR:
         if state.step == 0 or self.vanilla is None:
             self.vanilla = current.detach()
             self.selected = []
-        per_prompt, mask = sadr_per_prompt_loss(self.vanilla, current, batch.subject_pos[: batch.n_rewrite],
-                                                selective=self.selective)
+        subject_keys = batch.subject_pos[: batch.n_rewrite] + batch.key_offset  # key columns of the subjects
+        per_prompt, mask = sadr_per_prompt_loss(self.vanilla, current, subject_keys, selective=self.selective)
         self.selected.append(mask.detach().sum(dim=(1,)).cpu())  # (L', H) prompts selecting each head
         return self.gamma * per_prompt.view(batch.n_requests, -1).mean(1)  # (R,) one term per request
 

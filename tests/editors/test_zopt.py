@@ -17,13 +17,23 @@ REQUEST = EditRequest("The Eiffel Tower is located in", "Eiffel Tower", "Rome")
 TEMPLATES = ["{}", "Yes. {}", "It was a long day. {}"]
 
 
-def _run(model, tok, reuse: bool, layer: int, gamma: float = 0.0):
-    cfg = ZConfig(steps=6, lr=0.5, early_stop_loss=0.0, reuse_prefix=reuse)
+def _run(model, tok, reuse: bool, layer: int, gamma: float = 0.0, cache_prefix: bool = True, rows: bool = True):
+    cfg = ZConfig(steps=6, lr=0.5, early_stop_loss=0.0, reuse_prefix=reuse, cache_prefix=cache_prefix,
+                  attention_rows=rows)
     adapter = adapter_for(model)
     batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
     terms = (SADR(gamma, layer + 1),) if gamma else ()
     return optimise_z(model, adapter.path("mlp_out", layer), batch, cfg, terms, want_attn=bool(terms),
                       first_edited_block=layer), terms
+
+
+def _record_widths(model) -> list[int]:
+    """Sequence length of every forward through the last block."""
+    widths: list[int] = []
+    last = adapter_for(model).block_path(adapter_for(model).n_layers(model) - 1)
+    model.get_submodule(last).register_forward_hook(lambda m, args, out: widths.append(
+        (out[0] if isinstance(out, tuple) else out).shape[1]))
+    return widths
 
 
 def _count_calls(model) -> dict[str, int]:
@@ -40,10 +50,10 @@ def test_prefix_replay_matches_recomputation(tiny):
     model, tok = tiny
     calls = _count_calls(model)
     fresh, _ = _run(model, tok, reuse=False, layer=1)
-    assert calls["n"] == 6  # block 0 recomputed at every step
+    assert calls["n"] == 1 + 6  # the prefixes' KV cache once, then block 0 recomputed at every step
     calls["n"] = 0
     replayed, _ = _run(model, tok, reuse=True, layer=1)
-    assert calls["n"] == 1  # computed at step 0, replayed after
+    assert calls["n"] == 1 + 1  # the prefixes once; the suffixes at step 0, replayed after
     torch.testing.assert_close(replayed.delta, fresh.delta, rtol=1e-5, atol=1e-6)
     assert replayed.losses == pytest.approx(fresh.losses, rel=1e-5, abs=1e-6)
 
@@ -84,3 +94,73 @@ def test_blocks_are_restored_when_the_optimisation_fails(monkeypatch):
         optimise_z(model, adapter_for(model).path("mlp_out", 2), batch,
                    dataclasses.replace(ZConfig(), early_stop_loss=0.0), (boom,), first_edited_block=2)
     assert all(a is b for a, b in zip(layers, before, strict=True))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_cached_prefix_matches_full_prompts(tiny, gamma):
+    """Steps over the tokens from the subject on, on a KV cache of the rest, equal full-prompt steps."""
+    model, tok = tiny
+    widths = _record_widths(model)
+    full, full_terms = _run(model, tok, reuse=True, layer=1, gamma=gamma, cache_prefix=False)
+    full_widths, widths[:] = list(widths), []
+    cached, cached_terms = _run(model, tok, reuse=True, layer=1, gamma=gamma, cache_prefix=True)
+    # steps of the cached run see only the tokens from the subject on (after the one prefix forward),
+    # unless a sliding window (tiny Gemma-3: 8) is shorter than the prefixes: full prompts then
+    window = getattr(model.config, "sliding_window", None)
+    prefix = int(build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu").subject_pos.max())
+    assert len(set(full_widths)) == 1
+    assert (max(widths[1:]) < full_widths[0]) == (window is None or window > prefix)
+    torch.testing.assert_close(cached.v_init, full.v_init, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.delta, full.delta, rtol=1e-4, atol=1e-5)
+    assert cached.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+    if gamma:  # same heads selected at every step, same vanilla rows on the real keys
+        assert [m.tolist() for m in cached_terms[0].selected] == [m.tolist() for m in full_terms[0].selected]
+
+
+@pytest.mark.parametrize("window", [8, 64])
+def test_cached_prefix_with_sliding_window(window):
+    """Gemma-3's sliding layers: a window longer than the prefixes keeps them all (cached steps);
+    a shorter one drops keys, and the steps fall back to full prompts. Both equal full prompts."""
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("gemma3_text", sliding_window=window)
+    full, _ = _run(model, tok, reuse=True, layer=0, gamma=5.0, cache_prefix=False)
+    calls, widths = _count_calls(model), _record_widths(model)
+    cached, _ = _run(model, tok, reuse=False, layer=0, gamma=5.0, cache_prefix=True)
+    assert calls["n"] == 1 + 6  # the prefix forward runs either way
+    n_tokens = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu").input_ids.shape[1]
+    assert (widths[-1] < n_tokens) == (window == 64)  # cached steps only where the window keeps the prefix
+    cached_replayed, _ = _run(model, tok, reuse=True, layer=0, gamma=5.0, cache_prefix=True)
+    for result in (cached, cached_replayed):
+        assert result.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(result.delta, full.delta, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_prefix_matches_with_eager_attention_rows():
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    full, _ = _run(model, tok, reuse=True, layer=0, gamma=5.0, cache_prefix=False, rows=False)
+    cached, _ = _run(model, tok, reuse=True, layer=0, gamma=5.0, cache_prefix=True, rows=False)
+    assert cached.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+
+
+def test_split_at_subject_layout():
+    from kelight.editors.context import split_at_subject
+    from kelight.models.tiny import tiny_model
+
+    _, tok = tiny_model("llama")
+    batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
+    split = split_at_subject(batch, pad_id=0)
+    width = int(batch.subject_pos.max())
+    assert split.prefix_ids.shape[1] == width and split.suffix.key_offset == width
+    for b in range(batch.input_ids.shape[0]):
+        s, n = int(batch.subject_pos[b]), int(batch.attention_mask[b].sum())
+        assert split.prefix_ids[b, width - s :].tolist() == batch.input_ids[b, :s].tolist()  # right-aligned
+        assert split.prefix_mask[b].tolist() == [0] * (width - s) + [1] * s
+        assert split.suffix.input_ids[b, : n - s].tolist() == batch.input_ids[b, s:n].tolist()
+        assert split.positions[b, 0] == s and int(split.suffix.subject_pos[b]) == 0
+    # every target token is read at the same token as before
+    before = batch.input_ids[batch.target_rows, batch.target_cols]
+    after = split.suffix.input_ids[split.suffix.target_rows, split.suffix.target_cols]
+    assert torch.equal(before, after)
