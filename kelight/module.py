@@ -242,6 +242,8 @@ class LocateEditModule(EditModule):
             batch regime: the batch's requests). Same results up to float rounding; pays on GPUs,
             where a z-step is launch-bound. Not with the sequential regime or ROME's batch regime,
             where each z must see the edits before it.
+        cache_prefix: run each z-step only on the tokens from the subject on, over a KV cache of
+            the rest (same result, ~2.5× faster ROME steps on CPU); ``false`` runs the full prompts.
         **kwargs: :class:`EditModule` arguments.
     """
 
@@ -258,6 +260,7 @@ class LocateEditModule(EditModule):
         sadr_gamma: float = 0.0,
         sadr_selective: bool = True,
         z_batch: int = 1,
+        cache_prefix: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -273,7 +276,8 @@ class LocateEditModule(EditModule):
     def z_config(self) -> ZConfig:
         h = self.hparams
         return ZConfig(steps=h.steps, lr=h.lr, kl_factor=h.kl_factor, weight_decay=h.weight_decay,
-                       clamp_norm_factor=h.clamp_norm_factor, z_batch=h.z_batch)
+                       clamp_norm_factor=h.clamp_norm_factor, z_batch=h.z_batch,
+                       cache_prefix=h.cache_prefix)
 
     def templates(self) -> tuple[tuple[int, int], ...]:
         return template_pairs(self.hparams.context_templates)

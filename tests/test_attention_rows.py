@@ -70,3 +70,13 @@ def test_sadr_with_row_kernel_equals_sadr_with_eager(family):
     assert [m.tolist() for m in sadr_rows.selected] == [m.tolist() for m in sadr_eager.selected]
     assert sum(int(m.sum()) for m in sadr_rows.selected) > 0  # heads were restrained: the KL was compared
     assert dataclasses.replace(ZConfig(), attention_rows=False).attention_rows is False
+
+
+def test_row_mask_without_a_mask_is_causal_over_cached_keys():
+    from kelight.attention_rows import _row_mask
+
+    rows = torch.tensor([0, 2])  # query rows among 3 queries that follow 4 cached keys
+    allowed = _row_mask(None, rows, n_keys=7, n_queries=3)  # (B, 1, T)
+    assert allowed[:, 0].tolist() == [[True] * 5 + [False] * 2, [True] * 7]
+    plain = _row_mask(None, rows, n_keys=3, n_queries=3)  # no cache: plain causal
+    assert plain[:, 0].tolist() == [[True, False, False], [True, True, True]]
