@@ -81,6 +81,8 @@ class EditModule(L.LightningModule):
         self.edit_seconds: list[float] = []
         self.pending: list[tuple[EditCase, dict, float]] = []
         self.out_dir: Path | None = None  # the run directory (rank 0's under DDP)
+        self.progress_seconds = 60.0  # log a progress line at most this often (long runs print nothing else)
+        self._last_progress = time.perf_counter()
 
     # ---- model and editor -------------------------------------------------------------
     def configure_model(self) -> None:
@@ -152,6 +154,10 @@ class EditModule(L.LightningModule):
             raise
         seconds = (time.perf_counter() - t0) / len(cases) + extra_seconds  # per edit
         self.edit_seconds += [seconds] * len(cases)
+        if time.perf_counter() - self._last_progress >= self.progress_seconds:
+            self._last_progress = time.perf_counter()
+            log.info("%d edits done (%s regime), %.2f s/edit on average", len(self.edit_seconds),
+                     self.hparams.regime, sum(self.edit_seconds) / len(self.edit_seconds))
         self.log("edit/seconds", seconds, on_step=True, batch_size=len(cases))
         self.log("edit/z_steps", sum(z.steps_run for z in info.z) / len(info.z), on_step=True, batch_size=1)
         self.log("edit/final_loss", sum(z.losses[-1] for z in info.z) / len(info.z), on_step=True, batch_size=1)

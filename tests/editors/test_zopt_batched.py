@@ -179,3 +179,4 @@ def test_single_regime_with_z_batch_gives_the_same_cases(tmp_path, monkeypatch):
         for key, value in a.items():
             if isinstance(value, float) and key != "edit_seconds":
                 assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+
