@@ -120,13 +120,14 @@ class PrefixCache:
     @classmethod
     @torch.no_grad()
     def build(cls, model: PreTrainedModel, split: PrefixSplit) -> PrefixCache | None:
-        """The cache of ``split``'s prefixes, or ``None`` where a layer keeps fewer keys than the
-        prefix (a sliding window shorter than it): the steps then run on the full prompts."""
+        """The cache of ``split``'s prefixes, or ``None`` (the steps then run on the full prompts)
+        where a layer keeps fewer keys than the prefix (a sliding window shorter than it) or the
+        installed transformers has no per-layer cache (``Cache.layers``, transformers ≥ 4.56)."""
         mask = split.prefix_mask
         out = model.base_model(input_ids=split.prefix_ids, attention_mask=mask,
                                position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
-        cached = getattr(out, cache_keyword(model)).layers
-        if any(layer.keys.shape[2] != mask.shape[1] for layer in cached):
+        cached = getattr(getattr(out, cache_keyword(model), None), "layers", None)
+        if cached is None or any(layer.keys.shape[2] != mask.shape[1] for layer in cached):
             return None
         keep = mask.bool()[:, None, :, None]  # padding slots zeroed: masked later, and never NaN
         layers = [(torch.where(keep, layer.keys, 0.0), torch.where(keep, layer.values, 0.0)) for layer in cached]
