@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.context import RewriteBatch, build_rewrite_batch, sample_context_templates
+from kelight.editors.context import build_rewrite_batch, sample_context_templates
 from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import templated_keys
 from kelight.editors.update import UndoLog, rank_one_update
-from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_z, optimise_zs
+from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_zs
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.types import EditRequest
 
@@ -81,17 +81,13 @@ class RomeEditor:
                 model, tok, self.hp.layer, corpus=self.hp.mom2_corpus, n_tokens=self.hp.mom2_n_tokens
             )
 
-    def _batch(self, tok: PreTrainedTokenizerBase, request: EditRequest, device: torch.device) -> RewriteBatch:
-        if self.templates is None or self.adapter is None:
-            raise RuntimeError("call setup(model, tokenizer) before computing edits")
-        return build_rewrite_batch(tok, request, self.templates, device)
-
     def compute_zs(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                    requests: Sequence[EditRequest]) -> list[ZResult]:
         """z of each request on the current weights, ``hp.z.z_batch`` requests per batch (independent edits)."""
+        if self.templates is None or self.adapter is None:
+            raise RuntimeError("call setup(model, tokenizer) before computing edits")
         device = next(model.parameters()).device
-        batches = [self._batch(tok, r, device) for r in requests]
-        assert self.adapter is not None
+        batches = [build_rewrite_batch(tok, r, self.templates, device) for r in requests]
         return optimise_zs(
             model, self.adapter.path("mlp_out", self.hp.layer), batches, self.hp.z, self.extra_losses,
             want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer, pad_id=tok.pad_token_id or 0,
@@ -103,16 +99,10 @@ class RomeEditor:
 
         ``z``: the request's value vector if already optimised (:meth:`compute_zs` on these weights).
         """
-        device = next(model.parameters()).device
-        if z is None:
-            batch = self._batch(tok, request, device)
-            assert self.adapter is not None
-            z = optimise_z(
-                model, self.adapter.path("mlp_out", self.hp.layer), batch, self.hp.z, self.extra_losses,
-                want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer,
-            )
         if self.templates is None or self.adapter is None:
             raise RuntimeError("call setup(model, tokenizer) before computing edits")
+        device = next(model.parameters()).device
+        z = z if z is not None else self.compute_zs(model, tok, [request])[0]
         # one pass over "{}" + the prefixes: the plain prompt's key is the "{}" row
         templates = self.templates if "{}" in self.templates else ["{}", *self.templates]
         keys = templated_keys(model, tok, self.adapter, self.hp.layer, request, templates)  # (P, d_in)

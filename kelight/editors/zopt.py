@@ -243,7 +243,7 @@ def optimise_z(
     """
     if batch.n_requests != 1:
         raise EditInputError(f"expected a one-request batch, got {batch.n_requests} requests; use optimise_zs")
-    return _optimise_merged(model, module_paths, batch, cfg, extra_losses, want_attn, first_edited_block, pad_id)[0]
+    return optimise_zs(model, module_paths, [batch], cfg, extra_losses, want_attn, first_edited_block, pad_id)[0]
 
 
 def optimise_zs(
@@ -295,7 +295,7 @@ def _optimise_merged(
     opt = torch.optim.Adam([delta], lr=cfg.lr)  # element-wise: each request's moments are its own
     injector = _Injector(delta, batch)
     ess_init, losses = None, [[] for _ in range(n)]
-    done = torch.zeros(n, dtype=torch.bool, device=param.device)
+    stopped = [False] * n  # host-side flags: no device sync per request and step
     frozen = torch.zeros_like(delta, requires_grad=False)  # δ of each request at its early stop
     steps_run = [cfg.steps] * n
     n_replay = first_edited_block if cfg.reuse_prefix else 0
@@ -315,15 +315,16 @@ def _optimise_merged(
                 stack.enter_context(replay_blocks(model, layers, n_replay, next(iter(rec.values()))))
             values = loss.detach().cpu().tolist()
             for r in range(n):
-                if done[r]:
+                if stopped[r]:
                     continue
                 losses[r].append(values[r])
                 if values[r] < cfg.early_stop_loss:  # this request stops here, before its update
-                    done[r], steps_run[r] = True, step + 1
+                    stopped[r], steps_run[r] = True, step + 1
                     with torch.no_grad():
                         frozen[r] = delta[r]
-            if bool(done.all()):
+            if all(stopped):
                 break
+            done = torch.tensor(stopped, device=param.device)
             opt.zero_grad(set_to_none=True)
             loss[~done].sum().backward()
             opt.step()

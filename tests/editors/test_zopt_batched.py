@@ -172,7 +172,7 @@ def test_single_regime_with_z_batch_gives_the_same_cases(tmp_path, monkeypatch):
              "--data.path", str(_case_file(tmp_path)), "--data.batch_size", "2",
              "--trainer.default_root_dir", str(out)])
         rows[z_batch] = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
-    assert calls == [2]  # z_batch 2: both cases' z in one call; z_batch 1: one z per edit inside apply
+    assert calls == [1, 1, 2]  # z_batch 1: one request per call (inside apply); z_batch 2: both in one call
     assert len(rows[1]) == len(rows[2]) == 2
     for a, b in zip(rows[1], rows[2], strict=True):
         assert a["id"] == b["id"]
