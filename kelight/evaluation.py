@@ -308,7 +308,10 @@ def evaluate_case(
 
 def case_summary(result: CaseResult) -> dict[str, float]:
     """Per-case values for ``cases.jsonl``: success fraction and magnitude per probe group, token
-    accuracies (all in percent), ``FL`` (×100) and ``PPL`` where measured; empty groups omitted."""
+    accuracies (all in percent), ``FL`` (×100) and ``PPL`` where measured; empty groups omitted.
+    ``n_<score>`` (e.g. ``n_RS``) is the number of prompts behind each score, so that pooled values
+    (and case-bootstrap intervals, :func:`kelight.analysis.stats.won_back_interval`) can be
+    recomputed from ``cases.jsonl`` alone."""
     out: dict[str, float] = {}
     for group, (nll_right, nll_wrong) in result.scores.items():
         if nll_right.numel():
@@ -316,6 +319,7 @@ def case_summary(result: CaseResult) -> dict[str, float]:
             success, magnitude = F.pairwise_scores(nll_right, nll_wrong)
             out[score_name] = 100.0 * float(success.double().mean())
             out[magnitude_name] = 100.0 * float(magnitude.double().mean())
+            out[f"n_{score_name}"] = int(nll_right.numel())
     for group, (preds, refs) in result.tokens.items():
         if preds:
             out[TOKEN_GROUPS[group]] = 100.0 * float(F.token_accuracies(preds, refs).mean())

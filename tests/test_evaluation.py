@@ -22,7 +22,7 @@ from kelight.evaluation import (
 from kelight.metrics import EditMetrics
 from kelight.models.tiny import TINY_CONFIGS, tiny_model
 from kelight.tokens import target_ids
-from kelight.types import EditCase, EditInputError, EditRequest, ScoredPrompt, TokenProbe
+from kelight.types import PROBE_GROUPS, EditCase, EditInputError, EditRequest, ScoredPrompt, TokenProbe
 
 Model = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -197,7 +197,9 @@ def test_evaluate_case_matches_the_parts_in_one_batched_pass(tiny: Model) -> Non
     assert [t.tolist() for t in result.tokens["efficacy"][1]] == [t.tolist() for t in targets]
     summary = case_summary(result)
     assert summary["Locality"] == 100.0  # unedited model: post-edit argmax equals the reference
-    assert set(summary) == {"ES", "EM", "PS", "PM", "NS", "NM", "Efficacy", "Locality"}
+    assert set(summary) == {"ES", "EM", "PS", "PM", "NS", "NM", "n_ES", "n_PS", "n_NS", "Efficacy", "Locality"}
+    for group, probes in case.probes.items():  # the prompt counts that pool per-case scores
+        assert summary.get(f"n_{PROBE_GROUPS[group][0]}", 0) == len(probes)
 
 
 def test_evaluate_case_fluency_perplexity_and_metrics(llama: Model) -> None:

@@ -30,3 +30,70 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
         return math.nan, math.nan
     result = stats.pearsonr(a, b)
     return float(result.statistic), float(result.pvalue)
+
+
+def pooled(percents: np.ndarray, counts: np.ndarray) -> float:
+    """Pooled percentage of per-case percentages weighted by their prompt counts (``Σ p·n / Σ n``),
+    i.e. what ``metrics.json`` reports; ``nan`` when no case has a prompt.
+
+    Example:
+        >>> pooled(np.array([100.0, 0.0]), np.array([3, 1]))
+        75.0
+    """
+    total = float(np.sum(counts))
+    return float(np.sum(percents * counts) / total) if total > 0 else math.nan
+
+
+def damage_won_back(none: float, without: float, with_: float) -> float:
+    """``(with − without) / (none − without)``: the share of the damage ``without`` did (relative to
+    the unedited ``none``) that ``with_`` wins back; ``nan`` when there was no damage.
+
+    Example:
+        >>> damage_won_back(80.0, 20.0, 35.0)
+        0.25
+    """
+    damage = none - without
+    return (with_ - without) / damage if abs(damage) > 1e-9 else math.nan
+
+
+def won_back_interval(
+    percents: np.ndarray, counts: np.ndarray, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """The pooled share of damage won back and its paired case-bootstrap percentile interval.
+
+    Args:
+        percents: ``(3, C)`` per-case percentages of one score for the same ``C`` cases, rows
+            unedited / editor / editor + objective (``nan`` where a case has no such prompt).
+        counts: ``(C,)`` prompts of that score per case (the weights of the pooled mean).
+        n_resamples: bootstrap resamples of the cases (the same cases for all three rows).
+        seed: seed of the resampling.
+        level: coverage of the interval.
+
+    Returns:
+        ``(share, low, high)``; resamples without damage are dropped from the interval.
+
+    Example:
+        >>> p = np.array([[100.0, 100.0], [0.0, 50.0], [50.0, 50.0]])
+        >>> won_back_interval(p, np.array([1, 1]))[0]
+        0.5
+    """
+    percents, counts = np.asarray(percents, dtype=float), np.asarray(counts, dtype=float)
+    if percents.ndim != 2 or percents.shape[0] != 3 or percents.shape[1] != counts.shape[0]:
+        raise ValueError(f"expected percents (3, C) and counts (C,), got {percents.shape} and {counts.shape}")
+    has = np.isfinite(percents).all(0) & (counts > 0)
+    p, n = percents[:, has], counts[has]
+    share = damage_won_back(*(pooled(row, n) for row in p))
+    if p.shape[1] == 0:
+        return share, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, p.shape[1], size=(n_resamples, p.shape[1]))  # (B, C) resampled cases
+    w = n[idx]  # (B, C)
+    rows = (p[:, idx] * w).sum(-1) / w.sum(-1)  # (3, B) pooled per resample
+    damage = rows[0] - rows[1]
+    keep = np.abs(damage) > 1e-9
+    shares = (rows[2, keep] - rows[1, keep]) / damage[keep]
+    if shares.size == 0:
+        return share, math.nan, math.nan
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(shares, [tail, 100.0 - tail])
+    return share, float(low), float(high)

@@ -1,11 +1,12 @@
-"""Pearson r and its p-value against closed forms of the t distribution."""
+"""Pearson r and its p-value against closed forms of the t distribution; pooled scores and the
+case-bootstrap interval of the share of damage won back."""
 
 import math
 
 import numpy as np
 import pytest
 
-from kelight.analysis.stats import pearson
+from kelight.analysis.stats import damage_won_back, pearson, pooled, won_back_interval
 
 
 def _t(r: float, n: int) -> float:
@@ -36,3 +37,43 @@ def test_undefined_cases_give_nan_and_non_finite_pairs_are_dropped():
     assert r == pytest.approx(np.corrcoef([1, 2, 3, 4], [1, 3, 2, 5])[0, 1])
     with pytest.raises(ValueError, match="same length"):
         pearson([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_pooled_weights_cases_by_prompts_and_won_back_share():
+    assert pooled(np.array([100.0, 50.0, 0.0]), np.array([1, 2, 1])) == pytest.approx(50.0)
+    assert math.isnan(pooled(np.array([100.0]), np.array([0])))
+    assert damage_won_back(none=80.0, without=20.0, with_=50.0) == pytest.approx(0.5)
+    assert damage_won_back(none=80.0, without=20.0, with_=10.0) == pytest.approx(-1 / 6)
+    assert math.isnan(damage_won_back(50.0, 50.0, 60.0))  # no damage: share undefined
+
+
+def test_won_back_interval_point_is_pooled_and_constant_cases_give_a_degenerate_interval():
+    """Every case wins back exactly half of its damage: every resample does too."""
+    p = np.array([[100.0, 80.0, 60.0], [0.0, 40.0, 20.0], [50.0, 60.0, 40.0]])
+    share, low, high = won_back_interval(p, np.array([2, 1, 3]), n_resamples=200)
+    assert share == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+
+
+def test_won_back_interval_matches_a_loop_reference_and_skips_cases_without_the_score():
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0, 100, size=(3, 12))
+    p[0] += 100.0  # unedited well above the editor: damage in every resample
+    p[:, 3] = np.nan  # a case with no such prompt (e.g. no relation prompts)
+    n = rng.integers(1, 5, size=12)
+    share, low, high = won_back_interval(p, n, n_resamples=500, seed=3)
+    keep = [c for c in range(12) if c != 3]
+    q, m = p[:, keep], n[keep]
+    rows = [(q[r] * m).sum() / m.sum() for r in range(3)]
+    assert share == pytest.approx((rows[2] - rows[1]) / (rows[0] - rows[1]))
+    idx = np.random.default_rng(3).integers(0, len(keep), size=(500, len(keep)))
+    shares = []
+    for sample in idx:  # the slow reference: one resample at a time
+        pooled_rows = [(q[r, sample] * m[sample]).sum() / m[sample].sum() for r in range(3)]
+        shares.append((pooled_rows[2] - pooled_rows[1]) / (pooled_rows[0] - pooled_rows[1]))
+    assert (low, high) == pytest.approx(tuple(np.percentile(shares, [2.5, 97.5])))
+    assert low < share < high
+
+
+def test_won_back_interval_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"expected percents \(3, C\) and counts \(C,\)"):
+        won_back_interval(np.zeros((2, 4)), np.ones(4))
