@@ -14,7 +14,11 @@ case by case so that machine noise hits every arm alike. Arms:
   only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``;
 * with ``--z-batch N``: ``rome_zbatch`` / ``rome_sadr_zbatch``, the z of N independent requests
   optimised together (:func:`kelight.editors.zopt.optimise_zs`), then each ΔW; ``floor_zbatch``,
-  the plain forward + backward of those N requests' merged batch. Seconds are per request.
+  the plain forward + backward of those N requests' merged batch. Seconds are per request;
+* with ``--compile-floor``: ``floor_compiled``, the floor's forward + backward under
+  ``torch.compile`` (``reduce-overhead``, i.e. CUDA graphs, on a GPU; inductor's default on CPU),
+  compiled afresh for each request's shape; only the steady steps after two warm-up steps count
+  (the compile time is reported separately), so it is the floor a compiled z-step could reach.
 
 Model shapes: a real model (``smollm2-135m``, ``gemma3-270m``, a hub id) or a random-weight model
 of a real shape (``shape:llama3-8b``, ``shape:gptj-6b``; byte tokenizer, C = I), e.g. in bf16 on
@@ -76,13 +80,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _floor_loss(model, embeds: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    logits = head(model, hidden[rows, cols]).float()  # (N, V)
+    return logits.log_softmax(-1).gather(1, targets[:, None]).sum().neg()
+
+
 def floor_step(model, batch) -> None:
     """One plain forward + backward of ``batch`` (gradient to the input embeddings)."""
     embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)  # (B, T, D)
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                              use_cache=False).last_hidden_state
-    logits = head(model, hidden[batch.target_rows, batch.target_cols]).float()  # (N, V)
-    logits.log_softmax(-1).gather(1, batch.target_ids[:, None]).sum().neg().backward()
+    _floor_loss(model, embeds, batch.attention_mask, batch.target_rows, batch.target_cols, batch.target_ids).backward()
+
+
+def compiled_floor(model, batches, steps: int, device: torch.device, compile_seconds: list[float]) -> float:
+    """Steady seconds of ``steps`` compiled forward+backward steps per batch (compiled per batch shape;
+    the two warm-up steps that compile and record go to ``compile_seconds``)."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    total = 0.0
+    for batch in batches:
+        torch._dynamo.reset()  # one shape per request: compile afresh rather than hit the recompile limit
+        loss_fn = torch.compile(_floor_loss, mode=mode, dynamic=False)
+        embeds = model.get_input_embeddings()(batch.input_ids).detach()  # (B, T, D)
+        args = (batch.attention_mask, batch.target_rows, batch.target_cols, batch.target_ids)
+        for step in range(steps + 2):
+            if step == 2:
+                _sync(device)
+                t0 = time.perf_counter()
+            elif step < 2:
+                _sync(device)
+                w0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            x = embeds.clone().requires_grad_(True)
+            loss_fn(model, x, *args).backward()
+            if step < 2:
+                _sync(device)
+                compile_seconds.append(time.perf_counter() - w0)
+        _sync(device)
+        total += time.perf_counter() - t0
+    return total
 
 
 def arms(args, model, tok) -> dict[str, Callable]:
@@ -111,6 +148,14 @@ def arms(args, model, tok) -> dict[str, Callable]:
                 floor_step(model, batch)
 
     out = {"floor": floor, **out}
+    if args.compile_floor:
+        args.compile_seconds = []
+
+        def floor_compiled(rs) -> float:
+            batches = [build_rewrite_batch(tok, r, templates, device) for r in rs]
+            return compiled_floor(model, batches, args.steps, device, args.compile_seconds)
+
+        out["floor_compiled"] = floor_compiled
     if args.z_batch > 1:
         out.update(_zbatch_arms(args, model, tok, replace(z, z_batch=args.z_batch), common, templates))
     if mom2:  # MEMIT/PMET need C for their solve; shapes time ROME's family only
@@ -152,7 +197,8 @@ def _memit_once(model, tok, editor: MemitEditor, request) -> None:
 
 
 def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: torch.device) -> dict[str, float]:
-    """Mean seconds per request of each arm, arms interleaved group by group (after a warm-up group)."""
+    """Mean seconds per request of each arm, arms interleaved group by group (after a warm-up group).
+    An arm that returns a number has those seconds counted instead of its wall time."""
     for fn in arms_.values():
         fn(warmup)
     totals = dict.fromkeys(arms_, 0.0)
@@ -161,9 +207,9 @@ def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: 
         for name, fn in arms_.items():
             _sync(device)
             t0 = time.perf_counter()
-            fn(rs)
+            counted = fn(rs)
             _sync(device)
-            totals[name] += time.perf_counter() - t0
+            totals[name] += counted if isinstance(counted, float) else time.perf_counter() - t0
     return {name: total / len(requests) for name, total in totals.items()}
 
 
@@ -212,6 +258,8 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=0.08)
     parser.add_argument("--mom2-tokens", type=int, default=100_000)
     parser.add_argument("--z-batch", type=int, default=1, help="also time z of N requests optimised together")
+    parser.add_argument("--compile-floor", action="store_true",
+                        help="also time the floor under torch.compile (CUDA graphs on a GPU)")
     parser.add_argument("--data", default=str(default_data_root() / "counterfact_mix" / "dev.json"))
     parser.add_argument("--out", default="benchmarks/results/edit_speed.json")
     args = parser.parse_args()
@@ -236,6 +284,10 @@ def main() -> None:
             "row_kernel_speedup": seconds["rome_sadr_eager"] / seconds["rome_sadr"],
         },
     }
+    if args.compile_floor:
+        result["ratios"]["rome_over_compiled_floor"] = seconds["rome"] / seconds["floor_compiled"]
+        result["ratios"]["rome_sadr_over_compiled_floor"] = seconds["rome_sadr"] / seconds["floor_compiled"]
+        result["compile_seconds_per_request"] = sum(args.compile_seconds) / max(len(args.compile_seconds) / 2, 1)
     if group > 1:
         result["z_batch"] = group
         result["ratios"].update({
