@@ -15,6 +15,7 @@ keeps only its own edits (N independent edit sequences, not one).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -82,7 +83,7 @@ class EditModule(L.LightningModule):
         self.pending: list[tuple[EditCase, dict, float]] = []
         self.out_dir: Path | None = None  # the run directory (rank 0's under DDP)
         self.progress_seconds = 60.0  # log a progress line at most this often (long runs print nothing else)
-        self._last_progress = time.perf_counter()
+        self._last_progress = self._run_start = time.perf_counter()
 
     # ---- model and editor -------------------------------------------------------------
     def configure_model(self) -> None:
@@ -113,9 +114,21 @@ class EditModule(L.LightningModule):
         self.metrics.reset()
         self.source_metrics = {}
         self.case_rows, self.edit_seconds = [], []
+        self._run_start = time.perf_counter()
         self.pending: list[tuple[EditCase, dict, float]] = []
 
     # ---- fit: edit + evaluate ---------------------------------------------------------
+    def _log_progress(self, batch_size: int) -> None:
+        """One line: edits done of this process's total, mean edit seconds, wall time and what is left
+        at this pace (evaluation included, except in the sequential regime, which evaluates at the end)."""
+        done, n_batches = len(self.edit_seconds), self.trainer.num_training_batches
+        total = int(n_batches) * batch_size if math.isfinite(n_batches) else None
+        elapsed = time.perf_counter() - self._run_start
+        left = (f", about {elapsed / done * max(total - done, 0) / 60:.1f} min left" if total and done else "")
+        log.info("%d%s edits done (%s regime), %.2f s/edit on average, %.1f min so far%s", done,
+                 f"/{total}" if total else "", self.hparams.regime, sum(self.edit_seconds) / done, elapsed / 60,
+                 left)
+
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if not batch:
             return  # the padding slot of a shorter shard under DDP (PaddedShardSampler)
@@ -156,8 +169,7 @@ class EditModule(L.LightningModule):
         self.edit_seconds += [seconds] * len(cases)
         if time.perf_counter() - self._last_progress >= self.progress_seconds:
             self._last_progress = time.perf_counter()
-            log.info("%d edits done (%s regime), %.2f s/edit on average", len(self.edit_seconds),
-                     self.hparams.regime, sum(self.edit_seconds) / len(self.edit_seconds))
+            self._log_progress(len(cases))
         self.log("edit/seconds", seconds, on_step=True, batch_size=len(cases))
         self.log("edit/z_steps", sum(z.steps_run for z in info.z) / len(info.z), on_step=True, batch_size=1)
         self.log("edit/final_loss", sum(z.losses[-1] for z in info.z) / len(info.z), on_step=True, batch_size=1)

@@ -19,5 +19,6 @@ def test_long_runs_log_progress(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kelight.module"):
         trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=1, limit=3))
     lines = [r.getMessage() for r in caplog.records if "edits done" in r.getMessage()]
-    assert [line.split(" edits")[0] for line in lines] == ["1", "2", "3"]
+    assert [line.split(" edits")[0] for line in lines] == ["1/3", "2/3", "3/3"]  # done / this process's total
     assert "sequential regime" in lines[-1]
+    assert lines[0].endswith("min left") and lines[-1].endswith("about 0.0 min left")
