@@ -93,6 +93,12 @@ def floor_step(model, batch) -> None:
     _floor_loss(model, embeds, batch.attention_mask, batch.target_rows, batch.target_cols, batch.target_ids).backward()
 
 
+def _compiled_step(loss_fn: Callable, model, embeds: torch.Tensor, args: tuple, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # each step may reuse the CUDA graph's buffers
+    loss_fn(model, embeds.clone().requires_grad_(True), *args).backward()
+
+
 def compiled_floor(model, batches, steps: int, device: torch.device, compile_seconds: list[float]) -> float:
     """Steady seconds of ``steps`` compiled forward+backward steps per batch (compiled per batch shape;
     the two warm-up steps that compile and record go to ``compile_seconds``)."""
@@ -103,20 +109,16 @@ def compiled_floor(model, batches, steps: int, device: torch.device, compile_sec
         loss_fn = torch.compile(_floor_loss, mode=mode, dynamic=False)
         embeds = model.get_input_embeddings()(batch.input_ids).detach()  # (B, T, D)
         args = (batch.attention_mask, batch.target_rows, batch.target_cols, batch.target_ids)
-        for step in range(steps + 2):
-            if step == 2:
-                _sync(device)
-                t0 = time.perf_counter()
-            elif step < 2:
-                _sync(device)
-                w0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
-            x = embeds.clone().requires_grad_(True)
-            loss_fn(model, x, *args).backward()
-            if step < 2:
-                _sync(device)
-                compile_seconds.append(time.perf_counter() - w0)
+
+        for _ in range(2):  # compile, then record
+            _sync(device)
+            t0 = time.perf_counter()
+            _compiled_step(loss_fn, model, embeds, args, device)
+            _sync(device)
+            compile_seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _compiled_step(loss_fn, model, embeds, args, device)
         _sync(device)
         total += time.perf_counter() - t0
     return total

@@ -32,28 +32,34 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
-def pooled(percents: np.ndarray, counts: np.ndarray) -> float:
-    """Pooled percentage of per-case percentages weighted by their prompt counts (``Σ p·n / Σ n``),
-    i.e. what ``metrics.json`` reports; ``nan`` when no case has a prompt.
+def pooled(percents: np.ndarray, counts: np.ndarray) -> float | np.ndarray:
+    """Pooled percentage of per-case percentages weighted by their prompt counts (``Σ p·n / Σ n``
+    over the last axis), i.e. what ``metrics.json`` reports; ``nan`` where no case has a prompt.
 
     Example:
         >>> pooled(np.array([100.0, 0.0]), np.array([3, 1]))
         75.0
     """
-    total = float(np.sum(counts))
-    return float(np.sum(percents * counts) / total) if total > 0 else math.nan
+    percents, counts = np.asarray(percents, dtype=float), np.asarray(counts, dtype=float)
+    total = counts.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(total > 0, (percents * counts).sum(-1) / total, math.nan)
+    return float(out) if out.ndim == 0 else out
 
 
-def damage_won_back(none: float, without: float, with_: float) -> float:
+def damage_won_back(none: float | np.ndarray, without: float | np.ndarray,
+                    with_: float | np.ndarray) -> float | np.ndarray:
     """``(with − without) / (none − without)``: the share of the damage ``without`` did (relative to
-    the unedited ``none``) that ``with_`` wins back; ``nan`` when there was no damage.
+    the unedited ``none``) that ``with_`` wins back; ``nan`` where there was no damage. Element-wise.
 
     Example:
         >>> damage_won_back(80.0, 20.0, 35.0)
         0.25
     """
-    damage = none - without
-    return (with_ - without) / damage if abs(damage) > 1e-9 else math.nan
+    damage = np.asarray(none, dtype=float) - without
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(np.abs(damage) > 1e-9, (np.asarray(with_, dtype=float) - without) / damage, math.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 def won_back_interval(
@@ -73,25 +79,21 @@ def won_back_interval(
         ``(share, low, high)``; resamples without damage are dropped from the interval.
 
     Example:
-        >>> p = np.array([[100.0, 100.0], [0.0, 50.0], [50.0, 50.0]])
-        >>> won_back_interval(p, np.array([1, 1]))[0]
-        0.5
+        >>> p = np.array([[100.0, 100.0], [0.0, 50.0], [50.0, 50.0]])  # pooled: 100, 25, 50
+        >>> round(won_back_interval(p, np.array([1, 1]))[0], 4)
+        0.3333
     """
     percents, counts = np.asarray(percents, dtype=float), np.asarray(counts, dtype=float)
     if percents.ndim != 2 or percents.shape[0] != 3 or percents.shape[1] != counts.shape[0]:
         raise ValueError(f"expected percents (3, C) and counts (C,), got {percents.shape} and {counts.shape}")
     has = np.isfinite(percents).all(0) & (counts > 0)
     p, n = percents[:, has], counts[has]
-    share = damage_won_back(*(pooled(row, n) for row in p))
+    share = damage_won_back(*pooled(p, n))
     if p.shape[1] == 0:
         return share, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, p.shape[1], size=(n_resamples, p.shape[1]))  # (B, C) resampled cases
-    w = n[idx]  # (B, C)
-    rows = (p[:, idx] * w).sum(-1) / w.sum(-1)  # (3, B) pooled per resample
-    damage = rows[0] - rows[1]
-    keep = np.abs(damage) > 1e-9
-    shares = (rows[2, keep] - rows[1, keep]) / damage[keep]
+    idx = np.random.default_rng(seed).integers(0, p.shape[1], size=(n_resamples, p.shape[1]))  # (B, C) cases
+    shares = damage_won_back(*pooled(p[:, idx], n[idx]))  # (B,): rows pooled per resample
+    shares = shares[np.isfinite(shares)]
     if shares.size == 0:
         return share, math.nan, math.nan
     tail = 100.0 * (1.0 - level) / 2.0

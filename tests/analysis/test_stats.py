@@ -1,11 +1,13 @@
 """Pearson r and its p-value against closed forms of the t distribution; pooled scores and the
 case-bootstrap interval of the share of damage won back."""
 
+import doctest
 import math
 
 import numpy as np
 import pytest
 
+import kelight.analysis.stats
 from kelight.analysis.stats import damage_won_back, pearson, pooled, won_back_interval
 
 
@@ -77,3 +79,7 @@ def test_won_back_interval_matches_a_loop_reference_and_skips_cases_without_the_
 def test_won_back_interval_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"expected percents \(3, C\) and counts \(C,\)"):
         won_back_interval(np.zeros((2, 4)), np.ones(4))
+
+
+def test_doctests():
+    assert doctest.testmod(kelight.analysis.stats, raise_on_error=True).failed == 0
