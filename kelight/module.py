@@ -115,23 +115,29 @@ class EditModule(L.LightningModule):
         self.source_metrics = {}
         self.case_rows, self.edit_seconds = [], []
         self._run_start = time.perf_counter()
+        self._loader_batch = 1  # largest loader batch seen
         self.pending: list[tuple[EditCase, dict, float]] = []
 
     # ---- fit: edit + evaluate ---------------------------------------------------------
-    def _log_progress(self, batch_size: int) -> None:
+    def _log_progress(self) -> None:
         """One line: edits done of this process's total, mean edit seconds, wall time and what is left
         at this pace (evaluation included, except in the sequential regime, which evaluates at the end)."""
         done, n_batches = len(self.edit_seconds), self.trainer.num_training_batches
-        total = int(n_batches) * batch_size if math.isfinite(n_batches) else None
+        total = int(n_batches) * self._loader_batch if math.isfinite(n_batches) else None
         elapsed = time.perf_counter() - self._run_start
         left = (f", about {elapsed / done * max(total - done, 0) / 60:.1f} min left" if total and done else "")
         log.info("%d%s edits done (%s regime), %.2f s/edit on average, %.1f min so far%s", done,
                  f"/{total}" if total else "", self.hparams.regime, sum(self.edit_seconds) / done, elapsed / 60,
                  left)
 
+    def _edit_groups(self, batch: list[EditCase]) -> list[list[EditCase]]:
+        """The edits one loader batch makes: jointly in the batch regime, else one case at a time."""
+        return [batch] if self.hparams.regime == "batch" else [[case] for case in batch]
+
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if not batch:
             return  # the padding slot of a shorter shard under DDP (PaddedShardSampler)
+        self._loader_batch = max(self._loader_batch, len(batch))  # the progress line's total
         if self.hparams.regime == "single" and self.hparams.get("z_batch", 1) > 1 and len(batch) > 1:
             t0 = time.perf_counter()  # independent edits: their z's together, on the unedited weights
             zs = self.editor.compute_zs(self.lm, self.tok, [case.request for case in batch])
@@ -139,7 +145,7 @@ class EditModule(L.LightningModule):
             for case, z in zip(batch, zs, strict=True):
                 self._edit([case], zs=[z], extra_seconds=z_seconds)
         else:
-            for cases in [batch] if self.hparams.regime == "batch" else [[case] for case in batch]:
+            for cases in self._edit_groups(batch):
                 self._edit(cases)
         every = self.hparams.eval_every
         if self.hparams.regime == "sequential" and every and len(self.pending) % every == 0:
@@ -169,7 +175,7 @@ class EditModule(L.LightningModule):
         self.edit_seconds += [seconds] * len(cases)
         if time.perf_counter() - self._last_progress >= self.progress_seconds:
             self._last_progress = time.perf_counter()
-            self._log_progress(len(cases))
+            self._log_progress()
         self.log("edit/seconds", seconds, on_step=True, batch_size=len(cases))
         self.log("edit/z_steps", sum(z.steps_run for z in info.z) / len(info.z), on_step=True, batch_size=1)
         self.log("edit/final_loss", sum(z.losses[-1] for z in info.z) / len(info.z), on_step=True, batch_size=1)

@@ -158,6 +158,9 @@ class PathEdit(EditModule):
                 self.lm, list(self._batches.values()), (self.undo,), self.trainer.optimizers[0],
                 first=self.current_epoch == 0))
 
+    def _edit_groups(self, batch: list[EditCase]) -> list[list[EditCase]]:
+        return [batch]  # consecutive/single: each loader batch is one joint edit (batch_size 1: request by request)
+
     def training_step(self, batch: list[EditCase], batch_idx: int):
         if not self.batch_regime:
             return super().training_step(batch, batch_idx)

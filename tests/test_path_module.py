@@ -167,3 +167,21 @@ def test_batch_regime_refuses_several_processes():
     module._trainer = SimpleNamespace(world_size=2, max_epochs=1)
     with pytest.raises(ValueError, match="--trainer.devices 1"):
         module.setup("fit")
+
+
+@pytest.mark.parametrize("regime", ["consecutive", "single"])
+def test_per_batch_regimes_edit_each_loader_batch_jointly(tmp_path, monkeypatch, regime):
+    module = _module(regime=regime)
+    module.configure_model()
+    calls = []
+    original = module.editor.apply
+
+    def spy(model, tok, requests, undo):
+        calls.append([r.subject for r in requests])
+        return original(model, tok, requests, undo)
+
+    monkeypatch.setattr(module.editor, "apply", spy)
+    _fit(module, tmp_path, batch_size=2)
+    assert [len(c) for c in calls] == [2, 2]  # 4 cases, loader batches of 2: two joint edits
+    assert len({s for c in calls for s in c}) == 4
+    _assert_unedited(module.lm)
