@@ -147,12 +147,18 @@ class EditModule(L.LightningModule):
         else:
             for cases in self._edit_groups(batch):
                 self._edit(cases)
-        every = self.hparams.eval_every
-        if self.hparams.regime == "sequential" and every and len(self.pending) % every == 0:
-            partial = EditMetrics(sync_on_compute=False).to(self.device)  # this process's shard
-            for case, pre, _ in self.pending:
-                partial.update(self._evaluate(case, pre))
-            self.log_dict({f"seq/{k}": v for k, v in partial.compute().items()}, on_step=True, batch_size=1)
+                self._evaluate_so_far(len(cases))
+
+    def _evaluate_so_far(self, n_new: int) -> None:
+        """Sequential regime with ``eval_every`` N: log ``seq/*`` metrics of every case edited so far
+        whenever the number of edits reaches or passes a multiple of N (joint edits add several)."""
+        every, done = self.hparams.eval_every, len(self.pending)
+        if self.hparams.regime != "sequential" or not every or done // every == (done - n_new) // every:
+            return
+        partial = EditMetrics(sync_on_compute=False).to(self.device)  # this process's shard
+        for case, pre, _ in self.pending:
+            partial.update(self._evaluate(case, pre))
+        self.log_dict({f"seq/{k}": v for k, v in partial.compute().items()}, on_step=True, batch_size=1)
 
     def _evaluate(self, case: EditCase, pre: dict | None):
         return evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency, pre_locality=pre)

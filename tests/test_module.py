@@ -23,3 +23,29 @@ def test_long_runs_log_progress(tmp_path, caplog):
     assert [line.split(" edits")[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]  # done / this process's total
     assert "sequential regime" in lines[-1]
     assert lines[0].endswith("min left") and lines[-1].endswith("about 0.0 min left")
+
+
+def _seq_evaluations(tmp_path, module, batch_size: int) -> list[int]:
+    import lightning as L
+
+    from kelight.data.datamodule import EditDataModule
+
+    logged = []  # edits in place at each seq/* evaluation
+    original = module.log_dict
+    module.log_dict = lambda metrics, **kw: (logged.append(len(module.pending)), original(metrics, **kw))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=batch_size, limit=5))
+    return logged
+
+
+def test_sequential_eval_every_counts_edits_not_loader_batches(tmp_path):
+    from kelight.module import ROME
+    from kelight.path_module import PathEdit
+
+    rome = ROME(model_name="tiny:llama", layer=1, steps=2, context_templates=[], mom2_adjustment=False,
+                fluency=False, regime="sequential", eval_every=2)
+    assert _seq_evaluations(tmp_path / "rome", rome, batch_size=3) == [2, 4]  # after edits 2 and 4 of 5
+    path = PathEdit(model_name="tiny:llama", fluency=False, path_size=4, epochs=2, lr=1e-2, regime="consecutive",
+                    eval_every=3)
+    assert _seq_evaluations(tmp_path / "path", path, batch_size=2) == [4]  # joint edits of 2: 2, 4 (passes 3), 5
