@@ -3,8 +3,9 @@
 Regimes:
 
 ``batch`` (PAC's setting)
-    Lightning's own loop, automatic optimisation: one epoch = one pass over the edit set in loader
-    batches of ``--data.batch_size`` requests (PAC: 2); ``--model.epochs`` epochs (PAC: 12; the
+    Lightning's own loop, automatic optimisation: one epoch = one pass over the edit set in batches
+    of ``--data.batch_size`` requests (PAC: 2), in a fresh seeded order each epoch as in PAC
+    (``--model.reshuffle false``: the loader's batches every epoch); ``--model.epochs`` epochs (PAC: 12; the
     module sets the trainer's ``max_epochs`` to it, the CLI default of 1 being meant for one-pass
     editors). The only parameters given to Adam are the path deltas. Paths are traced over the
     whole set on the unedited model before epoch 0 and re-traced every ``eta`` epochs. At the end
@@ -49,6 +50,27 @@ def _key(cases: list[EditCase]) -> tuple:
     return tuple(case.case_id for case in cases)
 
 
+def epoch_batches(n_cases: int, batch_size: int, epochs: int, seed: int | None) -> list[list[list[int]]]:
+    """Case indices of every loader batch of every epoch: ``[epoch][batch] -> indices``.
+
+    ``seed`` ``None`` keeps the loader's order every epoch; otherwise each epoch is a fresh seeded
+    permutation cut into batches of ``batch_size`` (PAC reshuffles its edit set every epoch).
+
+    >>> epoch_batches(5, 2, 1, None)
+    [[[0, 1], [2, 3], [4]]]
+    >>> [sorted(i for b in epoch for i in b) for epoch in epoch_batches(5, 2, 3, seed=0)]
+    [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    """
+    if n_cases < 1 or batch_size < 1 or epochs < 1:
+        raise ValueError(f"expected positive n_cases, batch_size and epochs, got {n_cases}, {batch_size}, {epochs}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = []
+    for _ in range(epochs):
+        order = torch.randperm(n_cases, generator=generator).tolist() if generator else list(range(n_cases))
+        out.append([order[i : i + batch_size] for i in range(0, n_cases, batch_size)])
+    return out
+
+
 class PathEdit(EditModule):
     """PathEdit (PAC, Zhai et al. ACL 2025): critical paths across all layers + contrastive rectification.
 
@@ -64,6 +86,9 @@ class PathEdit(EditModule):
         sadr_gamma: γ of the SADR attention-drift term on the NLL forward (0 = off); layers ≥ 1.
         layer_weighting: exponent of the layer-aware weighting of the critical path (0 = PAC's
             uniform; 1 = each layer's step ∝ its paths' mean impact score).
+        reshuffle: batch regime: draw a fresh seeded order of the edit set, and so new loader
+            batches, every epoch, as PAC does (``false``: the loader's fixed batches every epoch).
+        shuffle_seed: seed of those orders.
         regime: ``batch`` (default, PAC), ``consecutive``/``sequential`` or ``single``.
         **kwargs: :class:`~kelight.module.EditModule` arguments.
     """
@@ -78,6 +103,8 @@ class PathEdit(EditModule):
         epochs: int = 12,
         sadr_gamma: float = 0.0,
         layer_weighting: float = 0.0,
+        reshuffle: bool = True,
+        shuffle_seed: int = 0,
         regime: PathRegime = "batch",
         **kwargs,
     ) -> None:
@@ -138,13 +165,19 @@ class PathEdit(EditModule):
             self._guarded(self._prepare_batches)
 
     def _prepare_batches(self) -> None:
-        """Pre-edit references of every loader batch: locality, contrastive targets, SADR attention."""
+        """Pre-edit references of every batch of every epoch (on the unedited model): locality,
+        contrastive targets, SADR attention."""
         self._t0 = time.perf_counter()
         loader_batches = [list(b) for b in self.trainer.train_dataloader]
         self._cases = [case for b in loader_batches for case in b]
         self._pres = [locality_reference(self.lm, self.tok, case) for case in self._cases]
         device = self.path_deltas.key_pos.device
-        self._batches = {_key(b): build_path_batch(self.tok, [c.request for c in b], device) for b in loader_batches}
+        seed = self.hparams.shuffle_seed if self.hparams.reshuffle else None
+        self._epoch_keys = [[_key([self._cases[i] for i in b]) for b in epoch] for epoch in epoch_batches(
+            len(self._cases), len(loader_batches[0]), self.path_hparams.epochs, seed)]
+        by_id = {case.case_id: case for case in self._cases}
+        self._batches = {key: build_path_batch(self.tok, [by_id[i].request for i in key], device)
+                         for epoch in self._epoch_keys for key in epoch}
         self._refs = {k: self.editor.reference_ids(self.lm, b) for k, b in self._batches.items()}
         self._sadr = {k: sadr_terms(self.hparams.sadr_gamma, 1) for k in self._batches}
         self._stack.enter_context(attention_implementation(self.lm, "eager" if self.hparams.sadr_gamma else None))
@@ -154,9 +187,9 @@ class PathEdit(EditModule):
 
     def on_train_epoch_start(self) -> None:
         if self.batch_regime and self.current_epoch % self.path_hparams.eta == 0:
-            self._guarded(lambda: self.editor.retrace(
-                self.lm, list(self._batches.values()), (self.undo,), self.trainer.optimizers[0],
-                first=self.current_epoch == 0))
+            self._guarded(lambda: self.editor.retrace(  # over this epoch's batches: the whole edit set once
+                self.lm, [self._batches[k] for k in self._epoch_keys[self.current_epoch]], (self.undo,),
+                self.trainer.optimizers[0], first=self.current_epoch == 0))
 
     def _edit_groups(self, batch: list[EditCase]) -> list[list[EditCase]]:
         return [batch]  # consecutive/single: each loader batch is one joint edit (batch_size 1: request by request)
@@ -166,7 +199,10 @@ class PathEdit(EditModule):
             return super().training_step(batch, batch_idx)
         if not batch:
             return None  # an empty padding slot (no step)
-        key = _key(batch)
+        key = self._epoch_keys[self.current_epoch][batch_idx]  # this epoch's order (the loader's if not reshuffled)
+        if len(key) != len(batch):
+            raise RuntimeError(f"loader batch {batch_idx} has {len(batch)} cases but this epoch's batch has "
+                               f"{len(key)}; the edit set changed after training started")
         loss = self._guarded(lambda: self.editor.loss(
             self.lm, self._batches[key], self._refs[key], self._sadr[key], step=self.global_step + 1))
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=len(batch))

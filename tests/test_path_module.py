@@ -1,6 +1,7 @@
 """PathEdit as a LightningModule: the CLI writes the contract in every regime, Lightning trains
 only the path deltas, masked weights stay bit-identical, errors and the end of fit restore."""
 
+import doctest
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+import kelight.path_module
 from kelight.analysis.path_importance import ranked_importance, save_path_importance
 from kelight.cli import run
 from kelight.data import EditDataModule
@@ -184,4 +186,40 @@ def test_per_batch_regimes_edit_each_loader_batch_jointly(tmp_path, monkeypatch,
     _fit(module, tmp_path, batch_size=2)
     assert [len(c) for c in calls] == [2, 2]  # 4 cases, loader batches of 2: two joint edits
     assert len({s for c in calls for s in c}) == 4
+    _assert_unedited(module.lm)
+
+
+def test_epoch_batches_cover_the_set_each_epoch():
+    from kelight.path_module import epoch_batches
+
+    fixed = epoch_batches(7, 3, 4, seed=None)
+    assert fixed == [[[0, 1, 2], [3, 4, 5], [6]]] * 4
+    shuffled = epoch_batches(7, 3, 4, seed=0)
+    assert shuffled == epoch_batches(7, 3, 4, seed=0)  # seeded: reproducible
+    for epoch in shuffled:
+        assert [len(b) for b in epoch] == [3, 3, 1] and sorted(i for b in epoch for i in b) == list(range(7))
+    assert len({tuple(map(tuple, epoch)) for epoch in shuffled}) > 1  # the order changes between epochs
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch_batches(7, 0, 4, seed=0)
+    assert doctest.testmod(kelight.path_module, raise_on_error=True).failed == 0
+
+
+@pytest.mark.parametrize("reshuffle", [True, False])
+def test_batch_regime_trains_on_each_epochs_batches(tmp_path, monkeypatch, reshuffle):
+    module = _module(reshuffle=reshuffle, shuffle_seed=3)
+    module.configure_model()
+    seen = []
+    original = module.editor.loss
+
+    def spy(model, batch, *args, **kwargs):
+        seen.append(next(k for k, b in module._batches.items() if b is batch))
+        return original(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(module.editor, "loss", spy)
+    _fit(module, tmp_path, batch_size=2)
+    assert seen == [key for epoch in module._epoch_keys for key in epoch]  # 4 epochs × 2 batches
+    epochs = [sorted(i for key in epoch for i in key) for epoch in module._epoch_keys]
+    assert len(module._epoch_keys) == 4 and all(e == epochs[0] for e in epochs)  # every case once per epoch
+    compositions = {frozenset(key) for key in seen}
+    assert (len(compositions) > 2) == reshuffle  # fixed: the loader's two batches; reshuffled: new pairs
     _assert_unedited(module.lm)
