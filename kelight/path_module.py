@@ -88,6 +88,8 @@ class PathEdit(EditModule):
             uniform; 1 = each layer's step ∝ its paths' mean impact score).
         reshuffle: batch regime: draw a fresh seeded order of the edit set, and so new loader
             batches, every epoch, as PAC does (``false``: the loader's fixed batches every epoch).
+            The references of every epoch's batches are made up front (with SADR, its records
+            of the unedited attention too: memory grows with epochs × batches).
         shuffle_seed: seed of those orders.
         regime: ``batch`` (default, PAC), ``consecutive``/``sequential`` or ``single``.
         **kwargs: :class:`~kelight.module.EditModule` arguments.
@@ -116,6 +118,10 @@ class PathEdit(EditModule):
                                         layer_weighting=layer_weighting)
         if not sadr_gamma >= 0:  # NaN included
             raise ValueError(f"expected sadr_gamma ≥ 0, got {sadr_gamma}")
+        if not isinstance(reshuffle, bool):
+            raise ValueError(f"expected reshuffle to be true or false, got {reshuffle!r}")
+        if not isinstance(shuffle_seed, int) or isinstance(shuffle_seed, bool) or shuffle_seed < 0:
+            raise ValueError(f"expected shuffle_seed to be a non-negative integer, got {shuffle_seed!r}")
         self.automatic_optimization = self.hparams.regime == "batch"
         self.path_deltas = None  # the only trainable parameters, registered in configure_model
         self._stack = ExitStack()

@@ -142,6 +142,10 @@ def test_bad_arguments_fail_at_construction():
         PathEdit(model_name="tiny:llama", sadr_gamma=-1.0)
     with pytest.raises(ValueError, match="regime"):
         PathEdit(model_name="tiny:llama", regime="sometimes")
+    with pytest.raises(ValueError, match="reshuffle"):
+        PathEdit(model_name="tiny:llama", reshuffle="yes")
+    with pytest.raises(ValueError, match="shuffle_seed"):
+        PathEdit(model_name="tiny:llama", shuffle_seed=-1)
     module = PathEdit(model_name="tiny:llama", path_size=96)
     with pytest.raises(ValueError, match="exceeds the FFN width"):
         module.configure_model()
