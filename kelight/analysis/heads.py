@@ -33,7 +33,7 @@ def selection_fractions(sadr: SADR) -> torch.Tensor:
     """``(S, L', H)``: fraction of rewriting prompts selecting each head at each step of the last edit."""
     if not sadr.selected or sadr.vanilla is None:
         raise ValueError("SADR has not run yet; edit with it first")
-    return torch.stack(sadr.selected).float() / sadr.vanilla.shape[1]
+    return torch.stack(sadr.selected).float().cpu() / sadr.vanilla.shape[1]
 
 
 def head_selection(

@@ -95,7 +95,7 @@ class SADR:
             self.selected = []
         subject_keys = batch.subject_pos[: batch.n_rewrite] + batch.key_offset  # key columns of the subjects
         per_prompt, mask = sadr_per_prompt_loss(self.vanilla, current, subject_keys, selective=self.selective)
-        self.selected.append(mask.detach().sum(dim=(1,)).cpu())  # (L', H) prompts selecting each head
+        self.selected.append(mask.detach().sum(dim=(1,)))  # (L', H) prompts selecting each head; no host sync
         return self.gamma * per_prompt.view(batch.n_requests, -1).mean(1)  # (R,) one term per request
 
 
