@@ -4,7 +4,8 @@ The z optimisation is a manual inner loop (``automatic_optimization = False``); 
 optimiser per edit. Regimes: ``single`` restores the weights (bit-exact) after evaluating each
 case; ``batch`` edits a loader batch jointly (MEMIT/PMET; ROME applies them in turn), evaluates
 and restores; ``sequential`` keeps every edit and evaluates all cases at the end (optionally every N
-edits), then restores the model when the fit ends.
+edits), then restores the model when the fit ends. Locality always compares against the unedited
+model's predictions (recorded before the first edit in the sequential regime), as EasyEdit and PAC do.
 
 Several processes (``--trainer.devices N --trainer.strategy ddp``, :mod:`kelight.distributed`) each
 edit their own shard of the cases; the metrics, ``n_cases``, ``seconds_per_edit`` and ``cases.jsonl``
@@ -116,6 +117,7 @@ class EditModule(L.LightningModule):
         self.case_rows, self.edit_seconds = [], []
         self._run_start = time.perf_counter()
         self._loader_batch = 1  # largest loader batch seen
+        self._unedited_locality: dict = {}  # sequential regime: case id -> unedited locality predictions
         self.pending: list[tuple[EditCase, dict, float]] = []
 
     # ---- fit: edit + evaluate ---------------------------------------------------------
@@ -129,6 +131,19 @@ class EditModule(L.LightningModule):
         log.info("%d%s edits done (%s regime), %.2f s/edit on average, %.1f min so far%s", done,
                  f"/{total}" if total else "", self.hparams.regime, sum(self.edit_seconds) / done, elapsed / 60,
                  left)
+
+    def on_train_start(self) -> None:
+        if self.hparams.regime == "sequential":  # before the first edit: every case's unedited predictions
+            self._unedited_locality = {case.case_id: locality_reference(self.lm, self.tok, case)
+                                       for batch in self.trainer.train_dataloader for case in batch if case}
+
+    def _locality_reference(self, case: EditCase) -> dict:
+        """The predictions a case's Locality compares against: the unedited model's, also in the sequential
+        regime, where the model before this case's edit already holds the earlier edits (EasyEdit and
+        PAC score consecutive editing against the unedited model; damage done by earlier edits counts)."""
+        if self.hparams.regime == "sequential":
+            return self._unedited_locality[case.case_id]
+        return locality_reference(self.lm, self.tok, case)
 
     def _edit_groups(self, batch: list[EditCase]) -> list[list[EditCase]]:
         """The edits one loader batch makes: jointly in the batch regime, else one case at a time."""
@@ -168,7 +183,7 @@ class EditModule(L.LightningModule):
 
         ``zs``: value vectors already optimised for ``cases`` (``z_batch``), taking ``extra_seconds`` per edit.
         """
-        pres = [locality_reference(self.lm, self.tok, case) for case in cases]
+        pres = [self._locality_reference(case) for case in cases]
         t0 = time.perf_counter()
         try:
             requests = [case.request for case in cases]

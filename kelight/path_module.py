@@ -169,6 +169,8 @@ class PathEdit(EditModule):
     def on_train_start(self) -> None:
         if self.batch_regime:
             self._guarded(self._prepare_batches)
+        else:
+            super().on_train_start()
 
     def _prepare_batches(self) -> None:
         """Pre-edit references of every batch of every epoch (on the unedited model): locality,

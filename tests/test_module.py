@@ -49,3 +49,52 @@ def test_sequential_eval_every_counts_edits_not_loader_batches(tmp_path):
     path = PathEdit(model_name="tiny:llama", fluency=False, path_size=4, epochs=2, lr=1e-2, regime="consecutive",
                     eval_every=3)
     assert _seq_evaluations(tmp_path / "path", path, batch_size=2) == [4]  # joint edits of 2: 2, 4 (passes 3), 5
+
+
+EDIT_CASES = [
+    {"case_id": 0, "prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "Rome",
+     "ground_truth": "Paris", "rephrase_prompt": "Where is the Eiffel Tower? In",
+     "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"},
+    {"case_id": 1, "prompt": "Mount Fuji is in", "subject": "Mount Fuji", "target_new": "Peru",
+     "ground_truth": "Japan", "rephrase_prompt": "Fuji, the mountain, is in",
+     "locality_prompt": "Kyoto is in", "locality_ground_truth": "Japan"},
+    {"case_id": 2, "prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English",
+     "ground_truth": "French", "rephrase_prompt": "The language of Danielle Darrieux is",
+     "locality_prompt": "Michel Rocard speaks", "locality_ground_truth": "French"},
+]
+
+
+def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypatch):
+    import json
+
+    import lightning as L
+    import torch
+
+    import kelight.module as km
+    from kelight.data.datamodule import EditDataModule
+    from kelight.models.tiny import tiny_model
+
+    events, seen = [], {}
+    real_reference = km.locality_reference
+
+    def reference(model, tok, case, *args, **kwargs):
+        events.append("reference")
+        return real_reference(model, tok, case, *args, **kwargs)
+
+    monkeypatch.setattr(km, "locality_reference", reference)
+    module = km.ROME(model_name="tiny:llama", layer=1, steps=5, lr=1.0, context_templates=[], mom2_adjustment=False,
+                     fluency=False, regime="sequential")
+    real_apply, real_evaluate = km.RomeEditor.apply, module._evaluate
+    monkeypatch.setattr(km.RomeEditor, "apply", lambda *a, **k: (events.append("edit"), real_apply(*a, **k))[1])
+    monkeypatch.setattr(module, "_evaluate", lambda case, pre: (seen.__setitem__(case.case_id, pre),
+                                                                 real_evaluate(case, pre))[1])
+    path = tmp_path / "edit.json"
+    path.write_text(json.dumps(EDIT_CASES))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=EditDataModule(path=str(path), format="counterfact_edit", batch_size=1))
+    assert events == ["reference"] * 3 + ["edit"] * 3  # every reference before the first edit
+    fresh, tok = tiny_model("llama")
+    for case in trainer.datamodule.cases:
+        expected = real_reference(fresh, tok, case)["locality"]
+        assert all(torch.equal(a, b) for a, b in zip(seen[case.case_id]["locality"], expected, strict=True))
