@@ -29,3 +29,17 @@ def tiny(request):
 
 # Tiny-model forwards are dominated by thread hand-off on small CPUs; one thread is ~40x faster.
 torch.set_num_threads(1)
+
+
+# three requests in the counterfact_edit format (EasyEdit's), for regime and metric tests
+COUNTERFACT_EDIT_CASES = [
+    {"case_id": 0, "prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "Rome",
+     "ground_truth": "Paris", "rephrase_prompt": "Where is the Eiffel Tower? In",
+     "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"},
+    {"case_id": 1, "prompt": "Mount Fuji is in", "subject": "Mount Fuji", "target_new": "Peru",
+     "ground_truth": "Japan", "rephrase_prompt": "Fuji, the mountain, is in",
+     "locality_prompt": "Kyoto is in", "locality_ground_truth": "Japan"},
+    {"case_id": 2, "prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English",
+     "ground_truth": "French", "rephrase_prompt": "The language of Danielle Darrieux is",
+     "locality_prompt": "Michel Rocard speaks", "locality_ground_truth": "French"},
+]

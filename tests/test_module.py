@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.conftest import COUNTERFACT_EDIT_CASES
+
 
 def test_long_runs_log_progress(tmp_path, caplog):
     import logging
@@ -51,17 +53,6 @@ def test_sequential_eval_every_counts_edits_not_loader_batches(tmp_path):
     assert _seq_evaluations(tmp_path / "path", path, batch_size=2) == [4]  # joint edits of 2: 2, 4 (passes 3), 5
 
 
-EDIT_CASES = [
-    {"case_id": 0, "prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "Rome",
-     "ground_truth": "Paris", "rephrase_prompt": "Where is the Eiffel Tower? In",
-     "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"},
-    {"case_id": 1, "prompt": "Mount Fuji is in", "subject": "Mount Fuji", "target_new": "Peru",
-     "ground_truth": "Japan", "rephrase_prompt": "Fuji, the mountain, is in",
-     "locality_prompt": "Kyoto is in", "locality_ground_truth": "Japan"},
-    {"case_id": 2, "prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English",
-     "ground_truth": "French", "rephrase_prompt": "The language of Danielle Darrieux is",
-     "locality_prompt": "Michel Rocard speaks", "locality_ground_truth": "French"},
-]
 
 
 def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypatch):
@@ -89,7 +80,7 @@ def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypa
     monkeypatch.setattr(module, "_evaluate", lambda case, pre: (seen.__setitem__(case.case_id, pre),
                                                                  real_evaluate(case, pre))[1])
     path = tmp_path / "edit.json"
-    path.write_text(json.dumps(EDIT_CASES))
+    path.write_text(json.dumps(COUNTERFACT_EDIT_CASES))
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=EditDataModule(path=str(path), format="counterfact_edit", batch_size=1))

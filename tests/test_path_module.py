@@ -17,19 +17,9 @@ from kelight.editors.path_deltas import PathSelection
 from kelight.editors.pathedit import select_paths
 from kelight.models.tiny import tiny_model
 from kelight.path_module import PathEdit
+from tests.conftest import COUNTERFACT_EDIT_CASES as DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = [
-    {"case_id": 0, "prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "Rome",
-     "ground_truth": "Paris", "rephrase_prompt": "Where is the Eiffel Tower? In",
-     "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"},
-    {"case_id": 1, "prompt": "Mount Fuji is in", "subject": "Mount Fuji", "target_new": "Peru",
-     "ground_truth": "Japan", "rephrase_prompt": "Fuji, the mountain, is in",
-     "locality_prompt": "Kyoto is in", "locality_ground_truth": "Japan"},
-    {"case_id": 2, "prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English",
-     "ground_truth": "French", "rephrase_prompt": "The language of Danielle Darrieux is",
-     "locality_prompt": "Michel Rocard speaks", "locality_ground_truth": "French"},
-]
 TINY = ["--model.model_name", "tiny:llama", "--model.path_size", "4", "--model.lr", "0.01", "--model.epochs", "4",
         "--model.fluency", "false", "--trainer.enable_progress_bar", "false"]
 
