@@ -21,25 +21,9 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-
-def block_means(values: list[float], block: int) -> list[float]:
-    """Mean of each run of ``block`` consecutive values (the last block may be shorter); NaN-free blocks only
-    count their finite values, an all-missing block is ``nan``.
-
-    >>> block_means([1.0, 3.0, 5.0, math.nan, 9.0], 2)
-    [2.0, 5.0, 9.0]
-    """
-    if block < 1:
-        raise ValueError(f"expected block ≥ 1, got {block}")
-    out = []
-    for start in range(0, len(values), block):
-        chunk = np.asarray(values[start : start + block], dtype=float)
-        chunk = chunk[np.isfinite(chunk)]
-        out.append(float(chunk.mean()) if chunk.size else math.nan)
-    return out
+from kelight.analysis.stats import block_means
 
 
 def read_run(run: Path) -> tuple[list[dict], dict]:

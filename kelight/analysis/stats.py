@@ -99,3 +99,21 @@ def won_back_interval(
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(shares, [tail, 100.0 - tail])
     return share, float(low), float(high)
+
+
+def block_means(values: list[float], block: int) -> list[float]:
+    """Mean of each run of ``block`` consecutive values (the last block may be shorter), over the finite
+    values only (a case without the metric is skipped); ``nan`` for a block with none.
+
+    Example:
+        >>> block_means([1.0, 3.0, 5.0, math.nan, 9.0], 2)
+        [2.0, 5.0, 9.0]
+    """
+    if block < 1:
+        raise ValueError(f"expected block ≥ 1, got {block}")
+    out = []
+    for start in range(0, len(values), block):
+        chunk = np.asarray(values[start : start + block], dtype=float)
+        chunk = chunk[np.isfinite(chunk)]
+        out.append(float(chunk.mean()) if chunk.size else math.nan)
+    return out

@@ -83,3 +83,15 @@ def test_won_back_interval_rejects_mismatched_shapes():
 
 def test_doctests():
     assert doctest.testmod(kelight.analysis.stats, raise_on_error=True).failed == 0
+
+
+def test_block_means_skip_missing_values_and_reject_bad_blocks():
+    import math
+
+    from kelight.analysis.stats import block_means
+
+    assert block_means([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.5, 3.5, 5.0]  # the last block is shorter
+    out = block_means([math.nan, math.nan, 4.0], 2)
+    assert math.isnan(out[0]) and out[1] == 4.0  # a block with no value is nan, not 0
+    with pytest.raises(ValueError, match="block"):
+        block_means([1.0], 0)
