@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -116,7 +117,6 @@ class EditModule(L.LightningModule):
         self.source_metrics = {}
         self.case_rows, self.edit_seconds = [], []
         self._run_start = time.perf_counter()
-        self._loader_batch = 1  # largest loader batch seen
         self._unedited_locality: dict = {}  # sequential regime: case id -> unedited locality predictions
         self.pending: list[tuple[EditCase, dict, float]] = []
 
@@ -125,7 +125,8 @@ class EditModule(L.LightningModule):
         """One line: edits done of this process's total, mean edit seconds, wall time and what is left
         at this pace (evaluation included, except in the sequential regime, which evaluates at the end)."""
         done, n_batches = len(self.edit_seconds), self.trainer.num_training_batches
-        total = int(n_batches) * self._loader_batch if math.isfinite(n_batches) else None
+        batch_size = getattr(self.trainer.train_dataloader, "batch_size", None) or 1  # cases, not loader batches
+        total = int(n_batches) * batch_size if math.isfinite(n_batches) else None
         elapsed = time.perf_counter() - self._run_start
         left = (f", about {elapsed / done * max(total - done, 0) / 60:.1f} min left" if total and done else "")
         log.info("%d%s edits done (%s regime), %.2f s/edit on average, %.1f min so far%s", done,
@@ -133,9 +134,13 @@ class EditModule(L.LightningModule):
                  left)
 
     def on_train_start(self) -> None:
-        if self.hparams.regime == "sequential":  # before the first edit: every case's unedited predictions
-            self._unedited_locality = {case.case_id: locality_reference(self.lm, self.tok, case)
-                                       for batch in self.trainer.train_dataloader for case in batch if case}
+        if self.hparams.regime == "sequential":
+            self._record_unedited_locality(case for batch in self.trainer.train_dataloader for case in batch if case)
+
+    def _record_unedited_locality(self, cases: Iterable[EditCase]) -> None:
+        """Every case's locality predictions on the unedited model, before the first edit (for the
+        regimes that keep their edits until all cases are evaluated)."""
+        self._unedited_locality = {case.case_id: locality_reference(self.lm, self.tok, case) for case in cases}
 
     def _locality_reference(self, case: EditCase) -> dict:
         """The predictions a case's Locality compares against: the unedited model's, also in the sequential
@@ -152,7 +157,6 @@ class EditModule(L.LightningModule):
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if not batch:
             return  # the padding slot of a shorter shard under DDP (PaddedShardSampler)
-        self._loader_batch = max(self._loader_batch, len(batch))  # the progress line's total
         if self.hparams.regime == "single" and self.hparams.get("z_batch", 1) > 1 and len(batch) > 1:
             t0 = time.perf_counter()  # independent edits: their z's together, on the unedited weights
             zs = self.editor.compute_zs(self.lm, self.tok, [case.request for case in batch])

@@ -36,7 +36,6 @@ import torch
 
 from kelight.analysis.path_importance import save_path_importance
 from kelight.editors.pathedit import PathEditor, PathHParams, build_path_batch
-from kelight.evaluation import locality_reference
 from kelight.lm import attention_implementation
 from kelight.module import EditModule
 from kelight.objectives.sadr import sadr_terms
@@ -178,14 +177,16 @@ class PathEdit(EditModule):
         self._t0 = time.perf_counter()
         loader_batches = [list(b) for b in self.trainer.train_dataloader]
         self._cases = [case for b in loader_batches for case in b]
-        self._pres = [locality_reference(self.lm, self.tok, case) for case in self._cases]
+        self._record_unedited_locality(self._cases)
         device = self.path_deltas.key_pos.device
         seed = self.hparams.shuffle_seed if self.hparams.reshuffle else None
-        self._epoch_keys = [[_key([self._cases[i] for i in b]) for b in epoch] for epoch in epoch_batches(
+        epochs = [[[self._cases[i] for i in b] for b in epoch] for epoch in epoch_batches(
             len(self._cases), len(loader_batches[0]), self.path_hparams.epochs, seed)]
-        by_id = {case.case_id: case for case in self._cases}
-        self._batches = {key: build_path_batch(self.tok, [by_id[i].request for i in key], device)
-                         for epoch in self._epoch_keys for key in epoch}
+        self._epoch_keys = [[_key(b) for b in epoch] for epoch in epochs]
+        self._batches = {}  # one per distinct batch (without reshuffling, every epoch's are the same)
+        for b in (b for epoch in epochs for b in epoch):
+            if _key(b) not in self._batches:
+                self._batches[_key(b)] = build_path_batch(self.tok, [c.request for c in b], device)
         self._refs = {k: self.editor.reference_ids(self.lm, b) for k, b in self._batches.items()}
         self._sadr = {k: sadr_terms(self.hparams.sadr_gamma, 1) for k in self._batches}
         self._stack.enter_context(attention_implementation(self.lm, "eager" if self.hparams.sadr_gamma else None))
@@ -228,8 +229,8 @@ class PathEdit(EditModule):
         self._stack.close()  # hooks off, attention back: evaluate the edited weights themselves
         seconds = (time.perf_counter() - self._t0) / len(self._cases)  # tracing + training, per edit
         self.edit_seconds = [seconds] * len(self._cases)
-        for case, pre in zip(self._cases, self._pres, strict=True):
-            self._record(case, self._evaluate(case, pre), seconds)
+        for case in self._cases:
+            self._record(case, self._evaluate(case, self._unedited_locality[case.case_id]), seconds)
         self._finish("fit")
         self._save_importance()
 
