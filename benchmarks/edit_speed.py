@@ -18,7 +18,13 @@ case by case so that machine noise hits every arm alike. Arms:
 * with ``--compile-floor``: ``floor_compiled``, the floor's forward + backward under
   ``torch.compile`` (``reduce-overhead``, i.e. CUDA graphs, on a GPU; inductor's default on CPU),
   compiled afresh for each request's shape; only the steady steps after two warm-up steps count
-  (the compile time is reported separately), so it is the floor a compiled z-step could reach.
+  (the compile time is reported separately), so it is the floor a compiled z-step could reach;
+  with ``--z-batch N`` also ``floor_zbatch_compiled``, the same for the merged batch of N requests
+  (one compile per group).
+
+``--arms`` keeps only the named arms (a GPU acceptance run on an 8B shape cannot afford all of them
+in one 10-minute call). Arms that edit one request at a time warm up on one request, group arms on
+one group; compiled arms compile and record inside their own call and count only steady steps.
 
 Model shapes: a real model (``smollm2-135m``, ``gemma3-270m``, a hub id) or a random-weight model
 of a real shape (``shape:llama3-8b``, ``shape:gptj-6b``; byte tokenizer, C = I), e.g. in bf16 on
@@ -26,7 +32,8 @@ a GPU — timing needs no trained weights.
 
 Examples:
     python benchmarks/edit_speed.py --cases 3 --steps 20                       # CPU, SmolLM2
-    python benchmarks/edit_speed.py --model shape:llama3-8b --dtype bfloat16 --steps 80 --layer 5
+    python benchmarks/edit_speed.py --model shape:llama3-8b --tokenizer .devdata/tok_smollm2 --dtype bfloat16 \
+        --steps 80 --layer 5 --z-batch 8 --cases 8 --arms rome_zbatch,rome_sadr_zbatch,floor_zbatch
 """
 
 from __future__ import annotations
@@ -57,14 +64,17 @@ SHAPES = {  # real model shapes with random weights
     "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
     "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400, n_positions=2048)),
+    "llama-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8,  # dry runs on CPU
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152)),
 }
 
 
-def load_model(name: str, dtype: str, device: str):
-    """A real model, or ``shape:<name>``: random weights of that shape with the byte tokenizer."""
+def load_model(name: str, dtype: str, device: str, tokenizer: str | None = None):
+    """A real model, or ``shape:<name>``: random weights of that shape with ``tokenizer`` (a saved
+    tokenizer directory; default the byte tokenizer, whose prompts are ~4x longer than BPE's)."""
     if not name.startswith("shape:"):
         return load(name, dtype=dtype, device=device)
-    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     from kelight.models.tiny import byte_tokenizer  # noqa: PLC0415
 
@@ -72,7 +82,13 @@ def load_model(name: str, dtype: str, device: str):
     config = AutoConfig.for_model(family, **kwargs)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    return model.eval().requires_grad_(False), byte_tokenizer()
+    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else byte_tokenizer()
+    if len(tok) > config.vocab_size:
+        raise SystemExit(f"tokenizer {tokenizer!r} has {len(tok)} tokens, more than {name}'s vocabulary "
+                         f"({config.vocab_size}); use a smaller one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.eval().requires_grad_(False), tok
 
 
 def _sync(device: torch.device) -> None:
@@ -187,7 +203,25 @@ def _zbatch_arms(args, model, tok, z: ZConfig, common: dict, templates: list[str
             floor_step(model, batch)
 
     out["floor_zbatch"] = floor_zbatch
+    if args.compile_floor:
+
+        def floor_zbatch_compiled(rs) -> float:
+            parts = [build_rewrite_batch(tok, r, templates, device) for r in rs]
+            batch = merge_rewrite_batches(parts, tok.pad_token_id or 0) if len(parts) > 1 else parts[0]
+            return compiled_floor(model, [batch], args.steps, device, args.compile_seconds)
+
+        out["floor_zbatch_compiled"] = floor_zbatch_compiled
     return out
+
+
+def select_arms(all_arms: dict[str, Callable], names: str) -> dict[str, Callable]:
+    """The arms named in ``names`` (comma-separated; empty = all), in their usual order."""
+    wanted = [n for n in names.split(",") if n]
+    unknown = sorted(set(wanted) - set(all_arms))
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; this run has {list(all_arms)} "
+                         "(z-batch arms need --z-batch N, compiled floors --compile-floor, memit/pmet a real model)")
+    return {k: v for k, v in all_arms.items() if not wanted or k in wanted}
 
 
 def _memit_once(model, tok, editor: MemitEditor, request) -> None:
@@ -198,11 +232,16 @@ def _memit_once(model, tok, editor: MemitEditor, request) -> None:
         undo.restore()
 
 
+GROUP_ARMS = ("rome_zbatch", "rome_sadr_zbatch", "floor_zbatch")  # arms whose work is one group at once
+
+
 def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: torch.device) -> dict[str, float]:
-    """Mean seconds per request of each arm, arms interleaved group by group (after a warm-up group).
+    """Mean seconds per request of each arm, arms interleaved group by group (after a warm-up: one
+    request, or the warm-up group for group arms; compiled arms warm up inside their own call).
     An arm that returns a number has those seconds counted instead of its wall time."""
-    for fn in arms_.values():
-        fn(warmup)
+    for name, fn in arms_.items():
+        if not name.endswith("_compiled"):
+            fn(warmup if name in GROUP_ARMS else warmup[:1])
     totals = dict.fromkeys(arms_, 0.0)
     for start in range(0, len(requests), group):
         rs = requests[start : start + group]
@@ -249,6 +288,33 @@ def scoring_paths(model, tok, cases, device: torch.device) -> dict[str, float]:
     return {**timings, "speedup": speedup, "max_abs_logprob_diff": diff}
 
 
+RATIOS = {  # name: (numerator arm, denominator arm, minus one?)
+    "rome_over_floor": ("rome", "floor", False),
+    "prefix_reuse_speedup": ("rome_recompute", "rome", False),
+    "cached_prefix_speedup": ("rome_full_prompts", "rome", False),
+    "sadr_overhead": ("rome_sadr", "rome", True),
+    "sadr_overhead_eager_attention": ("rome_sadr_eager", "rome", True),
+    "row_kernel_speedup": ("rome_sadr_eager", "rome_sadr", False),
+    "rome_over_compiled_floor": ("rome", "floor_compiled", False),
+    "rome_sadr_over_compiled_floor": ("rome_sadr", "floor_compiled", False),
+    "zbatch_speedup_rome": ("rome", "rome_zbatch", False),
+    "zbatch_speedup_rome_sadr": ("rome_sadr", "rome_sadr_zbatch", False),
+    "rome_zbatch_over_floor_zbatch": ("rome_zbatch", "floor_zbatch", False),
+    "sadr_overhead_zbatch": ("rome_sadr_zbatch", "rome_zbatch", True),
+    "rome_sadr_zbatch_over_compiled_floor_zbatch": ("rome_sadr_zbatch", "floor_zbatch_compiled", False),
+    "rome_zbatch_over_compiled_floor_zbatch": ("rome_zbatch", "floor_zbatch_compiled", False),
+}
+
+
+def ratios(seconds: dict[str, float]) -> dict[str, float]:
+    """Every ratio of :data:`RATIOS` whose two arms were timed."""
+    out = {}
+    for name, (num, den, minus_one) in RATIOS.items():
+        if num in seconds and den in seconds:
+            out[name] = seconds[num] / seconds[den] - (1.0 if minus_one else 0.0)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -262,42 +328,31 @@ def main() -> None:
     parser.add_argument("--z-batch", type=int, default=1, help="also time z of N requests optimised together")
     parser.add_argument("--compile-floor", action="store_true",
                         help="also time the floor under torch.compile (CUDA graphs on a GPU)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="saved tokenizer directory for shape: models (default: bytes), e.g. SmolLM2's BPE")
+    parser.add_argument("--arms", default="", help="comma-separated arms to time (default: all)")
     parser.add_argument("--data", default=str(default_data_root() / "counterfact_mix" / "dev.json"))
     parser.add_argument("--out", default="benchmarks/results/edit_speed.json")
     args = parser.parse_args()
-    model, tok = load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, args.device, args.tokenizer)
     device = next(model.parameters()).device
     group = max(args.z_batch, 1)
     records = load_records(args.data).select(range(max(args.cases + group, 8)))
     cases = [parse_record(r, i) for i, r in enumerate(records)]
     requests = [c.request for c in cases[group : args.cases + group]]  # the first group only warms up
     warmup = [c.request for c in cases[:group]]
-    seconds = time_arms(arms(args, model, tok), warmup, requests, group, device)
+    seconds = time_arms(select_arms(arms(args, model, tok), args.arms), warmup, requests, group, device)
     per_step = {k: v / args.steps for k, v in seconds.items()}
     result = {
-        "model": args.model, "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
+        "model": args.model, "tokenizer": args.tokenizer or ("bytes" if args.model.startswith("shape:") else "model's"),
+        "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
         "cases": len(requests), "steps": args.steps, "seconds_per_edit": seconds, "seconds_per_step": per_step,
-        "ratios": {
-            "rome_over_floor": seconds["rome"] / seconds["floor"],
-            "prefix_reuse_speedup": seconds["rome_recompute"] / seconds["rome"],
-            "cached_prefix_speedup": seconds["rome_full_prompts"] / seconds["rome"],
-            "sadr_overhead": seconds["rome_sadr"] / seconds["rome"] - 1.0,
-            "sadr_overhead_eager_attention": seconds["rome_sadr_eager"] / seconds["rome"] - 1.0,
-            "row_kernel_speedup": seconds["rome_sadr_eager"] / seconds["rome_sadr"],
-        },
+        "ratios": ratios(seconds),
     }
     if args.compile_floor:
-        result["ratios"]["rome_over_compiled_floor"] = seconds["rome"] / seconds["floor_compiled"]
-        result["ratios"]["rome_sadr_over_compiled_floor"] = seconds["rome_sadr"] / seconds["floor_compiled"]
-        result["compile_seconds_per_request"] = sum(args.compile_seconds) / max(len(args.compile_seconds) / 2, 1)
+        result["compile_seconds_per_shape"] = sum(args.compile_seconds) / max(len(args.compile_seconds) / 2, 1)
     if group > 1:
         result["z_batch"] = group
-        result["ratios"].update({
-            "zbatch_speedup_rome": seconds["rome"] / seconds["rome_zbatch"],
-            "zbatch_speedup_rome_sadr": seconds["rome_sadr"] / seconds["rome_sadr_zbatch"],
-            "rome_zbatch_over_floor_zbatch": seconds["rome_zbatch"] / seconds["floor_zbatch"],
-            "sadr_overhead_zbatch": seconds["rome_sadr_zbatch"] / seconds["rome_zbatch"] - 1.0,
-        })
     if not args.model.startswith("shape:"):
         result["scoring"] = scoring_paths(model, tok, cases[:8], device)
         result["eval_cases_per_second"] = {
