@@ -28,13 +28,14 @@ def test_rows_equal_eager_rows_and_outputs_are_unchanged(tiny):
     ids, mask, rows = _inputs()
     with attention_implementation(model, "eager"):
         eager = model.base_model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    with query_row_attention(model, rows):
-        got = model.base_model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    assert len(got.attentions) == len(eager.attentions)
+    with query_row_attention(model, rows) as recorder:
+        got = model.base_model(input_ids=ids, attention_mask=mask)
+        got_rows = recorder.take()
+        assert recorder.take() is None  # taken: the next forward starts afresh
+    assert got_rows.shape == (len(eager.attentions), 3, eager.attentions[0].shape[1], 9)  # (L, B, H, T)
     batch = torch.arange(3)
-    for full, row in zip(eager.attentions, got.attentions, strict=True):
-        assert row.shape == (3, full.shape[1], 1, 9)  # (B, H, 1, T)
-        torch.testing.assert_close(row[:, :, 0], full[batch, :, rows], rtol=1e-5, atol=1e-6)
+    for full, row in zip(eager.attentions, got_rows, strict=True):
+        torch.testing.assert_close(row, full[batch, :, rows], rtol=1e-5, atol=1e-6)
     keep = mask.bool()
     torch.testing.assert_close(got.last_hidden_state[keep], eager.last_hidden_state[keep], rtol=1e-4, atol=1e-5)
 
@@ -80,3 +81,29 @@ def test_row_mask_without_a_mask_is_causal_over_cached_keys():
     assert allowed[:, 0].tolist() == [[True] * 5 + [False] * 2, [True] * 7]
     plain = _row_mask(None, rows, n_keys=3, n_queries=3)  # no cache: plain causal
     assert plain[:, 0].tolist() == [[True, False, False], [True, True, True]]
+
+
+def test_rows_of_layers_with_different_key_lengths_are_refused():
+    from kelight.attention_rows import QueryRows
+
+    recorder = QueryRows(torch.tensor([1, 2]))
+    q = torch.randn(2, 4, 3, 8)  # (B, H, T_q, d)
+    recorder.record(q, torch.randn(2, 2, 3, 8), None, 0.5)
+    recorder.record(q, torch.randn(2, 2, 5, 8), None, 0.5)  # two cached keys more: rows cannot be stacked
+    with pytest.raises(RuntimeError, match="one key shape in every layer"):
+        recorder.take()
+    assert recorder.take() is None  # the records were cleared
+
+
+def test_rows_from_records_equal_a_hand_computed_gqa_softmax():
+    from kelight.attention_rows import QueryRows
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 3, 8, generator=g)  # 4 heads on 2 key heads
+    recorder = QueryRows(torch.tensor([1]))
+    recorder.record(q, k, None, 0.5)
+    rows = recorder.take()  # (1, 1, 4, 3)
+    for h in range(4):
+        scores = (q[0, h, 1] @ k[0, h // 2].T) * 0.5
+        expected = torch.cat([scores[:2].softmax(-1), torch.zeros(1)])  # causal: query 1 sees keys 0 and 1
+        torch.testing.assert_close(rows[0, 0, h], expected)

@@ -86,9 +86,10 @@ class ZConfig:
 class StepState:
     """What an extra loss term sees at each step (e.g. SADR reads ``attentions``).
 
-    ``attn_offset`` is the layer of ``outputs.attentions[0]``: blocks replayed from a cache
-    (:attr:`ZConfig.reuse_prefix`) may record no attention. ``attn_rows``: each attention tensor is
-    ``(B, H, 1, T)``, the query row of every batch row only (:attr:`ZConfig.attention_rows`).
+    ``attn_offset`` is the layer of ``outputs.attentions[0]`` (or ``rows[0]``): blocks replayed
+    from a cache (:attr:`ZConfig.reuse_prefix`) record no attention. ``rows``: with
+    :attr:`ZConfig.attention_rows`, the float32 query rows ``(L, B, H, T)`` of every batch row in the
+    layers that ran (:mod:`kelight.attention_rows`), and ``outputs.attentions`` is not filled.
     """
 
     step: int
@@ -96,7 +97,7 @@ class StepState:
     outputs: object
     extras: dict = field(default_factory=dict)
     attn_offset: int = 0
-    attn_rows: bool = False
+    rows: torch.Tensor | None = None
 
 
 ExtraLoss = Callable[[StepState], torch.Tensor]
@@ -145,7 +146,7 @@ def _forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bo
     """Log-probs at the target and essence positions of ``batch`` (on ``prefix``'s cache when given)."""
     kwargs = (prefix.forward_kwargs(model) if prefix is not None
               else {"attention_mask": batch.attention_mask, "use_cache": False})
-    out = model.base_model(input_ids=batch.input_ids, output_attentions=want_attn, **kwargs)
+    out = model.base_model(input_ids=batch.input_ids, output_attentions=want_attn, **kwargs)  # False with rows
     hidden = out.last_hidden_state  # (B, T, D)
     tgt = head(model, hidden[batch.target_rows, batch.target_cols]).float().log_softmax(-1)  # (N, V)
     ess_rows = torch.arange(batch.n_rewrite, batch.input_ids.shape[0], device=hidden.device)
@@ -179,22 +180,22 @@ class _Injector:
         return self.init().norm(dim=-1)  # (R, M)
 
 
-def _attn_offset(model: PreTrainedModel, outputs: object) -> int:
-    attentions = getattr(outputs, "attentions", None)
-    return adapter_for(model).n_layers(model) - len(attentions) if attentions else 0
+def _attn_offset(model: PreTrainedModel, outputs: object, rows: torch.Tensor | None) -> int:
+    attentions = getattr(outputs, "attentions", None) if rows is None else rows
+    return adapter_for(model).n_layers(model) - len(attentions) if attentions is not None and len(attentions) else 0
 
 
-def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init, prefix):
+def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init, prefix, recorder):
     """``(R,)`` total loss of each request of ``batch`` (they share no term)."""
-    tgt, ess, outputs = _forward_logprobs(model, batch, want_attn, prefix)
+    tgt, ess, outputs = _forward_logprobs(model, batch, want_attn and recorder is None, prefix)
+    rows = recorder.take() if recorder is not None else None
     ess_init = ess.detach() if ess_init is None else ess_init
     n = batch.n_requests
     loss = per_prompt_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite).view(n, -1).mean(1)
     if ess.shape[0]:
         loss = loss + cfg.kl_factor * essence_kl_rows(ess, ess_init).view(n, -1).mean(1)
     loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum(1)
-    state = StepState(step, batch, outputs, attn_offset=_attn_offset(model, outputs),
-                      attn_rows=want_attn and cfg.attention_rows)
+    state = StepState(step, batch, outputs, attn_offset=_attn_offset(model, outputs, rows), rows=rows)
     return finish_loss(loss, extra_losses, state, cfg.lr), ess_init
 
 
@@ -301,8 +302,9 @@ def _optimise_merged(
     n_replay = first_edited_block if cfg.reuse_prefix else 0
     layers = adapter_for(model).layers
     with ExitStack() as stack:
+        recorder = None
         if want_attn and cfg.attention_rows:  # every batch row's query: rewriting prompts, then essence
-            stack.enter_context(query_row_attention(model, torch.cat([batch.query_pos, batch.essence_pos])))
+            recorder = stack.enter_context(query_row_attention(model, torch.cat([batch.query_pos, batch.essence_pos])))
         else:
             stack.enter_context(attention_implementation(model, "eager" if want_attn else None))
         for i, path in enumerate(paths):
@@ -310,7 +312,7 @@ def _optimise_merged(
         for step in range(cfg.steps):
             with trace(model, [f"{layers}.{n_replay - 1}"] if step == 0 and n_replay else [], raw=True) as rec:
                 loss, ess_init = _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init,
-                                                 prefix)
+                                                 prefix, recorder)
             if rec:  # hidden states below the edit do not depend on z: replay them from now on
                 stack.enter_context(replay_blocks(model, layers, n_replay, next(iter(rec.values()))))
             values = loss.detach().cpu().tolist()

@@ -86,10 +86,12 @@ class SADR:
 
     def __call__(self, state: StepState) -> torch.Tensor:
         batch = state.batch
-        attentions = state.outputs.attentions[self.first_layer - state.attn_offset :]  # layers > edit point
-        rows = torch.arange(batch.n_rewrite, device=batch.input_ids.device)
-        query_pos = torch.zeros_like(batch.query_pos) if state.attn_rows else batch.query_pos  # row kernel: 1 row
-        current = query_rows(attentions, rows, query_pos)  # (L', P, H, T)
+        first = self.first_layer - state.attn_offset  # layers > edit point
+        if state.rows is not None:  # the row kernel's rows of every batch row: the rewriting prompts come first
+            current = state.rows[first:, : batch.n_rewrite]  # (L', P, H, T)
+        else:
+            rows = torch.arange(batch.n_rewrite, device=batch.input_ids.device)
+            current = query_rows(state.outputs.attentions[first:], rows, batch.query_pos)  # (L', P, H, T)
         if state.step == 0 or self.vanilla is None:
             self.vanilla = current.detach()
             self.selected = []
