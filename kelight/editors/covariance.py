@@ -12,7 +12,7 @@ for float64 products (about twice the Gram time on CPU). On CUDA keep TF32 matmu
 
 Cache: ``cache_dir()/stats/<family>-l<layer>-<key>.safetensors`` with tensor ``mom2`` (float32)
 and metadata (format, key, layer, weights and corpus digests, n_tokens, max_length, dtype, count,
-sha256 of the tensor bytes). The key is a sha256 of: the model config (minus volatile fields); the
+sha256 of the tensor bytes and the other fields). The key is a sha256 of: the model config (minus volatile fields); the
 bytes, dtypes and shapes of every state-dict tensor that precedes the decoder blocks (token and
 position embeddings), of all tensors of blocks ``0..l-1`` and of block ``l`` except the
 ``mlp_out`` module itself (its weights do not influence its input, so a ROME/MEMIT update at
@@ -214,6 +214,13 @@ def _tensor_sha(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(t.contiguous().cpu().numpy())).hexdigest()
 
 
+def _file_sha(mom2: torch.Tensor, meta: dict[str, str]) -> str:
+    """sha256 of the tensor's bytes and of every other metadata field (so that no byte of a readable
+    header, e.g. the unchecked ``count``, can change unnoticed)."""
+    fields = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(_tensor_sha(mom2).encode() + fields.encode()).hexdigest()
+
+
 def _load(path: Path, fields: dict[str, str], dim: int) -> torch.Tensor | None:
     """The cached ``mom2`` (CPU float32), or ``None``; an invalid file is logged and deleted."""
     if not path.exists():
@@ -224,7 +231,7 @@ def _load(path: Path, fields: dict[str, str], dim: int) -> torch.Tensor | None:
         bad = [k for k, v in fields.items() if meta.get(k) != v]
         if mom2.shape != (dim, dim) or mom2.dtype != torch.float32:
             bad.append(f"shape {tuple(mom2.shape)} {mom2.dtype}")
-        if meta.get("sha256") != _tensor_sha(mom2):
+        if meta.get("sha256") != _file_sha(mom2, meta):
             bad.append("checksum")
         if not bad:
             return mom2
@@ -241,7 +248,8 @@ def _save(path: Path, mom2: torch.Tensor, fields: dict[str, str], count: int) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
-        meta = {**fields, "count": str(count), "sha256": _tensor_sha(mom2)}
+        meta = {**fields, "count": str(count)}
+        meta["sha256"] = _file_sha(mom2, meta)
         tmp.write_bytes(save({"mom2": mom2}, metadata=meta))  # save_file would create it 0600
         os.replace(tmp, path)
     finally:
