@@ -217,8 +217,8 @@ def _tensor_sha(t: torch.Tensor) -> str:
 def _file_sha(mom2: torch.Tensor, meta: dict[str, str]) -> str:
     """sha256 of the tensor's bytes and of every other metadata field (so that no byte of a readable
     header, e.g. the unchecked ``count``, can change unnoticed)."""
-    fields = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True)
-    return hashlib.sha256(_tensor_sha(mom2).encode() + fields.encode()).hexdigest()
+    others = {k: v for k, v in meta.items() if k != "sha256"}
+    return content_digest(_tensor_sha(mom2), json.dumps(others, sort_keys=True))
 
 
 def _load(path: Path, fields: dict[str, str], dim: int) -> torch.Tensor | None:
