@@ -1,4 +1,4 @@
-"""Per-edit seconds of ROME, ROME+SADR, MEMIT, PMET side by side, the forward+backward floor and
+"""Per-edit seconds of ROME, ROME+SADR, MEMIT, PMET, PathEdit side by side, the forward+backward floor and
 evaluation throughput, all measured in one run; prints ratios and writes JSON.
 
 Every arm optimises the same cases for exactly ``--steps`` steps (early stopping off), interleaved
@@ -12,6 +12,9 @@ case by case so that machine noise hits every arm alike. Arms:
   from the subject on over a KV cache of the rest (:attr:`~kelight.editors.zopt.ZConfig.cache_prefix`);
 * ``rome_sadr_eager`` / ``rome_sadr``: ROME + SADR with eager ``T × T`` attention weights / with
   only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``;
+* ``pathedit`` / ``pathedit_sadr``: PathEdit (configs/smollm2/pathedit.yaml's method settings) on
+  one request at a time, without / with SADR from layer 1 on; its steps are ``--path-epochs``
+  (PAC: 12, re-tracing every 2), not ``--steps``, and its seconds per step are per epoch;
 * with ``--z-batch N``: ``rome_zbatch`` / ``rome_sadr_zbatch``, the z of N independent requests
   optimised together (:func:`kelight.editors.zopt.optimise_zs`), then each ΔW; ``floor_zbatch``,
   the plain forward + backward of those N requests' merged batch. Seconds are per request;
@@ -50,12 +53,14 @@ import torch
 from kelight.data import load_records, parse_record
 from kelight.editors.context import build_rewrite_batch, merge_rewrite_batches
 from kelight.editors.memit import MemitEditor, MemitHParams
+from kelight.editors.pathedit import PathEditor, PathHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
 from kelight.evaluation import encode_pairs, evaluate_case, locality_reference
 from kelight.lm import head
 from kelight.models import load
+from kelight.models.adapters import adapter_for
 from kelight.objectives.sadr import SADR
 from kelight.paths import default_data_root
 from kelight.readouts import readouts, shared_prompt_readouts
@@ -176,13 +181,25 @@ def arms(args, model, tok) -> dict[str, Callable]:
         out["floor_compiled"] = floor_compiled
     if args.z_batch > 1:
         out.update(_zbatch_arms(args, model, tok, replace(z, z_batch=args.z_batch), common, templates))
+    out.update(_path_arms(args, model, tok))
     if mom2:  # MEMIT/PMET need C for their solve; shapes time ROME's family only
         for name, pmet in (("memit", False), ("pmet", True)):
-            layers = tuple(range(max(args.layer - 2, 0), args.layer + 3))
+            layers = tuple(range(max(args.layer - 2, 0), min(args.layer + 3, adapter_for(model).n_layers(model))))
             editor = MemitEditor(MemitHParams(layers=layers, z=z, mom2_update_weight=1400.0, pmet=pmet,
                                               mom2_n_tokens=args.mom2_tokens))
             editor.setup(model, tok)
-            out[name] = lambda rs, e=editor: [_memit_once(model, tok, e, r) for r in rs]
+            out[name] = lambda rs, e=editor: [_edit_once(model, tok, e, r) for r in rs]
+    return out
+
+
+def _path_arms(args, model, tok) -> dict[str, Callable]:
+    """PathEdit without and with SADR (from layer 1: PathEdit edits every layer), one request at a time."""
+    hp = PathHParams(path_size=15, neg_path_size=1, eta=2, contrastive_lambda=0.1, lr=1e-3, epochs=args.path_epochs)
+    out: dict[str, Callable] = {}
+    for name, terms in (("pathedit", ()), ("pathedit_sadr", (SADR(args.gamma, 1),))):
+        editor = PathEditor(hp, terms)
+        editor.setup(model, tok)
+        out[name] = lambda rs, e=editor: [_edit_once(model, tok, e, r) for r in rs]
     return out
 
 
@@ -225,7 +242,8 @@ def select_arms(all_arms: dict[str, Callable], names: str) -> dict[str, Callable
     return {k: v for k, v in all_arms.items() if not wanted or k in wanted}
 
 
-def _memit_once(model, tok, editor: MemitEditor, request) -> None:
+def _edit_once(model, tok, editor: MemitEditor | PathEditor, request) -> None:
+    """One whole edit (its weight update included), undone afterwards."""
     undo = UndoLog()
     try:
         editor.apply(model, tok, [request], undo)
@@ -288,6 +306,8 @@ def scoring_paths(model, tok, cases, device: torch.device) -> dict[str, float]:
 
 RATIOS = {  # name: (numerator arm, denominator arm, minus one?)
     "rome_over_floor": ("rome", "floor", False),
+    "pathedit_over_rome": ("pathedit", "rome", False),
+    "sadr_overhead_pathedit": ("pathedit_sadr", "pathedit", True),
     "prefix_reuse_speedup": ("rome_recompute", "rome", False),
     "cached_prefix_speedup": ("rome_full_prompts", "rome", False),
     "sadr_overhead": ("rome_sadr", "rome", True),
@@ -322,6 +342,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gamma", type=float, default=0.08)
+    parser.add_argument("--path-epochs", type=int, default=12, help="PathEdit's steps (epochs) per edit")
     parser.add_argument("--mom2-tokens", type=int, default=100_000)
     parser.add_argument("--z-batch", type=int, default=1, help="also time z of N requests optimised together")
     parser.add_argument("--compile-floor", action="store_true",
@@ -340,11 +361,12 @@ def main() -> None:
     requests = [c.request for c in cases[group : args.cases + group]]  # the first group only warms up
     warmup = [c.request for c in cases[:group]]
     seconds = time_arms(select_arms(arms(args, model, tok), args.arms), warmup, requests, group, device)
-    per_step = {k: v / args.steps for k, v in seconds.items()}
+    per_step = {k: v / (args.path_epochs if k.startswith("pathedit") else args.steps) for k, v in seconds.items()}
     result = {
         "model": args.model, "tokenizer": args.tokenizer or ("bytes" if args.model.startswith("shape:") else "model's"),
         "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
-        "cases": len(requests), "steps": args.steps, "seconds_per_edit": seconds, "seconds_per_step": per_step,
+        "cases": len(requests), "steps": args.steps, "path_epochs": args.path_epochs,
+        "seconds_per_edit": seconds, "seconds_per_step": per_step,
         "ratios": ratios(seconds),
     }
     if args.compile_floor:

@@ -36,7 +36,6 @@ import torch
 
 from kelight.analysis.path_importance import save_path_importance
 from kelight.editors.pathedit import PathEditor, PathHParams, build_path_batch
-from kelight.lm import attention_implementation
 from kelight.module import EditModule
 from kelight.objectives.sadr import sadr_terms
 from kelight.types import EditCase
@@ -189,7 +188,6 @@ class PathEdit(EditModule):
                 self._batches[_key(b)] = build_path_batch(self.tok, [c.request for c in b], device)
         self._refs = {k: self.editor.reference_ids(self.lm, b) for k, b in self._batches.items()}
         self._sadr = {k: sadr_terms(self.hparams.sadr_gamma, 1) for k in self._batches}
-        self._stack.enter_context(attention_implementation(self.lm, "eager" if self.hparams.sadr_gamma else None))
         self._stack.enter_context(self.editor.deltas.attached(self.lm, self.editor.adapter))
         for key, terms in self._sadr.items():
             self.editor.prime(self.lm, self._batches[key], terms)  # SADR: the unedited model's attention

@@ -39,6 +39,7 @@ def _assert_unedited(model):
 @pytest.mark.parametrize(("config", "extra"), [
     ("pathedit.yaml", ["--data.batch_size", "2"]),
     ("pathedit_sadr.yaml", ["--model.regime", "consecutive", "--data.batch_size", "1"]),
+    ("pathedit_sadr.yaml", ["--data.batch_size", "2"]),  # batch regime: SADR primed once per batch
     ("pathedit.yaml", ["--model.regime", "single", "--data.batch_size", "1"]),
 ])
 def test_cli_fit_writes_contract_and_restores(tmp_path, config, extra):

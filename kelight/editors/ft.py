@@ -28,8 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kelight.editors.context import RewriteBatch, build_rewrite_batch, sample_context_templates
 from kelight.editors.rome import EditInfo
 from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ExtraLoss, StepState, ZResult, _forward_logprobs, finish_loss
-from kelight.lm import attention_implementation
+from kelight.editors.zopt import ExtraLoss, ZResult, finish_loss, step_forward
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
 from kelight.types import EditInputError, EditRequest
@@ -147,22 +146,21 @@ class FTEditor:
         applied = torch.zeros_like(delta, requires_grad=False) if applied is None else applied.float()
         low, high = -self.hp.norm_constraint - applied, self.hp.norm_constraint - applied  # (d_out, d_in)
         module = self.adapter.module(model, "mlp_out", self.hp.layer)
-        want_attn = bool(self.extra_losses)
-        with attention_implementation(model, "eager" if want_attn else None), added_weight(module, delta):
-            losses = self._optimise(model, batch, delta, low, high, want_attn)
+        with added_weight(module, delta):
+            losses = self._optimise(model, batch, delta, low, high)
         delta = delta.detach()
         norms = torch.stack([delta.norm(), weight.float().norm()])[:, None]  # (2, 1)
         return delta, ZResult(norms[0], norms[1], losses, len(losses))
 
     def _optimise(self, model: PreTrainedModel, batch: RewriteBatch, delta: torch.Tensor, low: torch.Tensor,
-                  high: torch.Tensor, want_attn: bool) -> list[float]:
+                  high: torch.Tensor) -> list[float]:
         """Adam on ``delta`` with the box clamp after every step; returns the loss of each step."""
         opt = torch.optim.Adam([delta], lr=self.hp.lr, weight_decay=self.hp.weight_decay)
         losses = []
         for step in range(self.hp.steps):
-            tgt, _, outputs = _forward_logprobs(model, batch, want_attn)  # tgt: (N, V)
+            tgt, state = step_forward(model, batch, step, want_rows=bool(self.extra_losses))  # tgt: (N, V)
             loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
-            loss = finish_loss(loss, self.extra_losses, StepState(step, batch, outputs), self.hp.lr, "fine-tuning")
+            loss = finish_loss(loss, self.extra_losses, state, self.hp.lr, "fine-tuning")
             losses.append(loss.item())
             (delta.grad,) = torch.autograd.grad(loss, [delta])  # no gradient reaches the model's weights
             opt.step()

@@ -37,8 +37,14 @@ from kelight.editors.context import RewriteBatch, build_rewrite_batch, merge_rew
 from kelight.editors.path_deltas import MODULE_OF, PathDeltas, PathSelection
 from kelight.editors.rome import EditInfo
 from kelight.editors.update import UndoLog
-from kelight.editors.zopt import EditOptimizationError, ExtraLoss, StepState, ZResult, _forward_logprobs, finish_loss
-from kelight.lm import attention_implementation
+from kelight.editors.zopt import (
+    EditOptimizationError,
+    ExtraLoss,
+    ZResult,
+    _forward_logprobs,
+    finish_loss,
+    step_forward,
+)
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
 from kelight.objectives.contrastive import contrastive_loss, unedited_targets
@@ -246,29 +252,25 @@ class PathEditor:
 
     @torch.no_grad()
     def prime(self, model: PreTrainedModel, batch: RewriteBatch, extra_losses: Sequence[ExtraLoss]) -> None:
-        """Let extra terms record their step-0 state on the model as it is (SADR: vanilla attention).
-
-        Needs eager attention (:func:`kelight.lm.attention_implementation`) when there are terms.
-        """
+        """Let extra terms record their step-0 state on the model as it is (SADR: vanilla attention)."""
         if extra_losses:
-            _, _, outputs = _forward_logprobs(model, batch, want_attn=True)
+            _, state = step_forward(model, batch, 0, want_rows=True)
             for term in extra_losses:
-                term(StepState(0, batch, outputs))
+                term(state)
 
     def loss(self, model: PreTrainedModel, batch: RewriteBatch, reference_ids: torch.Tensor,
              extra_losses: Sequence[ExtraLoss], step: int) -> torch.Tensor:
         """NLL on T+ (+ extra terms on its forward) + λ·CE towards ``reference_ids`` on τ−; finite."""
         _, deltas = self._ready()
-        want_attn = bool(extra_losses)
         with deltas.training_part("pos"):
-            tgt, _, outputs = _forward_logprobs(model, batch, want_attn)  # (N, V)
+            tgt, state = step_forward(model, batch, step, want_rows=bool(extra_losses))  # (N, V)
         loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
         if self.hp.contrastive_lambda > 0 and self.hp.neg_path_size > 0:
             with deltas.training_part("neg"):
                 tgt_neg, _, _ = _forward_logprobs(model, batch, want_attn=False)  # (N, V)
             loss = loss + contrastive_loss(tgt_neg, reference_ids, batch.target_rows, batch.n_rewrite,
                                            self.hp.contrastive_lambda)
-        return finish_loss(loss, extra_losses, StepState(step, batch, outputs), self.hp.lr, "path editing")
+        return finish_loss(loss, extra_losses, state, self.hp.lr, "path editing")
 
     def apply(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
@@ -299,7 +301,7 @@ class PathEditor:
         adapter, deltas = self._ready()
         opt = torch.optim.Adam(deltas.parameters(), lr=self.hp.lr)
         losses = []
-        with attention_implementation(model, "eager" if self.extra_losses else None), torch.enable_grad():
+        with torch.enable_grad():
             for epoch in range(self.hp.epochs):
                 if epoch % self.hp.eta == 0:
                     self.retrace(model, [batch], logs, opt, first=epoch == 0)

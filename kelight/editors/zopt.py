@@ -154,6 +154,21 @@ def _forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bo
     return tgt, ess, out
 
 
+def step_forward(model: PreTrainedModel, batch: RewriteBatch, step: int,
+                 want_rows: bool) -> tuple[torch.Tensor, StepState]:
+    """Log-probs ``(N, V)`` at the target positions of a full-model forward and what extra terms
+    see. With ``want_rows`` the state carries every layer's attention row at each batch row's query
+    (:mod:`kelight.attention_rows`, as in the z optimisation) instead of eager ``T × T`` weights.
+    Used by the editors that train weights (PathEdit, FT)."""
+    if not want_rows:
+        tgt, _, outputs = _forward_logprobs(model, batch, want_attn=False)
+        return tgt, StepState(step, batch, outputs)
+    with query_row_attention(model, torch.cat([batch.query_pos, batch.essence_pos])) as recorder:
+        tgt, _, outputs = _forward_logprobs(model, batch, want_attn=False)
+        rows = recorder.take()  # (L, B, H, T): every layer ran, so no offset
+    return tgt, StepState(step, batch, outputs, rows=rows)
+
+
 class _Injector:
     """Adds ``delta[r, i]`` to module ``i``'s output at the subject of every row of request ``r``."""
 
