@@ -8,6 +8,7 @@ shared least-squares solve ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,30 @@ from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.tokens import pad_batch, subject_last_index
 from kelight.types import EditInputError, EditRequest
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def post_norm_preimage(norm: torch.nn.Module, m: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """The change of an MLP output ``m`` ``(D, n)`` (before its post-norm) that turns the normalised
+    output ``y = norm(m)`` towards ``y + resid`` (float64 ``(D, n)``).
+
+    A normalised output has a fixed size (``norm(c·x) = norm(x)`` for c > 0), so it can only turn:
+    the new MLP output is the multiple of the pre-image direction ``u = (y + resid) / gain`` closest
+    to ``m`` (least change); ``norm(m + Δ)`` then points along ``y + resid`` exactly where the gain
+    is uniform. Writing ``resid`` itself, in the residual stream's units, into the MLP output
+    overshoots by orders of magnitude on Gemma-3, whose residual stream is far larger than an MLP
+    output (docs/results.md).
+    """
+    dtype = next(norm.parameters()).dtype
+    y = norm(m.T.to(dtype)).double().T  # (D, n)
+    gain = norm(torch.ones(1, m.shape[0], dtype=dtype, device=m.device)).double()[0]  # (D,) up to a constant
+    usable = gain.abs() > 1e-6 * gain.abs().max()
+    u = torch.where(usable[:, None], (y + resid) / torch.where(usable, gain, 1.0)[:, None], 0.0)  # (D, n)
+    scale = (m * u).sum(0) / (u * u).sum(0).clamp(min=1e-30)  # (n,) nearest multiple of u to m
+    scale = torch.where(scale > 0, scale, m.norm(dim=0) / u.norm(dim=0).clamp(min=1e-30))
+    return scale * u - m
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,11 @@ class MemitEditor:
         self.adapter = adapter_for(model)
         for layer in self.hp.layers:
             self.adapter.check_layer(model, layer)
+        if not self.hp.pmet and self.adapter.mlp_post_norm is not None:
+            log.warning("MEMIT on %s: the MLP output is normalised before the residual stream, so MEMIT's "
+                        "block-output target can only be turned towards, not written (post_norm_preimage); on "
+                        "Gemma-3-270M its edits barely take (docs/results.md). PMET or ROME, whose targets are "
+                        "MLP outputs, edit this family", self.adapter.family)
         self.templates = sample_context_templates(model, tok, self.hp.context_templates, self.hp.seed)
         from kelight.editors.covariance import second_moments  # noqa: PLC0415
 
@@ -119,6 +149,8 @@ class MemitEditor:
             keys = self._mean_keys(model, tok, layer, requests)  # (d_in, n)
             current = self._current_values(model, tok, requests)  # (D, n)
             resid = (targets - current) / (len(self.hp.layers) - i)  # spread over the layers left
+            if not self.hp.pmet and self.adapter.mlp_post_norm is not None:
+                resid = self._through_post_norm(model, tok, layer, requests, resid)
             mom2 = self.mom2[layer].to(keys.device)
             delta = least_squares_update(keys, resid, mom2, self.hp.mom2_update_weight)
             undo.add_(self.adapter.out_weight(model, layer), delta, transposed=self.adapter.mlp_conv1d)
@@ -129,13 +161,23 @@ class MemitEditor:
         cols = [mean_keys(model, tok, self.adapter, layer, r, self.templates) for r in requests]
         return torch.stack(cols, dim=1)  # (d_in, n)
 
-    @torch.no_grad()
     def _current_values(self, model, tok, requests: Sequence[EditRequest]) -> torch.Tensor:
         """Output of the target module at each request's subject (plain prompt), ``(D, n)``."""
+        return self._values_at(model, tok, requests, self.target_path())
+
+    def _through_post_norm(self, model, tok, layer: int, requests: Sequence[EditRequest],
+                           resid: torch.Tensor) -> torch.Tensor:
+        """:func:`post_norm_preimage` of ``resid`` at ``layer``'s MLP output for each request's subject."""
+        assert self.adapter is not None
+        m = self._values_at(model, tok, requests, self.adapter.path("mlp_out", layer))  # (D, n)
+        return post_norm_preimage(self.adapter.module(model, "mlp_post_norm", layer), m, resid)
+
+    @torch.no_grad()
+    def _values_at(self, model, tok, requests: Sequence[EditRequest], path: str) -> torch.Tensor:
+        """Output of module ``path`` at each request's subject (plain prompt), ``(D, n)`` float64."""
         ids = [list(tok(r.prompt)["input_ids"]) for r in requests]
         pos = torch.tensor([subject_last_index(tok, r.prompt, r.subject) for r in requests])
         input_ids, mask = pad_batch(ids, tok.pad_token_id, next(model.parameters()).device)
-        path = self.target_path()
         with trace(model, [path], stop=True) as rec:
             model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(requests), device=input_ids.device)

@@ -25,6 +25,9 @@ class ArchAdapter:
         attn: path of a block's self-attention module.
         mlp_conv1d: whether ``mlp_in``/``mlp_out`` are GPT-2 ``Conv1D`` (weight ``(in, out)``).
         gate: path of the gate projection for gated MLPs (frozen by PathEdit), or ``None``.
+        mlp_post_norm: path of the norm applied to the MLP output before it joins the residual
+            stream (Gemma-2/3's ``post_feedforward_layernorm``), or ``None`` when the MLP output is
+            added as it is. MEMIT writes residual changes through it (:mod:`kelight.editors.memit`).
         n_layers_attr / n_heads_attr / n_kv_heads_attr: config attribute names.
     """
 
@@ -36,6 +39,7 @@ class ArchAdapter:
     attn: str
     mlp_conv1d: bool = False
     gate: str | None = None
+    mlp_post_norm: str | None = None
     n_layers_attr: str = "num_hidden_layers"
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str | None = "num_key_value_heads"
@@ -110,6 +114,7 @@ ADAPTERS: Mapping[str, ArchAdapter] = MappingProxyType(
             mlp_out="mlp.down_proj",
             attn="self_attn",
             gate="mlp.gate_proj",
+            mlp_post_norm="post_feedforward_layernorm",
         ),
         "gpt2": ArchAdapter(
             family="gpt2",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kelight.editors.corpus import CorpusSpec
-from kelight.editors.memit import MemitEditor, MemitHParams
+from kelight.editors.memit import MemitEditor, MemitHParams, post_norm_preimage
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
 from kelight.types import EditInputError, EditRequest
@@ -48,6 +48,51 @@ def test_single_layer_update_writes_the_target(pmet):
     target = (info.z[0].v_init[0] + info.z[0].delta[0]).double()
     after = editor._current_values(model, tok, REQS[:1])[:, 0]
     torch.testing.assert_close(after, target, rtol=1e-4, atol=1e-4)
+    undo.restore()
+
+
+def _gemma_norm(dim, seed):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(dim, eps=1e-6)
+    if seed is not None:  # non-uniform gain (1 + weight)
+        torch.nn.init.normal_(norm.weight, std=0.3, generator=torch.Generator().manual_seed(seed))
+    return norm
+
+
+@pytest.mark.parametrize("seed", [None, 1])
+def test_post_norm_preimage_turns_the_normalised_output_with_least_change(seed):
+    g = torch.Generator().manual_seed(0)
+    m, resid = (torch.randn(16, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    norm = _gemma_norm(16, seed)
+    torch.testing.assert_close(post_norm_preimage(norm, m, torch.zeros_like(m)), torch.zeros_like(m),
+                               rtol=0, atol=1e-5)  # nothing to change: no change
+    delta = post_norm_preimage(norm, m, resid)
+    y, after = norm(m.T.float()).double().T, norm((m + delta).T.float()).double().T
+    cos = torch.nn.functional.cosine_similarity(after, y + resid, dim=0)
+    if seed is None:  # uniform gain: the new output points exactly along y + resid, at m's nearest point
+        torch.testing.assert_close(cos, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+        torch.testing.assert_close((delta * (m + delta)).sum(0), torch.zeros(3, dtype=torch.float64), rtol=0,
+                                   atol=1e-8)
+    before = torch.nn.functional.cosine_similarity(y, y + resid, dim=0)
+    assert (cos > before).all()  # turned towards the target in every case
+
+
+def test_memit_writes_through_gemmas_post_mlp_norm():
+    """Gemma-3 normalises the MLP output before the residual: the edit turns that output to the target."""
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("gemma3_text")
+    editor = _editor(model, tok, layers=(1,), weight=1e-8)
+    assert editor.adapter.mlp_post_norm == "post_feedforward_layernorm"
+    zs = editor.compute_zs(model, tok, REQS[:1])
+    resid = (zs[0].v_init[0] + zs[0].delta[0]).double()[:, None] - editor._current_values(model, tok, REQS[:1])
+    y_before = editor._values_at(model, tok, REQS[:1], editor.adapter.path("mlp_post_norm", 1))
+    undo = UndoLog()
+    editor.apply(model, tok, REQS[:1], undo, zs=zs)
+    y_after = editor._values_at(model, tok, REQS[:1], editor.adapter.path("mlp_post_norm", 1))
+    cos = torch.nn.functional.cosine_similarity(y_after, y_before + resid, dim=0)
+    assert cos.item() > 0.999  # the old write (resid into the raw MLP output) misses this direction
     undo.restore()
 
 
