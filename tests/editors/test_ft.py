@@ -14,7 +14,7 @@ from kelight.editors.zopt import EditOptimizationError, _forward_logprobs
 from kelight.objectives import rewrite_nll
 from kelight.objectives.sadr import SADR
 from kelight.types import EditInputError, EditRequest
-from tests.editors.eager import eager_step_forward
+from tests.editors.eager import assert_rows_equal_eager
 
 REQ = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id="eiffel")
 # subject at the end: the first target token is read straight off the edited residual stream
@@ -122,22 +122,12 @@ def test_sadr_composes():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gptj"])
 def test_sadr_on_attention_rows_equals_sadr_on_eager_attention(family, monkeypatch):
-    from kelight.models.tiny import tiny_model
-
-    runs = []
-    for forward in (None, eager_step_forward):
-        if forward is not None:
-            monkeypatch.setattr(ft, "step_forward", forward)
-        model, tok = tiny_model(family)
-        sadr = SADR(gamma=5.0, first_layer=1)
+    def edit(model, tok, sadr):
         editor = FTEditor(FTHParams(layer=0, steps=4, lr=5e-2, norm_constraint=1.0), [sadr])
         editor.setup(model, tok)
-        info = editor.apply(model, tok, [REQ], UndoLog())
-        runs.append((info.z[0].losses, sadr.vanilla, [m.tolist() for m in sadr.selected]))
-    (rows_losses, rows_vanilla, rows_masks), (eager_losses, eager_vanilla, eager_masks) = runs
-    torch.testing.assert_close(rows_vanilla, eager_vanilla, rtol=1e-5, atol=1e-6)
-    assert rows_masks == eager_masks and sum(sum(map(sum, m)) for m in rows_masks) > 0  # heads were restrained
-    assert rows_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
+        return editor.apply(model, tok, [REQ], UndoLog()).z[0].losses
+
+    assert_rows_equal_eager(monkeypatch, ft, family, edit)
 
 
 def test_nan_loss_raises_and_leaves_weights(monkeypatch):

@@ -27,7 +27,7 @@ from kelight.models.tiny import tiny_model
 from kelight.objectives.sadr import SADR
 from kelight.tokens import target_ids
 from kelight.types import EditInputError, EditRequest
-from tests.editors.eager import eager_step_forward
+from tests.editors.eager import assert_rows_equal_eager
 
 REQS = [EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris"),
         EditRequest("Mount Fuji is in", "Mount Fuji", "Peru", "Japan")]
@@ -254,20 +254,12 @@ def test_sadr_composes():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
 def test_sadr_on_attention_rows_equals_sadr_on_eager_attention(family, monkeypatch):
-    runs = []
-    for forward in (None, eager_step_forward):
-        if forward is not None:
-            monkeypatch.setattr(pathedit, "step_forward", forward)
-        model, tok = tiny_model(family)
-        sadr = SADR(gamma=5.0, first_layer=1)
+    def edit(model, tok, sadr):
         editor = PathEditor(PathHParams(path_size=4, lr=5e-2, epochs=4, eta=2), (sadr,))
         editor.setup(model, tok)
-        info = editor.apply(model, tok, REQS, UndoLog())
-        runs.append((info.z[0].losses, sadr.vanilla, [m.tolist() for m in sadr.selected]))
-    (rows_losses, rows_vanilla, rows_masks), (eager_losses, eager_vanilla, eager_masks) = runs
-    torch.testing.assert_close(rows_vanilla, eager_vanilla, rtol=1e-5, atol=1e-6)
-    assert rows_masks == eager_masks and sum(map(np.sum, rows_masks)) > 0  # heads were restrained
-    assert rows_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
+        return editor.apply(model, tok, REQS, UndoLog()).z[0].losses
+
+    assert_rows_equal_eager(monkeypatch, pathedit, family, edit)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
