@@ -106,7 +106,7 @@ class MemitEditor:
         self.adapter = adapter_for(model)
         for layer in self.hp.layers:
             self.adapter.check_layer(model, layer)
-        if not self.hp.pmet and self.adapter.mlp_post_norm is not None:
+        if self._through_post_norm:
             log.warning("MEMIT on %s: the MLP output is normalised before the residual stream, so MEMIT's "
                         "block-output target can only be turned towards, not written (post_norm_preimage); on "
                         "Gemma-3-270M its edits barely take (docs/results.md). PMET or ROME, whose targets are "
@@ -147,10 +147,12 @@ class MemitEditor:
         targets = torch.stack([z.v_init[0] + z.delta[0] for z in zs], dim=1).double()  # (D, n)
         for i, layer in enumerate(self.hp.layers):
             keys = self._mean_keys(model, tok, layer, requests)  # (d_in, n)
-            current = self._current_values(model, tok, requests)  # (D, n)
+            # one forward: this layer's MLP output where a norm follows it, then the target module's output
+            paths = [self.adapter.path("mlp_out", layer)] if self._through_post_norm else []
+            *mlp_out, current = self._values_at(model, tok, requests, [*paths, self.target_path()])  # (D, n) each
             resid = (targets - current) / (len(self.hp.layers) - i)  # spread over the layers left
-            if not self.hp.pmet and self.adapter.mlp_post_norm is not None:
-                resid = self._through_post_norm(model, tok, layer, requests, resid)
+            if mlp_out:
+                resid = post_norm_preimage(self.adapter.module(model, "mlp_post_norm", layer), mlp_out[0], resid)
             mom2 = self.mom2[layer].to(keys.device)
             delta = least_squares_update(keys, resid, mom2, self.hp.mom2_update_weight)
             undo.add_(self.adapter.out_weight(model, layer), delta, transposed=self.adapter.mlp_conv1d)
@@ -161,24 +163,23 @@ class MemitEditor:
         cols = [mean_keys(model, tok, self.adapter, layer, r, self.templates) for r in requests]
         return torch.stack(cols, dim=1)  # (d_in, n)
 
+    @property
+    def _through_post_norm(self) -> bool:
+        """MEMIT (not PMET) on an architecture that normalises the MLP output before the residual."""
+        return not self.hp.pmet and self.adapter is not None and self.adapter.mlp_post_norm is not None
+
     def _current_values(self, model, tok, requests: Sequence[EditRequest]) -> torch.Tensor:
         """Output of the target module at each request's subject (plain prompt), ``(D, n)``."""
-        return self._values_at(model, tok, requests, self.target_path())
-
-    def _through_post_norm(self, model, tok, layer: int, requests: Sequence[EditRequest],
-                           resid: torch.Tensor) -> torch.Tensor:
-        """:func:`post_norm_preimage` of ``resid`` at ``layer``'s MLP output for each request's subject."""
-        assert self.adapter is not None
-        m = self._values_at(model, tok, requests, self.adapter.path("mlp_out", layer))  # (D, n)
-        return post_norm_preimage(self.adapter.module(model, "mlp_post_norm", layer), m, resid)
+        return self._values_at(model, tok, requests, [self.target_path()])[0]
 
     @torch.no_grad()
-    def _values_at(self, model, tok, requests: Sequence[EditRequest], path: str) -> torch.Tensor:
-        """Output of module ``path`` at each request's subject (plain prompt), ``(D, n)`` float64."""
+    def _values_at(self, model, tok, requests: Sequence[EditRequest], paths: Sequence[str]) -> list[torch.Tensor]:
+        """Output of each module in ``paths`` at each request's subject (plain prompt), ``(D, n)``
+        float64 each, from one forward that stops after ``paths[-1]`` (list them in forward order)."""
         ids = [list(tok(r.prompt)["input_ids"]) for r in requests]
         pos = torch.tensor([subject_last_index(tok, r.prompt, r.subject) for r in requests])
         input_ids, mask = pad_batch(ids, tok.pad_token_id, next(model.parameters()).device)
-        with trace(model, [path], stop=True) as rec:
+        with trace(model, list(paths), stop=True) as rec:
             model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(requests), device=input_ids.device)
-        return rec[path][rows, pos.to(input_ids.device)].double().T
+        return [rec[path][rows, pos.to(input_ids.device)].double().T for path in paths]

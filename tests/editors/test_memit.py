@@ -87,10 +87,10 @@ def test_memit_writes_through_gemmas_post_mlp_norm():
     assert editor.adapter.mlp_post_norm == "post_feedforward_layernorm"
     zs = editor.compute_zs(model, tok, REQS[:1])
     resid = (zs[0].v_init[0] + zs[0].delta[0]).double()[:, None] - editor._current_values(model, tok, REQS[:1])
-    y_before = editor._values_at(model, tok, REQS[:1], editor.adapter.path("mlp_post_norm", 1))
+    y_before = editor._values_at(model, tok, REQS[:1], [editor.adapter.path("mlp_post_norm", 1)])[0]
     undo = UndoLog()
     editor.apply(model, tok, REQS[:1], undo, zs=zs)
-    y_after = editor._values_at(model, tok, REQS[:1], editor.adapter.path("mlp_post_norm", 1))
+    y_after = editor._values_at(model, tok, REQS[:1], [editor.adapter.path("mlp_post_norm", 1)])[0]
     cos = torch.nn.functional.cosine_similarity(y_after, y_before + resid, dim=0)
     assert cos.item() > 0.999  # the old write (resid into the raw MLP output) misses this direction
     undo.restore()
