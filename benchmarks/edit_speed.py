@@ -42,6 +42,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -49,9 +51,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from kelight.data import load_records, parse_record
-from kelight.editors.context import build_rewrite_batch, merge_rewrite_batches
+from kelight.editors.context import build_rewrite_batch, merge_rewrite_batches, sample_context_templates
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.pathedit import PathEditor, PathHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
@@ -145,76 +148,90 @@ def compiled_floor(model, batches, steps: int, device: torch.device, compile_sec
     return total
 
 
-def arms(args, model, tok) -> dict[str, Callable]:
-    """Name -> function(requests) running the timed work of a group of requests."""
+Builders = dict[str, Callable[[], Callable]]
+
+
+def _ready(editor, model, tok, run: Callable) -> Callable[[], Callable]:
+    """A builder that sets ``editor`` up (templates, C) only when its arm is selected, then returns ``run``."""
+
+    def build() -> Callable:
+        editor.setup(model, tok)
+        return run
+
+    return build
+
+
+def arms(args, model, tok) -> Builders:
+    """Name -> builder of function(requests) running the timed work of a group of requests; only the
+    arms ``--arms`` selects are built, so a short GPU call pays no other arm's setup."""
     z = ZConfig(steps=args.steps, early_stop_loss=0.0)
     mom2 = not args.model.startswith("shape:")
     common = dict(context_templates=((5, 10), (10, 10)), mom2_adjustment=mom2)
-    rome = RomeEditor(RomeHParams(layer=args.layer, z=z, **common))
-    rome_recompute = RomeEditor(RomeHParams(layer=args.layer, z=replace(z, reuse_prefix=False), **common))
-    rome_full = RomeEditor(RomeHParams(layer=args.layer, z=replace(z, cache_prefix=False), **common))
-    rome_sadr = RomeEditor(RomeHParams(layer=args.layer, z=z, **common), (SADR(args.gamma, args.layer + 1),))
-    rome_sadr_eager = RomeEditor(RomeHParams(layer=args.layer, z=replace(z, attention_rows=False), **common),
-                                 (SADR(args.gamma, args.layer + 1),))
-    out: dict[str, Callable] = {}
-    for name, editor in (("rome_recompute", rome_recompute), ("rome_full_prompts", rome_full), ("rome", rome),
-                         ("rome_sadr_eager", rome_sadr_eager), ("rome_sadr", rome_sadr)):
-        editor.setup(model, tok)
-        out[name] = lambda rs, e=editor: [e.compute(model, tok, r) for r in rs]
+    sadr = (SADR(args.gamma, args.layer + 1),)
+    rome_arms = {
+        "rome_recompute": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, reuse_prefix=False), **common)),
+        "rome_full_prompts": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, cache_prefix=False), **common)),
+        "rome": RomeEditor(RomeHParams(layer=args.layer, z=z, **common)),
+        "rome_sadr_eager": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, attention_rows=False), **common),
+                                      sadr),
+        "rome_sadr": RomeEditor(RomeHParams(layer=args.layer, z=z, **common), sadr),
+    }
     device = next(model.parameters()).device
-    templates = rome.templates
+    templates = functools.cache(lambda: sample_context_templates(model, tok, common["context_templates"], 0))
 
     def floor(rs) -> None:
         for r in rs:
-            batch = build_rewrite_batch(tok, r, templates, device)
+            batch = build_rewrite_batch(tok, r, templates(), device)
             for _ in range(args.steps):
                 floor_step(model, batch)
 
-    out = {"floor": floor, **out}
+    out: Builders = {"floor": lambda: floor}
+    for name, editor in rome_arms.items():
+        out[name] = _ready(editor, model, tok, lambda rs, e=editor: [e.compute(model, tok, r) for r in rs])
     if args.compile_floor:
         args.compile_seconds = []
 
         def floor_compiled(rs) -> float:
-            batches = [build_rewrite_batch(tok, r, templates, device) for r in rs]
+            batches = [build_rewrite_batch(tok, r, templates(), device) for r in rs]
             return compiled_floor(model, batches, args.steps, device, args.compile_seconds)
 
-        out["floor_compiled"] = floor_compiled
+        out["floor_compiled"] = lambda: floor_compiled
     if args.z_batch > 1:
         out.update(_zbatch_arms(args, model, tok, replace(z, z_batch=args.z_batch), common, templates))
     out.update(_path_arms(args, model, tok))
     if mom2:  # MEMIT/PMET need C for their solve; shapes time ROME's family only
+        layers = tuple(range(max(args.layer - 2, 0), min(args.layer + 3, adapter_for(model).n_layers(model))))
         for name, pmet in (("memit", False), ("pmet", True)):
-            layers = tuple(range(max(args.layer - 2, 0), min(args.layer + 3, adapter_for(model).n_layers(model))))
             editor = MemitEditor(MemitHParams(layers=layers, z=z, mom2_update_weight=1400.0, pmet=pmet,
                                               mom2_n_tokens=args.mom2_tokens))
-            editor.setup(model, tok)
-            out[name] = lambda rs, e=editor: [_edit_once(model, tok, e, r) for r in rs]
+            out[name] = _ready(editor, model, tok, lambda rs, e=editor: [_edit_once(model, tok, e, r) for r in rs])
     return out
 
 
-def _path_arms(args, model, tok) -> dict[str, Callable]:
-    """PathEdit without and with SADR (from layer 1: PathEdit edits every layer), one request at a time."""
-    hp = PathHParams(path_size=15, neg_path_size=1, eta=2, contrastive_lambda=0.1, lr=1e-3, epochs=args.path_epochs)
-    out: dict[str, Callable] = {}
+def _path_arms(args, model, tok) -> Builders:
+    """PathEdit without and with SADR (from layer 1: PathEdit edits every layer), one request at a time,
+    with ``--pathedit-config``'s method settings and ``--path-epochs`` steps."""
+    init = yaml.safe_load(Path(args.pathedit_config).read_text())["model"]["init_args"]
+    fields = {f.name for f in dataclasses.fields(PathHParams)} - {"epochs"}
+    hp = PathHParams(**{k: v for k, v in init.items() if k in fields}, epochs=args.path_epochs)
+    out: Builders = {}
     for name, terms in (("pathedit", ()), ("pathedit_sadr", (SADR(args.gamma, 1),))):
         editor = PathEditor(hp, terms)
-        editor.setup(model, tok)
-        out[name] = lambda rs, e=editor: [_edit_once(model, tok, e, r) for r in rs]
+        out[name] = _ready(editor, model, tok, lambda rs, e=editor: [_edit_once(model, tok, e, r) for r in rs])
     return out
 
 
-def _zbatch_arms(args, model, tok, z: ZConfig, common: dict, templates: list[str]) -> dict[str, Callable]:
+def _zbatch_arms(args, model, tok, z: ZConfig, common: dict, templates: Callable[[], list[str]]) -> Builders:
     """ROME and ROME+SADR with the z of a group optimised together, and that group's plain floor."""
-    out: dict[str, Callable] = {}
+    out: Builders = {}
     for name, extra in (("rome_zbatch", ()), ("rome_sadr_zbatch", (SADR(args.gamma, args.layer + 1),))):
         editor = RomeEditor(RomeHParams(layer=args.layer, z=z, **common), extra)
-        editor.setup(model, tok)
-        out[name] = lambda rs, e=editor: [e.compute(model, tok, r, zr) for r, zr in
-                                         zip(rs, e.compute_zs(model, tok, rs), strict=True)]
+        out[name] = _ready(editor, model, tok, lambda rs, e=editor: [
+            e.compute(model, tok, r, zr) for r, zr in zip(rs, e.compute_zs(model, tok, rs), strict=True)])
     device = next(model.parameters()).device
 
     def merged(rs):
-        parts = [build_rewrite_batch(tok, r, templates, device) for r in rs]
+        parts = [build_rewrite_batch(tok, r, templates(), device) for r in rs]
         return merge_rewrite_batches(parts, tok.pad_token_id or 0) if len(parts) > 1 else parts[0]
 
     def floor_zbatch(rs) -> None:
@@ -222,24 +239,24 @@ def _zbatch_arms(args, model, tok, z: ZConfig, common: dict, templates: list[str
         for _ in range(args.steps):
             floor_step(model, batch)
 
-    out["floor_zbatch"] = floor_zbatch
+    out["floor_zbatch"] = lambda: floor_zbatch
     if args.compile_floor:
 
         def floor_zbatch_compiled(rs) -> float:
             return compiled_floor(model, [merged(rs)], args.steps, device, args.compile_seconds)
 
-        out["floor_zbatch_compiled"] = floor_zbatch_compiled
+        out["floor_zbatch_compiled"] = lambda: floor_zbatch_compiled
     return out
 
 
-def select_arms(all_arms: dict[str, Callable], names: str) -> dict[str, Callable]:
-    """The arms named in ``names`` (comma-separated; empty = all), in their usual order."""
+def select_arms(all_arms: Builders, names: str) -> dict[str, Callable]:
+    """The arms named in ``names`` (comma-separated; empty = all), in their usual order, built."""
     wanted = [n for n in names.split(",") if n]
     unknown = sorted(set(wanted) - set(all_arms))
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; this run has {list(all_arms)} "
                          "(z-batch arms need --z-batch N, compiled floors --compile-floor, memit/pmet a real model)")
-    return {k: v for k, v in all_arms.items() if not wanted or k in wanted}
+    return {k: build() for k, build in all_arms.items() if not wanted or k in wanted}
 
 
 def _edit_once(model, tok, editor: MemitEditor | PathEditor, request) -> None:
@@ -343,6 +360,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gamma", type=float, default=0.08)
     parser.add_argument("--path-epochs", type=int, default=12, help="PathEdit's steps (epochs) per edit")
+    parser.add_argument("--pathedit-config", default=str(Path(__file__).resolve().parents[1] / "configs" / "smollm2"
+                                                          / "pathedit.yaml"), help="PathEdit's settings (not epochs)")
     parser.add_argument("--mom2-tokens", type=int, default=100_000)
     parser.add_argument("--z-batch", type=int, default=1, help="also time z of N requests optimised together")
     parser.add_argument("--compile-floor", action="store_true",

@@ -366,13 +366,15 @@ class MEMIT(LocateEditModule):
     Args:
         layers: edited layers R, ascending.
         mom2_update_weight: λ of ``(λ C + K Kᵀ)``.
+        value_at: ``"block"`` (L's block output, the paper) or ``"mlp"`` (L's MLP output); unset: the
+            MLP output on architectures that normalise it before the residual stream (Gemma-3).
         **kwargs: :class:`LocateEditModule` and :class:`EditModule` arguments.
     """
 
     pmet = False
 
     def __init__(self, layers: list[int] = [2, 3, 4, 5, 6], mom2_update_weight: float = 15000.0,  # noqa: B006
-                 **kwargs) -> None:
+                 value_at: Literal["block", "mlp"] | None = None, **kwargs) -> None:
         kwargs.setdefault("context_templates", [[10, 5]])
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -381,7 +383,7 @@ class MEMIT(LocateEditModule):
         h = self.hparams
         hp = MemitHParams(layers=tuple(h.layers), z=self.z_config(), context_templates=self.templates(),
                           mom2_update_weight=h.mom2_update_weight, mom2_n_tokens=h.mom2_n_tokens,
-                          mom2_corpus=h.mom2_corpus, pmet=self.pmet)
+                          mom2_corpus=h.mom2_corpus, pmet=self.pmet, value_at=h.value_at)
         return MemitEditor(hp, self.sadr(hp.layers[-1]))
 
 

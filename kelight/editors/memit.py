@@ -1,7 +1,8 @@
 """MEMIT (Meng et al. 2023) and PMET (Li et al. 2024): spread edits over the MLPs of layers R.
 
-Both optimise a value vector per request at the last layer L of R (MEMIT: the block output;
-PMET: separate attention and MLP outputs, keeping only the MLP part), then for each layer
+Both optimise a value vector per request at the last layer L of R (MEMIT: the block output, or
+the MLP output where the architecture normalises it before the residual stream; PMET: separate
+attention and MLP outputs, keeping only the MLP part), then for each layer
 l ∈ R in ascending order write the remaining residual, divided by the layers left, with the
 shared least-squares solve ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -62,6 +64,9 @@ class MemitHParams:
         mom2_update_weight: λ weighing preserved keys (C) against the new keys.
         mom2_n_tokens / mom2_corpus: corpus for C (see :mod:`kelight.editors.covariance`).
         pmet: optimise attention + MLP deltas at L and keep the MLP part (PMET).
+        value_at: MEMIT's value vector: ``"block"`` (L's block output, the paper) or ``"mlp"`` (L's MLP
+            output before any post-norm, the units the update writes, as PMET's). ``None``: ``"mlp"``
+            where the adapter declares ``mlp_post_norm`` (Gemma-3), else ``"block"``. PMET: always MLP.
         seed: seed of the context-template sampling.
     """
 
@@ -72,6 +77,7 @@ class MemitHParams:
     mom2_n_tokens: int = 100_000
     mom2_corpus: str | CorpusSpec | None = None
     pmet: bool = False
+    value_at: Literal["block", "mlp"] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +85,12 @@ class MemitHParams:
             raise EditInputError(f"expected layers to be a non-empty ascending list, got {list(self.layers)}")
         if self.mom2_update_weight <= 0:
             raise EditInputError(f"expected mom2_update_weight > 0, got {self.mom2_update_weight}")
+        if self.value_at not in (None, "block", "mlp"):
+            raise EditInputError(f"expected value_at 'block', 'mlp' or None (architecture default), got "
+                                 f"{self.value_at!r}")
+        if self.pmet and self.value_at == "block":
+            raise EditInputError("PMET's value vector is the MLP output; value_at='block' is MEMIT's, "
+                                 "drop it or use MEMIT")
 
 
 class MemitEditor:
@@ -95,10 +107,20 @@ class MemitEditor:
     def last_layer(self) -> int:
         return self.hp.layers[-1]
 
-    def target_path(self) -> str:
-        """Where the value is read and the residual measured: block output (MEMIT) or MLP output (PMET)."""
+    @property
+    def value_at(self) -> str:
+        """``"block"`` or ``"mlp"``: the module at L whose output is the value vector (after setup)."""
         assert self.adapter is not None
         if self.hp.pmet:
+            return "mlp"
+        if self.hp.value_at is not None:
+            return self.hp.value_at
+        return "block" if self.adapter.mlp_post_norm is None else "mlp"
+
+    def target_path(self) -> str:
+        """Where the value is read and the residual measured: L's block output or MLP output."""
+        assert self.adapter is not None
+        if self.value_at == "mlp":
             return self.adapter.path("mlp_out", self.last_layer)
         return self.adapter.block_path(self.last_layer)
 
@@ -107,10 +129,10 @@ class MemitEditor:
         for layer in self.hp.layers:
             self.adapter.check_layer(model, layer)
         if self._through_post_norm:
-            log.warning("MEMIT on %s: the MLP output is normalised before the residual stream, so MEMIT's "
-                        "block-output target can only be turned towards, not written (post_norm_preimage); on "
-                        "Gemma-3-270M its edits barely take (docs/results.md). PMET or ROME, whose targets are "
-                        "MLP outputs, edit this family", self.adapter.family)
+            log.warning("MEMIT with value_at='block' on %s: the MLP output is normalised before the residual "
+                        "stream, so the block-output target can only be turned towards, not written "
+                        "(post_norm_preimage); on Gemma-3-270M such edits barely take (docs/results.md). "
+                        "Leave value_at unset (the MLP output) for this family", self.adapter.family)
         self.templates = sample_context_templates(model, tok, self.hp.context_templates, self.hp.seed)
         from kelight.editors.covariance import second_moments  # noqa: PLC0415
 
@@ -127,7 +149,7 @@ class MemitEditor:
         if self.hp.pmet:  # attention and MLP deltas at L; only the MLP one is written
             paths = [self.adapter.path("mlp_out", self.last_layer), self.adapter.path("attn", self.last_layer)]
         else:
-            paths = [self.adapter.block_path(self.last_layer)]
+            paths = [self.target_path()]
         return optimise_zs(model, paths, batches, self.hp.z, self.extra_losses, want_attn=bool(self.extra_losses),
                            first_edited_block=self.last_layer, pad_id=tok.pad_token_id or 0)
 
@@ -165,8 +187,8 @@ class MemitEditor:
 
     @property
     def _through_post_norm(self) -> bool:
-        """MEMIT (not PMET) on an architecture that normalises the MLP output before the residual."""
-        return not self.hp.pmet and self.adapter is not None and self.adapter.mlp_post_norm is not None
+        """A block-output value on an architecture that normalises the MLP output before the residual."""
+        return self.adapter is not None and self.adapter.mlp_post_norm is not None and self.value_at == "block"
 
     def _current_values(self, model, tok, requests: Sequence[EditRequest]) -> torch.Tensor:
         """Output of the target module at each request's subject (plain prompt), ``(D, n)``."""

@@ -1,5 +1,7 @@
 """MEMIT/PMET on tiny models: targets written at the last layer, exact restore, validation."""
 
+import logging
+
 import pytest
 import torch
 
@@ -16,9 +18,9 @@ REQS = [
 CORPUS = CorpusSpec(kind="texts", texts=tuple(f"Some text number {i} about towers and mountains." for i in range(20)))
 
 
-def _editor(model, tok, pmet=False, layers=(0, 1), weight=1.0):
+def _editor(model, tok, pmet=False, layers=(0, 1), weight=1.0, value_at=None):
     hp = MemitHParams(layers=layers, z=ZConfig(steps=5), context_templates=(), mom2_update_weight=weight,
-                      mom2_corpus=CORPUS, mom2_n_tokens=500, pmet=pmet)
+                      mom2_corpus=CORPUS, mom2_n_tokens=500, pmet=pmet, value_at=value_at)
     editor = MemitEditor(hp)
     editor.setup(model, tok)  # a small in-memory corpus keeps the test fast and offline
     return editor
@@ -36,13 +38,20 @@ def test_memit_batch_edit_restores_bit_exact(tiny, pmet):
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("pmet", [False, True])
-def test_single_layer_update_writes_the_target(pmet):
-    """With R = [L] and λ → 0 the module output at the subject equals v_init + δ after the edit."""
+@pytest.mark.parametrize(("arch", "pmet", "value_at", "module"), [
+    ("llama", False, None, "block"), ("llama", True, None, "mlp"), ("llama", False, "mlp", "mlp"),
+    ("gemma3_text", False, None, "mlp"),  # post-MLP norm: MEMIT's value defaults to the MLP output
+    ("gemma3_text", True, None, "mlp"),
+])
+def test_single_layer_update_writes_the_target(arch, pmet, value_at, module):
+    """With R = [L] and λ → 0 the value module's output at the subject equals v_init + δ after the edit."""
     from kelight.models.tiny import tiny_model
 
-    model, tok = tiny_model("llama")
-    editor = _editor(model, tok, pmet=pmet, layers=(1,), weight=1e-8)
+    model, tok = tiny_model(arch)
+    editor = _editor(model, tok, pmet=pmet, layers=(1,), weight=1e-8, value_at=value_at)
+    assert editor.value_at == module
+    path = editor.adapter.path("mlp_out", 1) if module == "mlp" else editor.adapter.block_path(1)
+    assert editor.target_path() == path
     undo = UndoLog()
     info = editor.apply(model, tok, REQS[:1], undo)
     target = (info.z[0].v_init[0] + info.z[0].delta[0]).double()
@@ -78,12 +87,17 @@ def test_post_norm_preimage_turns_the_normalised_output_with_least_change(seed):
     assert (cos > before).all()  # turned towards the target in every case
 
 
-def test_memit_writes_through_gemmas_post_mlp_norm():
-    """Gemma-3 normalises the MLP output before the residual: the edit turns that output to the target."""
+def test_memit_writes_through_gemmas_post_mlp_norm(caplog):
+    """Gemma-3 normalises the MLP output before the residual: with the paper's block-output value the
+    edit turns that normalised output to the target (and setup warns that such edits barely take)."""
     from kelight.models.tiny import tiny_model
 
     model, tok = tiny_model("gemma3_text")
-    editor = _editor(model, tok, layers=(1,), weight=1e-8)
+    with caplog.at_level(logging.WARNING, logger="kelight.editors.memit"):
+        _editor(model, tok, layers=(1,))  # the default value (MLP output): no warning
+        assert not caplog.records
+        editor = _editor(model, tok, layers=(1,), weight=1e-8, value_at="block")
+    assert "value_at='block'" in caplog.text and "Leave value_at unset" in caplog.text
     assert editor.adapter.mlp_post_norm == "post_feedforward_layernorm"
     zs = editor.compute_zs(model, tok, REQS[:1])
     resid = (zs[0].v_init[0] + zs[0].delta[0]).double()[:, None] - editor._current_values(model, tok, REQS[:1])
@@ -97,7 +111,9 @@ def test_memit_writes_through_gemmas_post_mlp_norm():
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"layers": (3, 1)}, "ascending"), ({"layers": ()}, "non-empty"),
-                                               ({"mom2_update_weight": 0.0}, "mom2_update_weight")])
+                                               ({"mom2_update_weight": 0.0}, "mom2_update_weight"),
+                                               ({"value_at": "attn"}, "value_at 'block', 'mlp' or None"),
+                                               ({"value_at": "block", "pmet": True}, "use MEMIT")])
 def test_hparams_validation(kwargs, match):
     with pytest.raises(EditInputError, match=match):
         MemitHParams(**kwargs)
