@@ -9,8 +9,9 @@ Example:
 """
 
 from kelight.api import edit
+from kelight.methods import FT, MEMIT, PMET, ROME
 from kelight.models.loading import load
-from kelight.module import FT, MEMIT, PMET, ROME, EditModule
+from kelight.module import EditModule
 from kelight.path_module import PathEdit
 from kelight.types import EditCase, EditInputError, EditRequest
 

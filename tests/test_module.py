@@ -11,7 +11,7 @@ def test_long_runs_log_progress(tmp_path, caplog):
     import lightning as L
 
     from kelight.data.datamodule import EditDataModule
-    from kelight.module import ROME
+    from kelight.methods import ROME
 
     module = ROME(model_name="tiny:llama", layer=1, steps=2, context_templates=[], mom2_adjustment=False,
                   fluency=False, regime="sequential")
@@ -42,7 +42,7 @@ def _seq_evaluations(tmp_path, module, batch_size: int) -> list[int]:
 
 
 def test_sequential_eval_every_counts_edits_not_loader_batches(tmp_path):
-    from kelight.module import ROME
+    from kelight.methods import ROME
     from kelight.path_module import PathEdit
 
     rome = ROME(model_name="tiny:llama", layer=1, steps=2, context_templates=[], mom2_adjustment=False,
@@ -63,6 +63,8 @@ def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypa
 
     import kelight.module as km
     from kelight.data.datamodule import EditDataModule
+    from kelight.editors.rome import RomeEditor
+    from kelight.methods import ROME
     from kelight.models.tiny import tiny_model
 
     events, seen = [], {}
@@ -73,10 +75,10 @@ def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypa
         return real_reference(model, tok, case, *args, **kwargs)
 
     monkeypatch.setattr(km, "locality_reference", reference)
-    module = km.ROME(model_name="tiny:llama", layer=1, steps=5, lr=1.0, context_templates=[], mom2_adjustment=False,
+    module = ROME(model_name="tiny:llama", layer=1, steps=5, lr=1.0, context_templates=[], mom2_adjustment=False,
                      fluency=False, regime="sequential")
-    real_apply, real_evaluate = km.RomeEditor.apply, module._evaluate
-    monkeypatch.setattr(km.RomeEditor, "apply", lambda *a, **k: (events.append("edit"), real_apply(*a, **k))[1])
+    real_apply, real_evaluate = RomeEditor.apply, module._evaluate
+    monkeypatch.setattr(RomeEditor, "apply", lambda *a, **k: (events.append("edit"), real_apply(*a, **k))[1])
     monkeypatch.setattr(module, "_evaluate", lambda case, pre: (seen.__setitem__(case.case_id, pre),
                                                                  real_evaluate(case, pre))[1])
     path = tmp_path / "edit.json"

@@ -290,6 +290,29 @@ def optimise_zs(
     return results
 
 
+@torch.no_grad()
+def _clamp_(delta: torch.Tensor, max_norm: torch.Tensor, done: torch.Tensor, frozen: torch.Tensor) -> None:
+    """Clamp each ``‖δ_ri‖`` to ``max_norm[r, i]`` in place; stopped requests keep their frozen δ."""
+    scale = (max_norm / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)  # (R, M)
+    delta.mul_(scale[..., None])
+    delta[done] = frozen[done]
+
+
+def _require_gradient(grad: torch.Tensor | None, stopped: list[bool], paths: Sequence[str]) -> None:
+    """Fail when a request's δ gets no gradient at step 0: nothing it changes reaches the target.
+
+    At δ = 0 the essence KL and SADR are at their minimum; the rewrite NLL alone must move δ. An
+    exactly zero gradient means the injected module, at the subject's last token, feeds no position
+    that predicts the target — e.g. the model's last layer when the subject does not end the prompt.
+    """
+    dead = [r for r, done in enumerate(stopped) if not done and (grad is None or not bool(grad[r].any()))]
+    if dead:
+        raise EditInputError(
+            f"the value vector at {', '.join(paths)} gets no gradient (request {dead[0]} of this batch): a change "
+            "there at the subject's last token does not reach the positions that predict the target, so the edit "
+            "cannot take. Choose an earlier layer (the last layer only sees its own position)")
+
+
 def _optimise_merged(
     model: PreTrainedModel,
     module_paths: str | Sequence[str],
@@ -344,11 +367,9 @@ def _optimise_merged(
             done = torch.tensor(stopped, device=param.device)
             opt.zero_grad(set_to_none=True)
             loss[~done].sum().backward()
+            if step == 0:
+                _require_gradient(delta.grad, stopped, paths)
             opt.step()
-            with torch.no_grad():  # clamp each ‖δ_ri‖ to clamp_norm_factor·‖v_ri‖; stopped requests stay put
-                max_norm = cfg.clamp_norm_factor * injector.init_norms()  # (R, M)
-                scale = (max_norm / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
-                delta.mul_(scale[..., None])
-                delta[done] = frozen[done]
+            _clamp_(delta, cfg.clamp_norm_factor * injector.init_norms(), done, frozen)
     v_init = injector.init()
     return [ZResult(delta[r].detach(), v_init[r], losses[r], steps_run[r]) for r in range(n)]

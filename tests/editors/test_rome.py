@@ -127,6 +127,7 @@ def test_api_edit_and_undo_roundtrip():
         ({"layr": 1}, REQ, r"unknown rome option\(s\) \['layr'\]"),
         ({"layer": 1}, {"prompt": "Paris is big", "subject": "Rome", "target_new": "x"}, "does not occur"),
         ({"layer": 1}, {"prompt": "Paris is big", "subject": "Paris", "target_new": "  "}, "non-empty"),
+        ({"layer": 2}, REQ, "gets no gradient .* Choose an earlier layer"),  # the last of 3 layers: z is inert
     ],
 )
 def test_api_errors_leave_model_unchanged(kwargs, request_, match):

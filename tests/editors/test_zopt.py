@@ -73,7 +73,7 @@ def test_blocks_are_restored_after_replay(tiny):
     model, tok = tiny
     layers = model.get_submodule(adapter_for(model).layers)
     before = list(layers)
-    _run(model, tok, reuse=True, layer=2)
+    _run(model, tok, reuse=True, layer=1)  # block 0 replayed
     assert all(a is b for a, b in zip(layers, before, strict=True))
 
 
@@ -91,8 +91,8 @@ def test_blocks_are_restored_when_the_optimisation_fails(monkeypatch):
 
     batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
     with pytest.raises(FloatingPointError, match="diverged at step 1"):
-        optimise_z(model, adapter_for(model).path("mlp_out", 2), batch,
-                   dataclasses.replace(ZConfig(), early_stop_loss=0.0), (boom,), first_edited_block=2)
+        optimise_z(model, adapter_for(model).path("mlp_out", 1), batch,
+                   dataclasses.replace(ZConfig(), early_stop_loss=0.0), (boom,), first_edited_block=1)
     assert all(a is b for a, b in zip(layers, before, strict=True))
 
 
@@ -164,3 +164,15 @@ def test_split_at_subject_layout():
     before = batch.input_ids[batch.target_rows, batch.target_cols]
     after = split.suffix.input_ids[split.suffix.target_rows, split.suffix.target_cols]
     assert torch.equal(before, after)
+
+
+def test_an_unreachable_value_vector_is_an_input_error():
+    """The last layer's MLP output at the subject feeds no later position: z would never move."""
+    from kelight.models.tiny import tiny_model
+    from kelight.types import EditInputError
+
+    model, tok = tiny_model("llama")
+    with pytest.raises(EditInputError, match=r"model\.layers\.2\.mlp\.down_proj gets no gradient"):
+        _run(model, tok, reuse=True, layer=2)
+    result, _ = _run(model, tok, reuse=True, layer=1)
+    assert result.delta.norm() > 0

@@ -99,18 +99,18 @@ def test_memit_z_batch_writes_the_same_update():
     model, tok = tiny_model("llama")
     deltas = []
     for z_batch in (1, 2):
-        hp = MemitHParams(layers=(1, 2), z=ZConfig(steps=4, z_batch=z_batch), context_templates=((3, 1),),
+        hp = MemitHParams(layers=(0, 1), z=ZConfig(steps=4, z_batch=z_batch), context_templates=((3, 1),),
                           mom2_update_weight=10.0, mom2_n_tokens=64, mom2_corpus="model")
         editor = MemitEditor(hp)
         editor.setup(model, tok)
-        before = [adapter_for(model).out_weight(model, layer).detach().clone() for layer in (1, 2)]
+        before = [adapter_for(model).out_weight(model, layer).detach().clone() for layer in (0, 1)]
         undo = UndoLog()
         editor.apply(model, tok, REQUESTS, undo)
-        deltas.append([adapter_for(model).out_weight(model, layer).detach() - b for layer, b in zip((1, 2), before,
+        deltas.append([adapter_for(model).out_weight(model, layer).detach() - b for layer, b in zip((0, 1), before,
                                                                                                    strict=True)])
         undo.restore()
     for a, b in zip(*deltas, strict=True):
-        assert a.abs().max() > 0
+        assert a.norm() > 1e-2 * b.norm() > 0 and a.abs().max() > 1e-3  # a real update, not rounding noise
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
@@ -139,15 +139,6 @@ def test_merge_layout_and_mismatched_templates():
 def test_z_batch_must_be_positive():
     with pytest.raises(EditInputError, match="z_batch"):
         ZConfig(z_batch=0)
-
-
-def test_module_rejects_z_batch_where_edits_depend_on_each_other():
-    from kelight.module import ROME
-
-    with pytest.raises(ValueError, match="sequential"):
-        ROME(model_name="tiny:llama", regime="sequential", z_batch=2)
-    with pytest.raises(ValueError, match="in turn"):
-        ROME(model_name="tiny:llama", regime="batch", z_batch=2).build_editor()
 
 
 def test_single_regime_with_z_batch_gives_the_same_cases(tmp_path, monkeypatch):

@@ -1,0 +1,50 @@
+"""The method modules map their CLI arguments onto the editors' hyper-parameters and reject bad combinations."""
+
+from __future__ import annotations
+
+import pytest
+
+from kelight.editors.memit import MemitEditor
+from kelight.editors.rome import RomeEditor
+from kelight.methods import FT, MEMIT, PMET, ROME
+from kelight.objectives.sadr import SADR
+
+
+def test_rome_arguments_reach_its_editor():
+    editor = ROME(model_name="tiny:llama", layer=2, steps=7, lr=0.3, context_templates=[[3, 2]],
+                  mean_key_insertion=True, sadr_gamma=0.05, sadr_selective=False).build_editor()
+    assert isinstance(editor, RomeEditor)
+    assert (editor.hp.layer, editor.hp.z.steps, editor.hp.z.lr) == (2, 7, 0.3)
+    assert editor.hp.context_templates == ((3, 2),) and editor.hp.mean_key_insertion
+    (sadr,) = editor.extra_losses
+    assert isinstance(sadr, SADR)
+    assert (sadr.gamma, sadr.first_layer, sadr.selective) == (0.05, 3, False)  # drift after the edit layer
+
+
+def test_sadr_is_absent_at_gamma_zero():
+    assert ROME(model_name="tiny:llama").build_editor().extra_losses == ()
+    assert FT(model_name="tiny:llama").build_editor().extra_losses == ()
+
+
+@pytest.mark.parametrize(("cls", "pmet"), [(MEMIT, False), (PMET, True)])
+def test_memit_and_pmet_share_one_editor(cls, pmet):
+    editor = cls(model_name="tiny:llama", layers=[1, 2], mom2_update_weight=1400.0, value_at="mlp",
+                 sadr_gamma=0.08).build_editor()
+    assert isinstance(editor, MemitEditor)
+    assert (editor.hp.layers, editor.hp.pmet, editor.hp.mom2_update_weight) == ((1, 2), pmet, 1400.0)
+    assert editor.hp.value_at == "mlp"
+    assert editor.hp.context_templates == ((10, 5),)  # MEMIT's own default, not ROME's
+    assert editor.extra_losses[0].first_layer == 3  # drift after the last edited layer
+
+
+def test_ft_measures_drift_after_its_layer():
+    editor = FT(model_name="tiny:llama", layer=1, norm_constraint=1e-3, sadr_gamma=0.02).build_editor()
+    assert (editor.hp.layer, editor.hp.norm_constraint) == (1, 1e-3)
+    assert editor.extra_losses[0].first_layer == 2
+
+
+def test_module_rejects_z_batch_where_edits_depend_on_each_other():
+    with pytest.raises(ValueError, match="sequential"):
+        ROME(model_name="tiny:llama", regime="sequential", z_batch=2)
+    with pytest.raises(ValueError, match="in turn"):
+        ROME(model_name="tiny:llama", regime="batch", z_batch=2).build_editor()
