@@ -121,9 +121,16 @@ def run(args: list[str] | None = None) -> KelightCLI | None:
         importlib.import_module(_TOOLS[argv[0]]).main(argv[1:])
         return None
     if argv[:1] == ["report"]:
+        usage = "usage: kelight report RUN_DIR [RUN_DIR ...]   (one Markdown row per run's metrics.json)"
+        if any(a in ("-h", "--help") for a in argv[1:]):
+            sys.stdout.write(usage + "\n")
+            return None
         if len(argv) < 2:
-            raise SystemExit("usage: kelight report RUN_DIR [RUN_DIR ...]")
-        sys.stdout.write(report(argv[1:]) + "\n")
+            raise SystemExit(usage)
+        try:
+            sys.stdout.write(report(argv[1:]) + "\n")
+        except FileNotFoundError as err:  # a run directory without results: the message, not a traceback
+            raise SystemExit(f"kelight report: {err}") from None
         return None
     _environment_defaults()
     _quiet_expected_warnings()

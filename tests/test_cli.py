@@ -119,3 +119,12 @@ def test_default_run_dir_is_unique_per_wandb_agent_run(monkeypatch):
     assert default_run_dir() == Path("runs") / "abc123" / "run7"
     monkeypatch.delenv("WANDB_RUN_ID")
     assert default_run_dir().parent == Path("runs") and default_run_dir().name[:2] == "20"
+
+
+def test_report_help_and_missing_run_are_messages_not_tracebacks(tmp_path, capsys):
+    run(["report", "--help"])
+    assert capsys.readouterr().out.startswith("usage: kelight report RUN_DIR")
+    with pytest.raises(SystemExit, match="usage: kelight report"):
+        run(["report"])
+    with pytest.raises(SystemExit, match=r"kelight report: .*nope/metrics.json does not exist; run `kelight fit"):
+        run(["report", str(tmp_path / "nope")])
