@@ -305,7 +305,8 @@ def _require_gradient(grad: torch.Tensor | None, stopped: list[bool], paths: Seq
     exactly zero gradient means the injected module, at the subject's last token, feeds no position
     that predicts the target — e.g. the model's last layer when the subject does not end the prompt.
     """
-    dead = [r for r, done in enumerate(stopped) if not done and (grad is None or not bool(grad[r].any()))]
+    reached = [False] * len(stopped) if grad is None else grad.flatten(1).any(1).tolist()  # one host sync
+    dead = [r for r, done in enumerate(stopped) if not done and not reached[r]]
     if dead:
         raise EditInputError(
             f"the value vector at {', '.join(paths)} gets no gradient (request {dead[0]} of this batch): a change "
