@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from kelight.data import EditDataModule
 from kelight.distributed import EditDDPStrategy
 from kelight.module import EditModule
-from kelight.results import report
+from kelight.results import merge_runs, report
 
 _TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -100,10 +100,35 @@ def _environment_defaults() -> None:
 
 # Subcommands that are not LightningCLI runs, imported when used: module with a ``main(argv)``.
 _TOOLS = {"sweep": "kelight.sweep", "analyze": "kelight.analysis.cli"}
+# Subcommands that read finished run directories: usage and the least number of arguments.
+_FILE_TOOLS = {
+    "report": ("RUN_DIR [RUN_DIR ...]   (one Markdown row per run's metrics.json)", 1),
+    "merge": ("OUT_DIR RUN_DIR RUN_DIR [...]   (join runs of one config on disjoint cases, e.g. --data.skip; "
+              "metrics recomputed from cases.jsonl)", 3),
+}
+
+
+def _file_tool(name: str, args: list[str]) -> None:
+    """``kelight report`` / ``kelight merge``: read run directories; errors are one line, not tracebacks."""
+    usage, n_min = _FILE_TOOLS[name]
+    usage = f"usage: kelight {name} {usage}"
+    if any(a in ("-h", "--help") for a in args):
+        sys.stdout.write(usage + "\n")
+        return
+    if len(args) < n_min:
+        raise SystemExit(usage)
+    try:
+        if name == "report":
+            sys.stdout.write(report(args) + "\n")
+        else:
+            path = merge_runs(args[0], args[1:])
+            sys.stdout.write(f"wrote {path}\n{report([args[0]])}\n")
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"kelight {name}: {err}") from None
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``,
+    """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``, ``merge OUT DIR...``,
     ``sweep SPEC --count N``, ``analyze drift|substitution|patching|heads ...``).
 
     Returns ``None`` so that the console script exits with status 0 (``sys.exit(main())``).
@@ -120,17 +145,8 @@ def run(args: list[str] | None = None) -> KelightCLI | None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         importlib.import_module(_TOOLS[argv[0]]).main(argv[1:])
         return None
-    if argv[:1] == ["report"]:
-        usage = "usage: kelight report RUN_DIR [RUN_DIR ...]   (one Markdown row per run's metrics.json)"
-        if any(a in ("-h", "--help") for a in argv[1:]):
-            sys.stdout.write(usage + "\n")
-            return None
-        if len(argv) < 2:
-            raise SystemExit(usage)
-        try:
-            sys.stdout.write(report(argv[1:]) + "\n")
-        except FileNotFoundError as err:  # a run directory without results: the message, not a traceback
-            raise SystemExit(f"kelight report: {err}") from None
+    if argv[:1] and argv[0] in _FILE_TOOLS:
+        _file_tool(argv[0], argv[1:])
         return None
     _environment_defaults()
     _quiet_expected_warnings()

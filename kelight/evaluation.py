@@ -309,22 +309,25 @@ def evaluate_case(
 def case_summary(result: CaseResult) -> dict[str, float]:
     """Per-case values for ``cases.jsonl``: success fraction and magnitude per probe group, token
     accuracies (all in percent), ``FL`` (×100) and ``PPL`` where measured; empty groups omitted.
-    ``n_<score>`` (e.g. ``n_RS``) is the number of prompts behind each score, so that pooled values
-    (and case-bootstrap intervals, :func:`kelight.analysis.stats.won_back_interval`) can be
+    ``n_<score>`` (e.g. ``n_RS``, ``n_Efficacy``; ``n_PPL`` counts tokens) is the number of prompts
+    behind each score, so that pooled values (:func:`kelight.results.metrics_from_rows`, ``kelight
+    merge``) and case-bootstrap intervals (:func:`kelight.analysis.stats.won_back_interval`) can be
     recomputed from ``cases.jsonl`` alone."""
     out: dict[str, float] = {}
     for group, (nll_right, nll_wrong) in result.scores.items():
         if nll_right.numel():
             score_name, magnitude_name = PROBE_GROUPS[group]
-            success, magnitude = F.pairwise_scores(nll_right, nll_wrong)
+            success, magnitude = F.pairwise_scores(nll_right.double(), nll_wrong.double())  # as EditMetrics
             out[score_name] = 100.0 * float(success.double().mean())
             out[magnitude_name] = 100.0 * float(magnitude.double().mean())
             out[f"n_{score_name}"] = int(nll_right.numel())
     for group, (preds, refs) in result.tokens.items():
         if preds:
             out[TOKEN_GROUPS[group]] = 100.0 * float(F.token_accuracies(preds, refs).mean())
+            out[f"n_{TOKEN_GROUPS[group]}"] = len(preds)
     if result.texts:
         out["FL"] = 100.0 * F.n_gram_entropy(result.texts)
     if result.perplexity is not None and result.perplexity[1] > 0:
         out["PPL"] = F.perplexity(*result.perplexity)
+        out["n_PPL"] = int(result.perplexity[1])  # tokens
     return out

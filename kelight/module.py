@@ -77,7 +77,7 @@ class EditModule(L.LightningModule):
         self.source_metrics: dict[str, EditMetrics] = {}  # per data half, e.g. "counterfact"/"wikidata"
         self.case_rows: list[dict] = []
         self.edit_seconds: list[float] = []
-        self.pending: list[tuple[EditCase, dict, float]] = []
+        self.pending: list[tuple[EditCase, dict, float, int | None]] = []
         self.out_dir: Path | None = None  # the run directory (rank 0's under DDP)
         self.progress_seconds = 60.0  # log a progress line at most this often (long runs print nothing else)
         self._last_progress = self._run_start = time.perf_counter()
@@ -113,7 +113,7 @@ class EditModule(L.LightningModule):
         self.case_rows, self.edit_seconds = [], []
         self._run_start = time.perf_counter()
         self._unedited_locality: dict = {}  # sequential regime: case id -> unedited locality predictions
-        self.pending: list[tuple[EditCase, dict, float]] = []
+        self.pending: list[tuple[EditCase, dict, float, int | None]] = []
 
     # ---- fit: edit + evaluate ---------------------------------------------------------
     def _log_progress(self) -> None:
@@ -170,7 +170,7 @@ class EditModule(L.LightningModule):
         if self.hparams.regime != "sequential" or not every or done // every == (done - n_new) // every:
             return
         partial = EditMetrics(sync_on_compute=False).to(self.device)  # this process's shard
-        for case, pre, _ in self.pending:
+        for case, pre, _, _ in self.pending:
             partial.update(self._evaluate(case, pre))
         self.log_dict({f"seq/{k}": v for k, v in partial.compute().items()}, on_step=True, batch_size=1)
 
@@ -199,16 +199,17 @@ class EditModule(L.LightningModule):
         self.log("edit/seconds", seconds, on_step=True, batch_size=len(cases))
         self.log("edit/z_steps", sum(z.steps_run for z in info.z) / len(info.z), on_step=True, batch_size=1)
         self.log("edit/final_loss", sum(z.losses[-1] for z in info.z) / len(info.z), on_step=True, batch_size=1)
+        steps = [z.steps_run for z in info.z] if len(info.z) == len(cases) else [None] * len(cases)
         if self.hparams.regime == "sequential":
-            self.pending += [(case, pre, seconds) for case, pre in zip(cases, pres, strict=True)]
+            self.pending += [(case, pre, seconds, n) for case, pre, n in zip(cases, pres, steps, strict=True)]
             return
         try:
-            for case, pre in zip(cases, pres, strict=True):
-                self._record(case, self._evaluate(case, pre), seconds)
+            for case, pre, n in zip(cases, pres, steps, strict=True):
+                self._record(case, self._evaluate(case, pre), seconds, n)
         finally:
             self.undo.restore()
 
-    def _record(self, case: EditCase, result, seconds: float | None) -> None:
+    def _record(self, case: EditCase, result, seconds: float | None, z_steps: int | None = None) -> None:
         self.metrics.update(result)
         if case.source not in self.source_metrics:
             self.source_metrics[case.source] = EditMetrics().to(self.device)
@@ -216,12 +217,14 @@ class EditModule(L.LightningModule):
         row = {"id": case.case_id, "source": case.source, **case_summary(result)}
         if seconds is not None:
             row["edit_seconds"] = seconds
+        if z_steps is not None:  # optimisation steps this case's value vector took (early stop included)
+            row["z_steps"] = z_steps
         self.case_rows.append(row)
         append_partial(self.out_dir or self.trainer.default_root_dir, row, self.global_rank)  # survives a crash
 
     def on_train_epoch_end(self) -> None:
-        for case, pre, seconds in self.pending:  # sequential: every edit is in place now
-            self._record(case, self._evaluate(case, pre), seconds)
+        for case, pre, seconds, z_steps in self.pending:  # sequential: every edit is in place now
+            self._record(case, self._evaluate(case, pre), seconds, z_steps)
         self.pending = []
         self._finish("fit")
 

@@ -1,4 +1,4 @@
-"""The output contract (DESIGN §5): ``metrics.json`` (flat, percent) and ``cases.jsonl``."""
+"""The output contract (DESIGN §5): ``metrics.json`` (flat, percent) and ``cases.jsonl``; merging runs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import yaml
+
+from kelight.metrics import functional as F
+from kelight.metrics.classes import AVG_S_METRICS
+from kelight.types import PROBE_GROUPS, TOKEN_GROUPS
 
 
 def _clean(value: object) -> object:
@@ -79,3 +85,119 @@ def report(run_dirs: Sequence[str | Path]) -> str:
             raise FileNotFoundError(f"{path} does not exist; run `kelight fit/validate` with this directory first")
         rows[Path(d).name] = json.loads(path.read_text())
     return format_table(rows)
+
+
+def _pooled(rows: Sequence[Mapping], key: str, count: str) -> tuple[float, int] | None:
+    """``(Σ value·n / Σ n, Σ n)`` of ``key`` over the rows that have it, weighted by ``rows[count]``."""
+    have = [r for r in rows if r.get(key) is not None]
+    if not have:
+        return None
+    if any(count not in r for r in have):
+        raise ValueError(f"rows with {key} but no {count}: they come from a run before per-case counts were "
+                         "recorded, so pooled values cannot be recomputed; rerun those cases")
+    n = sum(int(r[count]) for r in have)
+    return (sum(float(r[key]) * int(r[count]) for r in have) / n, n) if n else None
+
+
+def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for score, magnitude in PROBE_GROUPS.values():
+        pooled = _pooled(rows, score, f"n_{score}")
+        if pooled is not None:
+            value, n = pooled
+            out[score] = value
+            out[f"{score}_ci"] = 100.0 * F.ci_half_width(min(max(value / 100.0, 0.0), 1.0), n)
+            out[magnitude] = _pooled(rows, magnitude, f"n_{score}")[0]
+    fluency = [float(r["FL"]) for r in rows if r.get("FL") is not None]
+    if fluency:  # a case scores its texts' mean entropy; cases are averaged (Fluency metric)
+        out["FL"] = sum(fluency) / len(fluency)
+    ppl = [r for r in rows if r.get("PPL") is not None]
+    if ppl:
+        nll = _pooled([{**r, "logPPL": math.log(r["PPL"])} for r in ppl], "logPPL", "n_PPL")
+        if nll is not None:
+            out["PPL"] = math.exp(nll[0])
+    tokens = {}
+    for name in TOKEN_GROUPS.values():
+        pooled = _pooled(rows, name, f"n_{name}")
+        if pooled is not None:
+            tokens[name] = pooled[0]
+    if tokens:
+        out.update(tokens)
+        out["Score"] = sum(tokens.values()) / len(tokens)
+    present = [out[name] for name in AVG_S_METRICS if name in out]
+    if present:
+        out["Avg.S"] = F.harmonic_mean(present)
+    return out
+
+
+def metrics_from_rows(rows: Sequence[Mapping]) -> dict[str, float]:
+    """``metrics.json`` recomputed from ``cases.jsonl`` rows: pooled over prompts (and the CI from the
+    pooled count) as :class:`~kelight.metrics.EditMetrics` does, per source when there are several,
+    ``n_cases`` and ``seconds_per_edit``.
+
+    Raises:
+        ValueError: if a row has a score but not its prompt count (runs older than ``n_<score>``).
+    """
+    out = _metrics_of(rows)
+    sources = sorted({r["source"] for r in rows if r.get("source") is not None})
+    if len(sources) > 1:
+        for source in sources:
+            part = _metrics_of([r for r in rows if r.get("source") == source])
+            out.update({f"{source}/{k}": v for k, v in part.items()})
+    out["n_cases"] = float(len(rows))
+    seconds = [float(r["edit_seconds"]) for r in rows if r.get("edit_seconds") is not None]
+    if seconds:
+        out["seconds_per_edit"] = sum(seconds) / len(seconds)
+    return out
+
+
+#: Config keys that may differ between runs that are merged (which cases, where the output went).
+MERGE_FREE_KEYS = ("data.skip", "data.limit", "trainer.default_root_dir", "trainer.logger", "ckpt_path")
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, Mapping):
+        out: dict[str, object] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def merge_runs(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> Path:
+    """Join runs of the same configuration on disjoint cases (e.g. ``--data.limit 100`` and
+    ``--data.skip 100 --data.limit 100``) into one run in ``out_dir``: ``cases.jsonl`` in the given
+    order and ``metrics.json`` recomputed from the rows (:func:`metrics_from_rows`); ``merged.json``
+    names the parts. Returns the metrics path.
+
+    Raises:
+        FileNotFoundError: if a run has no ``cases.jsonl`` or ``config.yaml``.
+        ValueError: if the runs' configurations differ beyond :data:`MERGE_FREE_KEYS`, a case id
+            occurs twice, or a row lacks the prompt counts needed to pool.
+    """
+    if len(run_dirs) < 2:
+        raise ValueError(f"expected at least two runs to merge, got {len(run_dirs)}")
+    configs, rows = [], []
+    for d in map(Path, run_dirs):
+        for name in ("cases.jsonl", "config.yaml"):
+            if not (d / name).exists():
+                raise FileNotFoundError(f"{d / name} does not exist; merge finished `kelight fit/validate` runs")
+        configs.append(_flat(yaml.safe_load((d / "config.yaml").read_text())))
+        rows += [json.loads(line) for line in (d / "cases.jsonl").read_text().splitlines() if line.strip()]
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in MERGE_FREE_KEYS)  # noqa: E731
+    differ = sorted({k for c in configs[1:] for k in set(c) | set(configs[0])
+                     if not free(k) and k in c and k in configs[0] and c[k] != configs[0][k]})
+    if differ:
+        raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of one configuration on different cases "
+                         f"(--data.skip/--data.limit) can be merged")
+    ids = [r["id"] for r in rows]
+    twice = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+    if twice:
+        raise ValueError(f"case ids {twice[:5]} occur in more than one run; merge runs on disjoint cases")
+    metrics = metrics_from_rows(rows)
+    path = write_results(out_dir, metrics, rows)
+    unchecked = sorted({k for c in configs for k in c if not free(k) and not all(k in o for o in configs)})
+    (Path(out_dir) / "merged.json").write_text(json.dumps(
+        {"parts": [str(d) for d in run_dirs], "n_cases": len(rows), "keys_not_in_every_config": unchecked},
+        indent=1) + "\n")
+    return path

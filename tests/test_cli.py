@@ -128,3 +128,44 @@ def test_report_help_and_missing_run_are_messages_not_tracebacks(tmp_path, capsy
         run(["report"])
     with pytest.raises(SystemExit, match=r"kelight report: .*nope/metrics.json does not exist; run `kelight fit"):
         run(["report", str(tmp_path / "nope")])
+
+
+def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
+    out = tmp_path / name
+    run(["fit", "--config", str(ROOT / "configs/smollm2/rome.yaml"), *COMMON, "--model.layer", "1",
+         "--model.fluency", "true", "--data.path", str(_case_file(tmp_path)), "--trainer.default_root_dir", str(out),
+         *extra])
+    return out
+
+
+def test_merge_of_split_runs_equals_the_whole_run(tmp_path, capsys):
+    """``--data.skip`` continues a run; ``kelight merge`` of the parts reports what one run of all cases does."""
+    whole = _fit(tmp_path, "whole")
+    first, second = _fit(tmp_path, "first", "--data.limit", "1"), _fit(tmp_path, "second", "--data.skip", "1")
+    run(["merge", str(tmp_path / "merged"), str(first), str(second)])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("| merged | ")
+    expected = json.loads((whole / "metrics.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    assert set(merged) == set(expected) and "FL" in merged and "wikidata/RS" in merged
+    for key, value in expected.items():
+        if key != "seconds_per_edit":  # wall time differs run to run; float32 edits by a few ulp
+            assert merged[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+    def rows(d):
+        return [{k: v for k, v in json.loads(line).items() if k != "edit_seconds"}
+                for line in (d / "cases.jsonl").read_text().splitlines()]
+
+    from kelight.results import metrics_from_rows
+
+    recomputed = metrics_from_rows(rows(whole))  # exact for the run's own rows: same pooling as EditMetrics
+    assert {k: v for k, v in expected.items() if k != "seconds_per_edit"} == pytest.approx(
+        {k: recomputed[k] for k in expected if k != "seconds_per_edit"}, rel=1e-12)
+    assert [r.keys() for r in rows(tmp_path / "merged")] == [r.keys() for r in rows(whole)]
+    assert [r["id"] for r in rows(tmp_path / "merged")] == [0, 1] and rows(whole)[0]["z_steps"] >= 1
+    other = _fit(tmp_path, "other", "--data.skip", "1", "--model.steps", "2")
+    with pytest.raises(SystemExit, match=r"kelight merge: the runs differ in model.init_args.steps; only runs of one"):
+        run(["merge", str(tmp_path / "bad"), str(first), str(other)])
+    with pytest.raises(SystemExit, match=r"kelight merge: case ids \[0\] occur in more than one run"):
+        run(["merge", str(tmp_path / "bad"), str(first), str(whole)])
+    with pytest.raises(SystemExit, match=r"usage: kelight merge OUT_DIR RUN_DIR RUN_DIR"):
+        run(["merge", str(tmp_path / "bad"), str(first)])

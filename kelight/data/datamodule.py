@@ -55,19 +55,28 @@ def load_records(path: str | os.PathLike[str]) -> datasets.Dataset:
         ) from err
 
 
-def select_indices(n: int, limit: int | None = None, seed: int = 0, shuffle: bool = False) -> list[int]:
-    """Record indices to use: all ``n`` in order, or a seeded permutation; then the first ``limit``.
+def select_indices(n: int, limit: int | None = None, seed: int = 0, shuffle: bool = False, skip: int = 0) -> list[int]:
+    """Record indices to use: all ``n`` in order, or a seeded permutation; less the first ``skip``;
+    then the first ``limit``. ``skip`` continues an earlier run: ``limit=100`` then ``skip=100, limit=100``
+    gives the same cases as ``limit=200``.
 
     Example:
         >>> select_indices(5, limit=3)
         [0, 1, 2]
+        >>> select_indices(5, limit=3, skip=3)
+        [3, 4]
     """
     if limit is not None and limit <= 0:
         raise EditInputError(f"expected limit > 0 (or None for all records), got {limit}")
+    if skip < 0:
+        raise EditInputError(f"expected skip >= 0, got {skip}")
+    if skip >= n:
+        raise EditInputError(f"skip {skip} leaves none of the {n} records; lower --data.skip")
     order = list(range(n))
     if shuffle:
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(n, generator=generator).tolist()
+    order = order[skip:]
     return order if limit is None else order[:limit]
 
 
@@ -113,9 +122,11 @@ class EditDataModule(L.LightningDataModule):
     Args:
         path: JSON or JSON-lines file of records; ``None`` uses the built-in demo set.
         format: record format; ``"auto"`` detects it per record.
-        limit: use only the first ``limit`` records (after shuffling, if ``shuffle``).
+        limit: use only the first ``limit`` records (after shuffling, if ``shuffle``, and ``skip``).
         seed: seed of the shuffling permutation.
         shuffle: take a seeded random permutation of the records before ``limit``.
+        skip: leave out the first ``skip`` records (after shuffling), e.g. to extend an earlier run
+            of ``limit`` cases with the next ones (``kelight merge`` joins the two runs).
         batch_size: cases per batch (1 for single edits; k for batch editors).
 
     Example:
@@ -133,17 +144,20 @@ class EditDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle: bool = False,
         batch_size: int = 1,
+        skip: int = 0,
     ) -> None:
         super().__init__()
         if format not in ("auto", "counterfact_mix", "counterfact_edit"):
             raise EditInputError(f"expected format 'auto', 'counterfact_mix' or 'counterfact_edit', got {format!r}")
         if limit is not None and limit <= 0:
             raise EditInputError(f"expected limit > 0 (or None for all records), got {limit}")
+        if skip < 0:
+            raise EditInputError(f"expected skip >= 0, got {skip}")
         if batch_size <= 0:
             raise EditInputError(f"expected batch_size > 0, got {batch_size}")
         self.save_hyperparameters()
         self.path, self.format, self.limit = path, format, limit
-        self.seed, self.shuffle, self.batch_size = seed, shuffle, batch_size
+        self.seed, self.shuffle, self.batch_size, self.skip = seed, shuffle, batch_size, skip
         self.cases: list[EditCase] = []
         self.skipped: dict[str, int] = {}
 
@@ -153,7 +167,7 @@ class EditDataModule(L.LightningDataModule):
             return
         path = builtin_path() if self.path is None else Path(self.path)
         records = load_records(path)
-        order = select_indices(len(records), self.limit, self.seed, self.shuffle)
+        order = select_indices(len(records), self.limit, self.seed, self.shuffle, self.skip)
         skipped: Counter[str] = Counter()
         rows = records.select(order).to_list()
         self.cases = [parse_record(row, i, self.format, skipped) for i, row in zip(order, rows, strict=True)]

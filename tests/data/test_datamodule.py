@@ -64,6 +64,20 @@ def test_shuffle_is_seeded_and_applied_before_limit() -> None:
     assert select_indices(4, seed=1, shuffle=True) == select_indices(4, seed=1, shuffle=True)
 
 
+def test_skip_continues_where_limit_ended_also_after_shuffling() -> None:
+    for shuffle in (False, True):
+        whole = EditDataModule(limit=9, shuffle=shuffle, seed=2)
+        first = EditDataModule(limit=4, shuffle=shuffle, seed=2)
+        rest = EditDataModule(skip=4, limit=5, shuffle=shuffle, seed=2)
+        for dm in (whole, first, rest):
+            dm.setup()
+        assert ids(first) + ids(rest) == ids(whole)
+    with pytest.raises(EditInputError, match=r"expected skip >= 0, got -1"):
+        EditDataModule(skip=-1)
+    with pytest.raises(EditInputError, match=r"skip 99999 leaves none of the \d+ records; lower --data.skip"):
+        EditDataModule(skip=99999).setup()
+
+
 def test_loaders_collate_lists_in_order(edit_file: Path) -> None:
     dm = EditDataModule(path=str(edit_file), batch_size=3)
     dm.setup()
