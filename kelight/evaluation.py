@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.lm import head
+from kelight.generation import generate
 from kelight.metrics import functional as F
-from kelight.readouts import Readout, cache_keyword, left_pad, readouts, shared_prompt_readouts
-from kelight.tokens import target_ids
+from kelight.readouts import Readout, readouts, shared_prompt_readouts
+from kelight.tokens import pad_id, target_ids
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS, EditCase, EditInputError, ScoredPrompt, TokenProbe
 
 # probe group -> (nll_right, nll_wrong); token group -> (per-prompt predictions, references).
@@ -45,10 +45,6 @@ class CaseResult:
     tokens: GroupTokens = field(default_factory=dict)
     texts: tuple[str, ...] = ()
     perplexity: tuple[float, int] | None = None
-
-
-def _pad_id(tok: PreTrainedTokenizerBase) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
 def _check_positive(value: int, what: str) -> None:
@@ -78,7 +74,7 @@ def _teacher_forced(
     if not pairs:
         return []
     prompts, targets = encode_pairs(tok, pairs)
-    return shared_prompt_readouts(model, prompts, targets, _pad_id(tok), chunk)
+    return shared_prompt_readouts(model, prompts, targets, pad_id(tok), chunk)
 
 
 def _mean_nll(readouts: Sequence[Readout]) -> torch.Tensor:
@@ -138,66 +134,6 @@ def token_argmax(
     return [preds for _, preds, _ in readouts], [tgt for _, _, tgt in readouts]
 
 
-def _top_k_sample(logits: torch.Tensor, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    top = logits.topk(min(top_k, logits.size(-1)), dim=-1)  # (B, k)
-    choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (B, 1)
-    return top.indices.gather(1, choice).squeeze(1)  # (B,)
-
-
-def _sample(
-    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, steps: int, top_k: int,
-    generator: torch.Generator, eos_id: int | None, pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extend left-padded ``ids``/``mask`` ``(B, T)`` by up to ``steps`` sampled tokens (KV cache)."""
-    cache_kw = cache_keyword(model)
-    past, step = None, ids
-    done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
-    for _ in range(steps):
-        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -step.size(1) :]  # (B, t)
-        out = model.base_model(input_ids=step, attention_mask=mask, position_ids=positions,
-                               use_cache=True, **{cache_kw: past})
-        past = getattr(out, cache_kw)
-        nxt = _top_k_sample(head(model, out.last_hidden_state[:, -1]).float(), top_k, generator)  # (B,)
-        nxt = nxt.masked_fill(done, pad_id)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)  # (B, T + 1)
-        mask = torch.cat([mask, (~done).to(mask.dtype)[:, None]], dim=1)  # (B, T + 1)
-        if eos_id is not None:
-            done |= nxt == eos_id
-        if done.all():
-            break
-        step = nxt[:, None]  # (B, 1)
-    return ids, mask
-
-
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 100,
-    top_k: int = 5, seed: int = 0,
-) -> list[str]:
-    """Top-k sampled continuations (ROME's ``generate_fast``), batched with left padding.
-
-    Deterministic given ``seed`` (a private ``torch.Generator``; the global RNG is untouched), but
-    a prompt's sample depends on the batch it is drawn in. A sequence stops at EOS. Unlike ROME,
-    whose ``max_out_len=100`` counts the prompt, ``max_new_tokens`` counts only new tokens.
-
-    Returns:
-        The decoded texts, prompt included (what ROME scores for fluency), special tokens dropped.
-    """
-    _check_positive(top_k, "top_k")
-    if max_new_tokens < 0:
-        raise ValueError(f"expected max_new_tokens >= 0, got {max_new_tokens}")
-    if not prompts:
-        return []
-    seqs = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-    if not all(seqs):
-        raise EditInputError(f"expected generation prompts that tokenise to tokens, got {list(prompts)!r}")
-    ids, mask = left_pad(seqs, _pad_id(tok), model.device)  # (B, T)
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    ids, mask = _sample(model, ids, mask, max_new_tokens, top_k, generator, tok.eos_token_id, _pad_id(tok))
-    return [tok.decode(row[keep.bool()].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask,
-                                                                                                 strict=True)]
-
-
 @torch.no_grad()
 def perplexity_stats(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int = 100,
@@ -215,7 +151,7 @@ def perplexity_stats(
     seqs = [s for s in seqs if len(s) >= 2]
     if not seqs:
         return 0.0, 0
-    out = readouts(model, seqs, [1] * len(seqs), _pad_id(tok), batch_size)
+    out = readouts(model, seqs, [1] * len(seqs), pad_id(tok), batch_size)
     nll = -sum(float(logprobs.double().sum()) for logprobs, _, _ in out)
     return nll, sum(len(s) - 1 for s in seqs)
 

@@ -61,6 +61,11 @@ def subject_last_index(tok: PreTrainedTokenizerBase, text: str, subject: str) ->
     return last
 
 
+def pad_id(tok: PreTrainedTokenizerBase) -> int:
+    """The id that fills padded slots: the tokenizer's pad token, else 0 (always masked out)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[
     torch.Tensor, torch.Tensor
 ]:

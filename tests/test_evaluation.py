@@ -13,7 +13,6 @@ import kelight.evaluation
 from kelight.evaluation import (
     case_summary,
     evaluate_case,
-    generate,
     locality_reference,
     perplexity_stats,
     score_prompts,
@@ -98,43 +97,6 @@ def test_empty_probes_and_errors(llama: Model) -> None:
         score_prompts(model, tok, PROBES, batch_size=0)
 
 
-def test_generate_greedy_batched_equals_one_at_a_time(tiny: Model) -> None:
-    # With top_k=1 sampling is greedy, so left padding and position ids must not change anything.
-    model, tok = tiny
-    prompts = ["Hello there, how are", "A", "Paris is the capital of"]
-    batched = generate(model, tok, prompts, max_new_tokens=8, top_k=1)
-    single = [generate(model, tok, [p], max_new_tokens=8, top_k=1)[0] for p in prompts]
-    assert batched == single
-    assert all(text.startswith(p) and len(text) > len(p) for text, p in zip(batched, prompts, strict=True))
-
-
-def test_generate_is_seeded_and_leaves_global_rng_alone(llama: Model) -> None:
-    model, tok = llama
-    prompts = ["Hello there", "The weather"]
-    state = torch.get_rng_state()
-    first = generate(model, tok, prompts, max_new_tokens=20, seed=3)
-    assert torch.equal(state, torch.get_rng_state())
-    assert first == generate(model, tok, prompts, max_new_tokens=20, seed=3)
-    assert first != generate(model, tok, prompts, max_new_tokens=20, seed=4)
-    assert generate(model, tok, [], max_new_tokens=5) == []
-    assert generate(model, tok, prompts, max_new_tokens=0) == prompts
-    with pytest.raises(ValueError, match="top_k >= 1"):
-        generate(model, tok, prompts, top_k=0)
-
-
-def test_generate_stops_at_eos(llama: Model) -> None:
-    model, tok = llama
-    with torch.no_grad():
-        bias = torch.full((model.config.vocab_size,), -1e4)
-        bias[tok.eos_token_id] = 1e4
-        lm_head = model.get_output_embeddings()
-        lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
-    try:
-        assert generate(model, tok, ["Hi", "Hello"], max_new_tokens=10) == ["Hi", "Hello"]
-    finally:
-        lm_head.bias = None
-
-
 @torch.no_grad()
 def test_perplexity_stats_equals_full_logits_reference(tiny: Model) -> None:
     model, tok = tiny
@@ -197,7 +159,9 @@ def test_evaluate_case_matches_the_parts_in_one_batched_pass(tiny: Model) -> Non
     assert [t.tolist() for t in result.tokens["efficacy"][1]] == [t.tolist() for t in targets]
     summary = case_summary(result)
     assert summary["Locality"] == 100.0  # unedited model: post-edit argmax equals the reference
-    assert set(summary) == {"ES", "EM", "PS", "PM", "NS", "NM", "n_ES", "n_PS", "n_NS", "Efficacy", "Locality"}
+    assert set(summary) == {"ES", "EM", "PS", "PM", "NS", "NM", "n_ES", "n_PS", "n_NS", "Efficacy", "Locality",
+                            "n_Efficacy", "n_Locality"}
+    assert summary["n_Efficacy"] == len(case.token_probes["efficacy"])
     for group, probes in case.probes.items():  # the prompt counts that pool per-case scores
         assert summary.get(f"n_{PROBE_GROUPS[group][0]}", 0) == len(probes)
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.generation import sample_tokens
 from kelight.readouts import left_pad
-from kelight.tokens import pad_batch, subject_last_index, target_ids
+from kelight.tokens import pad_batch, pad_id, subject_last_index, target_ids
 from kelight.types import EditInputError, EditRequest
 
 _SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -36,20 +37,12 @@ def sample_context_templates(
     for length, n in length_params:
         starts = [_SEEDS[i % len(_SEEDS)] for i in range(n)]
         for start in starts:
-            ids = tok(start, return_tensors="pt").input_ids.to(device)
-            text = _sample(model, tok, ids, int(length), gen)
+            ids = tok(start).input_ids  # ``length`` counts them, as ROME's max_out_len
+            x, mask = left_pad([ids], pad_id(tok), device)
+            x, _ = sample_tokens(model, x, mask, max(int(length) - len(ids), 0), 5, gen, None, pad_id(tok))
+            text = tok.decode(x[0], skip_special_tokens=True)
             templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return templates
-
-
-def _sample(model: PreTrainedModel, tok: PreTrainedTokenizerBase, ids: torch.Tensor, length: int,
-            gen: torch.Generator) -> str:
-    for _ in range(max(length - ids.shape[1], 0)):
-        logits = model(input_ids=ids, use_cache=False).logits[0, -1].float().cpu()  # (V,)
-        top = logits.topk(5)
-        pick = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=gen)]
-        ids = torch.cat([ids, pick.to(ids.device)[None]], dim=1)
-    return tok.decode(ids[0], skip_special_tokens=True)
 
 
 @dataclass
@@ -189,47 +182,3 @@ def merge_rewrite_batches(
     )
 
 
-@dataclass
-class PrefixSplit:
-    """A batch cut at each row's subject: the prefix before it (unaffected by z) and the rest.
-
-    Attributes:
-        prefix_ids, prefix_mask: ``(B, P)`` tokens ``0 … s_b − 1`` of each row, left-padded
-            (``P = max_b s_b``), run once to fill a KV cache.
-        suffix: the rest of each row, right-padded ``(B, T')``, as a :class:`RewriteBatch` whose
-            columns count from the subject (``subject_pos`` is 0) and whose ``key_offset`` is ``P``.
-        positions: ``(B, T')`` position ids of the suffix tokens (``s_b + j``).
-        mask: ``(B, P + T')`` attention mask over the cached prefix and the suffix.
-    """
-
-    prefix_ids: torch.Tensor
-    prefix_mask: torch.Tensor
-    suffix: RewriteBatch
-    positions: torch.Tensor
-    mask: torch.Tensor
-
-
-def split_at_subject(batch: RewriteBatch, pad_id: int) -> PrefixSplit | None:
-    """Cut every row of ``batch`` before its subject's last token (where z is added).
-
-    In a causal model nothing before that token depends on z, so its keys and values can be
-    computed once and each optimisation step runs only the rest. Returns ``None`` when no row
-    has a prefix (nothing to save).
-    """
-    starts = batch.subject_pos.tolist()
-    width = max(starts)
-    if width == 0:
-        return None
-    device = batch.input_ids.device
-    lengths = batch.attention_mask.sum(1).tolist()
-    rows = [batch.input_ids[b, : lengths[b]].tolist() for b in range(len(starts))]
-    prefix_ids, prefix_mask = left_pad([r[:s] for r, s in zip(rows, starts, strict=True)], pad_id, device)  # ends at P
-    suffix_ids, suffix_mask = pad_batch([r[s:] for r, s in zip(rows, starts, strict=True)], pad_id, device)
-    start = batch.subject_pos  # (B,)
-    suffix = RewriteBatch(
-        suffix_ids, suffix_mask, torch.zeros_like(start), batch.target_rows,
-        batch.target_cols - start[batch.target_rows], batch.target_ids, batch.query_pos - start[: batch.n_rewrite],
-        batch.essence_pos - start[batch.n_rewrite :], batch.n_rewrite, batch.n_requests, key_offset=width,
-    )
-    positions = start[:, None] + torch.arange(suffix_ids.shape[1], device=device)  # (B, T')
-    return PrefixSplit(prefix_ids, prefix_mask, suffix, positions, torch.cat([prefix_mask, suffix_mask], 1))

@@ -27,8 +27,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.context import RewriteBatch, build_rewrite_batch, sample_context_templates
 from kelight.editors.rome import EditInfo
+from kelight.editors.steps import ExtraLoss, finish_loss, step_forward
 from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ExtraLoss, ZResult, finish_loss, step_forward
+from kelight.editors.zopt import ZResult
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
 from kelight.types import EditInputError, EditRequest

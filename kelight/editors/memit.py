@@ -21,8 +21,9 @@ from kelight.editors.context import build_rewrite_batch, sample_context_template
 from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import mean_keys
 from kelight.editors.rome import EditInfo
+from kelight.editors.steps import ExtraLoss
 from kelight.editors.update import UndoLog, least_squares_update
-from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_zs
+from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
 from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.tokens import pad_batch, subject_last_index

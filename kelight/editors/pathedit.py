@@ -36,18 +36,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kelight.editors.context import RewriteBatch, build_rewrite_batch, merge_rewrite_batches
 from kelight.editors.path_deltas import MODULE_OF, PathDeltas, PathSelection
 from kelight.editors.rome import EditInfo
+from kelight.editors.steps import EditOptimizationError, ExtraLoss, finish_loss, forward_logprobs, step_forward
 from kelight.editors.update import UndoLog
-from kelight.editors.zopt import (
-    EditOptimizationError,
-    ExtraLoss,
-    ZResult,
-    _forward_logprobs,
-    finish_loss,
-    step_forward,
-)
+from kelight.editors.zopt import ZResult
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
 from kelight.objectives.contrastive import contrastive_loss, unedited_targets
+from kelight.tokens import pad_id
 from kelight.types import EditInputError, EditRequest
 
 
@@ -150,7 +145,7 @@ def _requires_grad(params: Sequence[torch.Tensor]) -> Iterator[None]:
 
 def path_nll(model: PreTrainedModel, batch: RewriteBatch) -> torch.Tensor:
     """Mean per-token NLL of ``o_edit`` after each prompt, averaged over the prompts (the rewrite NLL)."""
-    tgt, _, _ = _forward_logprobs(model, batch, want_attn=False)  # (N, V)
+    tgt, _, _ = forward_logprobs(model, batch, want_attn=False)  # (N, V)
     return rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
 
 
@@ -185,8 +180,7 @@ def build_path_batch(tok: PreTrainedTokenizerBase, requests: Sequence[EditReques
     if not requests:
         raise EditInputError("expected at least one edit request, got none")
     parts = [build_rewrite_batch(tok, r, ("{}",), device, essence_templates=()) for r in requests]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return merge_rewrite_batches(parts, pad, independent=False)  # one joint objective (B, T)
+    return merge_rewrite_batches(parts, pad_id(tok), independent=False)  # one joint objective (B, T)
 
 
 @dataclass
@@ -247,7 +241,7 @@ class PathEditor:
     @torch.no_grad()
     def reference_ids(self, model: PreTrainedModel, batch: RewriteBatch) -> torch.Tensor:
         """``(N,)`` argmax of the model as it is now at the target positions (call before editing)."""
-        tgt, _, _ = _forward_logprobs(model, batch, want_attn=False)
+        tgt, _, _ = forward_logprobs(model, batch, want_attn=False)
         return unedited_targets(tgt)
 
     @torch.no_grad()
@@ -267,7 +261,7 @@ class PathEditor:
         loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
         if self.hp.contrastive_lambda > 0 and self.hp.neg_path_size > 0:
             with deltas.training_part("neg"):
-                tgt_neg, _, _ = _forward_logprobs(model, batch, want_attn=False)  # (N, V)
+                tgt_neg, _, _ = forward_logprobs(model, batch, want_attn=False)  # (N, V)
             loss = loss + contrastive_loss(tgt_neg, reference_ids, batch.target_rows, batch.n_rewrite,
                                            self.hp.contrastive_lambda)
         return finish_loss(loss, extra_losses, state, self.hp.lr, "path editing")

@@ -12,8 +12,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
 from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import templated_keys
+from kelight.editors.steps import ExtraLoss
 from kelight.editors.update import UndoLog, rank_one_update
-from kelight.editors.zopt import ExtraLoss, ZConfig, ZResult, optimise_zs
+from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.types import EditRequest
 

@@ -11,24 +11,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from kelight.attention_rows import query_row_attention
-from kelight.editors.context import PrefixSplit, RewriteBatch, merge_rewrite_batches, split_at_subject
+from kelight.editors.context import RewriteBatch, merge_rewrite_batches
+from kelight.editors.prefix import PrefixCache, split_at_subject
+from kelight.editors.steps import ExtraLoss, StepState, finish_loss, forward_logprobs
 from kelight.hooks import edit_output, replay_blocks, trace
-from kelight.lm import attention_implementation, head
+from kelight.lm import attention_implementation
 from kelight.models.adapters import adapter_for
 from kelight.objectives.essence import essence_kl_rows
 from kelight.objectives.rewrite import per_prompt_nll
-from kelight.readouts import cache_keyword
 from kelight.types import EditInputError
-
-
-class EditOptimizationError(FloatingPointError):
-    """The value-vector optimisation produced NaN/inf; the model is left unchanged."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class ZConfig:
             query row (:mod:`kelight.attention_rows`) instead of eager ``T × T`` matrices.
         cache_prefix: run every step on each prompt's tokens from the subject's last one on, over a
             KV cache of the tokens before it (computed once: in a causal model they do not depend
-            on z); same result, a fraction of the tokens (:func:`~kelight.editors.context.split_at_subject`).
+            on z); same result, a fraction of the tokens (:func:`~kelight.editors.prefix.split_at_subject`).
         z_batch: independent requests whose z are optimised together in one padded batch
             (:func:`optimise_zs`). Each keeps its own loss, Adam state, clamp and early stop, so the
             result equals one-at-a-time up to float rounding; it pays where a step is launch-bound
@@ -83,90 +80,11 @@ class ZConfig:
 
 
 @dataclass
-class StepState:
-    """What an extra loss term sees at each step (e.g. SADR reads ``attentions``).
-
-    ``attn_offset`` is the layer of ``outputs.attentions[0]`` (or ``rows[0]``): blocks replayed
-    from a cache (:attr:`ZConfig.reuse_prefix`) record no attention. ``rows``: with
-    :attr:`ZConfig.attention_rows`, the float32 query rows ``(L, B, H, T)`` of every batch row in the
-    layers that ran (:mod:`kelight.attention_rows`), and ``outputs.attentions`` is not filled.
-    """
-
-    step: int
-    batch: RewriteBatch
-    outputs: object
-    extras: dict = field(default_factory=dict)
-    attn_offset: int = 0
-    rows: torch.Tensor | None = None
-
-
-ExtraLoss = Callable[[StepState], torch.Tensor]
-
-
-@dataclass
 class ZResult:
     delta: torch.Tensor  # (M, D) optimised z, one row per injected module
     v_init: torch.Tensor  # (M, D) module outputs at the subject of the plain prompt, step 0
     losses: list[float]
     steps_run: int
-
-
-@dataclass
-class PrefixCache:
-    """Keys/values of the prompt prefixes (before each subject), computed once per optimisation."""
-
-    split: PrefixSplit
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, H_kv, P, d) keys and values
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, model: PreTrainedModel, split: PrefixSplit) -> PrefixCache | None:
-        """The cache of ``split``'s prefixes, or ``None`` (the steps then run on the full prompts)
-        where a layer keeps fewer keys than the prefix (a sliding window shorter than it) or the
-        installed transformers has no per-layer cache (``Cache.layers``, transformers ≥ 4.56)."""
-        mask = split.prefix_mask
-        out = model.base_model(input_ids=split.prefix_ids, attention_mask=mask,
-                               position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
-        cached = getattr(getattr(out, cache_keyword(model), None), "layers", None)
-        if cached is None or any(layer.keys.shape[2] != mask.shape[1] for layer in cached):
-            return None
-        keep = mask.bool()[:, None, :, None]  # padding slots zeroed: masked later, and never NaN
-        layers = [(torch.where(keep, layer.keys, 0.0), torch.where(keep, layer.values, 0.0)) for layer in cached]
-        return cls(split, layers)
-
-    def forward_kwargs(self, model: PreTrainedModel) -> dict:
-        """Arguments of one forward of the suffix on a fresh copy of the cache."""
-        cache = DynamicCache(ddp_cache_data=self.layers, config=model.config)
-        return {"attention_mask": self.split.mask, "position_ids": self.split.positions, "use_cache": True,
-                cache_keyword(model): cache}
-
-
-def _forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bool,
-                      prefix: PrefixCache | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Log-probs at the target and essence positions of ``batch`` (on ``prefix``'s cache when given)."""
-    kwargs = (prefix.forward_kwargs(model) if prefix is not None
-              else {"attention_mask": batch.attention_mask, "use_cache": False})
-    out = model.base_model(input_ids=batch.input_ids, output_attentions=want_attn, **kwargs)  # False with rows
-    hidden = out.last_hidden_state  # (B, T, D)
-    tgt = head(model, hidden[batch.target_rows, batch.target_cols]).float().log_softmax(-1)  # (N, V)
-    ess_rows = torch.arange(batch.n_rewrite, batch.input_ids.shape[0], device=hidden.device)
-    ess = head(model, hidden[ess_rows, batch.essence_pos]).float().log_softmax(-1)  # (E, V)
-    return tgt, ess, out
-
-
-def step_forward(model: PreTrainedModel, batch: RewriteBatch, step: int,
-                 want_rows: bool) -> tuple[torch.Tensor, StepState]:
-    """Log-probs ``(N, V)`` at the target positions of a full-model forward and what extra terms
-    see. With ``want_rows`` the state carries every layer's attention row at each batch row's query
-    (:mod:`kelight.attention_rows`, as in the z optimisation) instead of eager ``T × T`` weights.
-    Used by the editors that train weights (PathEdit, FT)."""
-    if not want_rows:
-        tgt, _, outputs = _forward_logprobs(model, batch, want_attn=False)
-        return tgt, StepState(step, batch, outputs)
-    with query_row_attention(model, torch.cat([batch.query_pos, batch.essence_pos])) as recorder:
-        tgt, _, outputs = _forward_logprobs(model, batch, want_attn=False)
-        rows = recorder.take()  # (L, B, H, T): every layer ran, so no offset
-    return tgt, StepState(step, batch, outputs, rows=rows)
 
 
 class _Injector:
@@ -202,7 +120,7 @@ def _attn_offset(model: PreTrainedModel, outputs: object, rows: torch.Tensor | N
 
 def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init, prefix, recorder):
     """``(R,)`` total loss of each request of ``batch`` (they share no term)."""
-    tgt, ess, outputs = _forward_logprobs(model, batch, want_attn and recorder is None, prefix)
+    tgt, ess, outputs = forward_logprobs(model, batch, want_attn and recorder is None, prefix)
     rows = recorder.take() if recorder is not None else None
     ess_init = ess.detach() if ess_init is None else ess_init
     n = batch.n_requests
@@ -212,30 +130,6 @@ def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, 
     loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum(1)
     state = StepState(step, batch, outputs, attn_offset=_attn_offset(model, outputs, rows), rows=rows)
     return finish_loss(loss, extra_losses, state, cfg.lr), ess_init
-
-
-def finish_loss(
-    loss: torch.Tensor, extra_losses: Sequence[ExtraLoss], state: StepState, lr: float, what: str = "z optimisation"
-) -> torch.Tensor:
-    """``loss + Σ term(state)`` over the extra terms (e.g. γ·SADR), checked to be finite.
-
-    Shared by every editor's inner loop (z optimisation, FT), which writes no weight before it ends.
-    ``loss`` is a scalar (one joint objective) or ``(R,)`` per request of a merged batch; terms
-    return ``(R,)`` per request and are summed into a scalar loss.
-
-    Raises:
-        EditOptimizationError: if the total is NaN/inf, naming ``what`` and ``state.step``.
-    """
-    for term in extra_losses:
-        value = term(state)
-        loss = loss + (value.sum() if loss.dim() == 0 else value)
-    if not torch.isfinite(loss).all():
-        bad = "" if loss.dim() == 0 else f" for request(s) {torch.nonzero(~torch.isfinite(loss)).flatten().tolist()}"
-        raise EditOptimizationError(
-            f"{what} diverged at step {state.step}{bad} (loss {loss.detach().sum().item()}); lower lr "
-            f"(now {lr}) or use float32; the model weights were not changed"
-        )
-    return loss
 
 
 def optimise_z(

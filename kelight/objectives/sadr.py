@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kelight.editors.zopt import StepState
+from kelight.editors.steps import StepState
 
 EPS = 1e-8
 

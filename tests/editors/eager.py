@@ -5,16 +5,16 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kelight.editors.zopt import StepState, _forward_logprobs
+from kelight.editors.steps import StepState, forward_logprobs
 from kelight.lm import attention_implementation
 from kelight.models.tiny import tiny_model
 from kelight.objectives.sadr import SADR
 
 
 def eager_step_forward(model, batch, step, want_rows):
-    """:func:`kelight.editors.zopt.step_forward` with eager attention weights in ``outputs.attentions``."""
+    """:func:`kelight.editors.steps.step_forward` with eager attention weights in ``outputs.attentions``."""
     with attention_implementation(model, "eager" if want_rows else None):
-        tgt, _, outputs = _forward_logprobs(model, batch, want_attn=want_rows)
+        tgt, _, outputs = forward_logprobs(model, batch, want_attn=want_rows)
     return tgt, StepState(step, batch, outputs)
 
 

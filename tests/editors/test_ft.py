@@ -9,8 +9,8 @@ import torch
 from kelight.editors import ft
 from kelight.editors.context import build_rewrite_batch
 from kelight.editors.ft import FTEditor, FTHParams
+from kelight.editors.steps import EditOptimizationError, forward_logprobs
 from kelight.editors.update import UndoLog
-from kelight.editors.zopt import EditOptimizationError, _forward_logprobs
 from kelight.objectives import rewrite_nll
 from kelight.objectives.sadr import SADR
 from kelight.types import EditInputError, EditRequest
@@ -36,7 +36,7 @@ def _out_weight_key(editor):
 @torch.no_grad()
 def _rewrite_nll(model, tok, request):
     batch = build_rewrite_batch(tok, request, ["{}"], "cpu", essence_templates=())
-    tgt, _, _ = _forward_logprobs(model, batch, want_attn=False)
+    tgt, _, _ = forward_logprobs(model, batch, want_attn=False)
     return rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite).item()
 
 

@@ -19,8 +19,8 @@ from kelight.editors.pathedit import (
     select_paths,
     trace_paths,
 )
+from kelight.editors.steps import EditOptimizationError
 from kelight.editors.update import UndoLog
-from kelight.editors.zopt import EditOptimizationError
 from kelight.lm import final_hidden
 from kelight.models.adapters import adapter_for
 from kelight.models.tiny import tiny_model

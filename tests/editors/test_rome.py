@@ -7,8 +7,9 @@ import kelight
 from kelight.editors.context import build_rewrite_batch
 from kelight.editors.keys import mean_keys, subject_keys
 from kelight.editors.rome import RomeEditor, RomeHParams
+from kelight.editors.steps import EditOptimizationError
 from kelight.editors.update import UndoLog
-from kelight.editors.zopt import EditOptimizationError, ZConfig
+from kelight.editors.zopt import ZConfig
 from kelight.types import EditInputError, EditRequest
 
 REQ = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id="eiffel")

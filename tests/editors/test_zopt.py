@@ -145,27 +145,6 @@ def test_cached_prefix_matches_with_eager_attention_rows():
     assert cached.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
 
 
-def test_split_at_subject_layout():
-    from kelight.editors.context import split_at_subject
-    from kelight.models.tiny import tiny_model
-
-    _, tok = tiny_model("llama")
-    batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
-    split = split_at_subject(batch, pad_id=0)
-    width = int(batch.subject_pos.max())
-    assert split.prefix_ids.shape[1] == width and split.suffix.key_offset == width
-    for b in range(batch.input_ids.shape[0]):
-        s, n = int(batch.subject_pos[b]), int(batch.attention_mask[b].sum())
-        assert split.prefix_ids[b, width - s :].tolist() == batch.input_ids[b, :s].tolist()  # right-aligned
-        assert split.prefix_mask[b].tolist() == [0] * (width - s) + [1] * s
-        assert split.suffix.input_ids[b, : n - s].tolist() == batch.input_ids[b, s:n].tolist()
-        assert split.positions[b, 0] == s and int(split.suffix.subject_pos[b]) == 0
-    # every target token is read at the same token as before
-    before = batch.input_ids[batch.target_rows, batch.target_cols]
-    after = split.suffix.input_ids[split.suffix.target_rows, split.suffix.target_cols]
-    assert torch.equal(before, after)
-
-
 def test_an_unreachable_value_vector_is_an_input_error():
     """The last layer's MLP output at the subject feeds no later position: z would never move."""
     from kelight.models.tiny import tiny_model

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kelight.editors.context import build_rewrite_batch
-from kelight.editors.zopt import StepState, ZConfig, optimise_z
+from kelight.editors.steps import StepState
+from kelight.editors.zopt import ZConfig, optimise_z
 from kelight.hooks import add_at, edit_output
 from kelight.lm import attention_implementation
 from kelight.objectives.sadr import SADR, sadr_loss
