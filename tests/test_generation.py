@@ -5,19 +5,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.generation import generate
-from kelight.models.tiny import TINY_CONFIGS, tiny_model
+from kelight.models.tiny import tiny_model
 
 Model = tuple[PreTrainedModel, PreTrainedTokenizerBase]
-
-
-@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
-def tiny(request: pytest.FixtureRequest) -> Model:
-    return tiny_model(request.param)
-
-
-@pytest.fixture(scope="module")
-def llama() -> Model:
-    return tiny_model("llama")
 
 
 def test_generate_greedy_batched_equals_one_at_a_time(tiny: Model) -> None:
@@ -30,8 +20,8 @@ def test_generate_greedy_batched_equals_one_at_a_time(tiny: Model) -> None:
     assert all(text.startswith(p) and len(text) > len(p) for text, p in zip(batched, prompts, strict=True))
 
 
-def test_generate_is_seeded_and_leaves_global_rng_alone(llama: Model) -> None:
-    model, tok = llama
+def test_generate_is_seeded_and_leaves_global_rng_alone() -> None:
+    model, tok = tiny_model("llama")
     prompts = ["Hello there", "The weather"]
     state = torch.get_rng_state()
     first = generate(model, tok, prompts, max_new_tokens=20, seed=3)
@@ -44,8 +34,8 @@ def test_generate_is_seeded_and_leaves_global_rng_alone(llama: Model) -> None:
         generate(model, tok, prompts, top_k=0)
 
 
-def test_generate_stops_at_eos(llama: Model) -> None:
-    model, tok = llama
+def test_generate_stops_at_eos() -> None:
+    model, tok = tiny_model("llama")
     with torch.no_grad():
         bias = torch.full((model.config.vocab_size,), -1e4)
         bias[tok.eos_token_id] = 1e4
