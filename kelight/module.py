@@ -30,7 +30,7 @@ from kelight.editors.update import UndoLog
 from kelight.evaluation import case_summary, evaluate_case, locality_reference
 from kelight.metrics import EditMetrics
 from kelight.models.loading import load
-from kelight.results import append_partial, format_table, partial_path, write_results
+from kelight.results import append_partial, format_table, partial_path, write_results, z_steps_summary
 from kelight.types import EditCase
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,7 @@ class EditModule(L.LightningModule):
         values["n_cases"] = float(len(rows))
         if seconds:
             values["seconds_per_edit"] = sum(seconds) / len(seconds)
+        values.update(z_steps_summary(rows))
         if self.logger is not None:
             self.logger.log_metrics({f"{stage}/{k}": v for k, v in values.items()}, step=self.global_step)
         if self.trainer.is_global_zero:

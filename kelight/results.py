@@ -52,7 +52,8 @@ def write_results(out_dir: str | Path, metrics: Mapping[str, float], cases: Sequ
 
 
 TABLE_COLUMNS = ("ES", "PS", "NS", "RS", "DNS", "EM", "PM", "NM", "RM", "DNM", "RES", "OS", "DOS", "FL",
-                 "Efficacy", "Generality", "Locality", "Score", "Avg.S", "n_cases", "seconds_per_edit")
+                 "Efficacy", "Generality", "Locality", "Score", "Avg.S", "n_cases", "seconds_per_edit",
+                 "z_steps_per_edit")
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
@@ -148,7 +149,15 @@ def metrics_from_rows(rows: Sequence[Mapping]) -> dict[str, float]:
     seconds = [float(r["edit_seconds"]) for r in rows if r.get("edit_seconds") is not None]
     if seconds:
         out["seconds_per_edit"] = sum(seconds) / len(seconds)
+    out.update(z_steps_summary(rows))
     return out
+
+
+def z_steps_summary(rows: Sequence[Mapping]) -> dict[str, float]:
+    """``{"z_steps_per_edit": mean}`` of the rows' ``z_steps`` (value-vector optimisation steps, fewer
+    than ``--model.steps`` where the early stop fired); empty when no row has them."""
+    steps = [int(r["z_steps"]) for r in rows if r.get("z_steps") is not None]
+    return {"z_steps_per_edit": sum(steps) / len(steps)} if steps else {}
 
 
 #: Config keys that may differ between runs that are merged (which cases, where the output went).

@@ -35,14 +35,17 @@ def test_metrics_from_rows_pools_over_prompts_per_source_and_counts():
     from kelight.results import metrics_from_rows
 
     rows = [{"id": 0, "source": "a", "ES": 100.0, "EM": 90.0, "n_ES": 1, "RS": 0.0, "RM": 2.0, "n_RS": 3,
-             "FL": 600.0, "Efficacy": 50.0, "n_Efficacy": 2, "PPL": math.e, "n_PPL": 10, "edit_seconds": 2.0},
+             "FL": 600.0, "Efficacy": 50.0, "n_Efficacy": 2, "PPL": math.e, "n_PPL": 10, "edit_seconds": 2.0,
+             "z_steps": 80},
             {"id": 1, "source": "b", "ES": 0.0, "EM": 30.0, "n_ES": 1, "RS": 100.0, "RM": 50.0, "n_RS": 1,
-             "FL": 500.0, "Efficacy": 100.0, "n_Efficacy": 2, "PPL": math.e ** 3, "n_PPL": 30, "edit_seconds": 4.0}]
+             "FL": 500.0, "Efficacy": 100.0, "n_Efficacy": 2, "PPL": math.e ** 3, "n_PPL": 30, "edit_seconds": 4.0,
+             "z_steps": 41}]
     m = metrics_from_rows(rows)
     assert m["RS"] == 25.0 and m["RM"] == (3 * 2.0 + 50.0) / 4  # 1 of 4 prompts, not the mean of 0 and 100
     assert m["RS_ci"] == pytest.approx(100 * F.ci_half_width(0.25, 4))
     assert m["ES"] == 50.0 and m["FL"] == 550.0 and m["PPL"] == pytest.approx(math.exp((10 + 90) / 40))
     assert m["Efficacy"] == 75.0 and m["Score"] == 75.0 and m["Avg.S"] == pytest.approx(F.harmonic_mean([50.0, 25.0]))
     assert m["a/RS"] == 0.0 and m["b/ES"] == 0.0 and m["n_cases"] == 2.0 and m["seconds_per_edit"] == 3.0
+    assert m["z_steps_per_edit"] == 60.5 and "z_steps_per_edit" not in metrics_from_rows([{"id": 0}])
     with pytest.raises(ValueError, match="rows with RS but no n_RS: .* rerun those cases"):
         metrics_from_rows([{"id": 0, "RS": 0.0}])
