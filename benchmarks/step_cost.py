@@ -61,6 +61,10 @@ def main() -> None:
         print(f"time ratio {second['seconds_per_edit'] / first['seconds_per_edit']:.3f} = steps ratio "
               f"{second['steps_per_edit'] / first['steps_per_edit']:.3f} x per-step ratio "
               f"{second['seconds_per_step'] / first['seconds_per_step']:.3f} (on {first['cases']} common cases)")
+        one, two = rows.values()
+        per_case = [(b["edit_seconds"] / b["z_steps"]) / (a["edit_seconds"] / a["z_steps"])
+                    for a, b in zip(one, two, strict=True)]
+        print(f"per-step ratio case by case (same prompts on both sides): median {np.median(per_case):.3f}")
 
 
 if __name__ == "__main__":
