@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.update import UndoLog
 from kelight.readouts import readouts
-from kelight.tokens import target_ids
+from kelight.tokens import pad_id, target_ids
 from kelight.types import EditCase, EditRequest, ScoredPrompt
 
 # Specificity tasks: the right target is the true answer, the wrong one is o_edit.
@@ -86,7 +86,7 @@ def probabilities(
             prompt_ids, target_tokens = target_ids(tok, probe.prompt, target)
             seqs.append(prompt_ids + target_tokens)
             starts.append(len(prompt_ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     outs = readouts(model, seqs, starts, pad, chunk=max(1, len(seqs)))
     p = torch.exp(torch.stack([logprobs.mean() for logprobs, _, _ in outs]))  # (2N,) exp(-mean NLL)
     return p[0::2], p[1::2]

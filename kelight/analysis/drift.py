@@ -25,7 +25,7 @@ from kelight.analysis.attention import last_token_rows
 from kelight.analysis.common import EditFn, edited, probabilities, probes_of, save_outputs
 from kelight.analysis.stats import pearson
 from kelight.objectives.sadr import sadr_loss
-from kelight.tokens import subject_last_index, target_ids
+from kelight.tokens import pad_id, subject_last_index, target_ids
 from kelight.types import EditCase, EditInputError, ScoredPrompt
 
 FACTORS = ("kl", "max_drift", "sum_drift")
@@ -73,7 +73,7 @@ def _prompt_ids(tok: PreTrainedTokenizerBase, probes: Sequence[ScoredPrompt], su
 
 def _readout(model, tok, prepared: dict, pick) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per task: last-token attention rows ``(L, P, H, T)`` and P(o_edit) ``(P,)``."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     return {task: (last_token_rows(model, seqs, pad)[pick], probabilities(model, tok, probes)[1])
             for task, (probes, seqs, _) in prepared.items()}
 

@@ -119,7 +119,7 @@ def build_rewrite_batch(
         seqs.append(ids)
         subj.append(subject_last_index(tok, text, request.subject))
         essence.append(len(ids) - 1)
-    input_ids, mask = pad_batch(seqs, tok.pad_token_id, device)
+    input_ids, mask = pad_batch(seqs, pad_id(tok), device)
 
     def as_tensor(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)

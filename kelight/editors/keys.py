@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter
-from kelight.tokens import pad_batch, subject_last_index
+from kelight.tokens import pad_batch, pad_id, subject_last_index
 from kelight.types import EditRequest
 
 
@@ -26,7 +26,7 @@ def subject_keys(
     ids = [list(tok(t)["input_ids"]) for t in texts]
     pos = torch.tensor([subject_last_index(tok, t, subject) for t in texts])
     device = next(model.parameters()).device
-    input_ids, mask = pad_batch(ids, tok.pad_token_id, device)
+    input_ids, mask = pad_batch(ids, pad_id(tok), device)
     paths = [adapter.path("mlp_out", layer) for layer in sorted(layers)]
     with trace(model, paths, inputs=True, stop=True) as rec:
         model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)

@@ -26,7 +26,7 @@ from kelight.editors.update import UndoLog, least_squares_update
 from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
 from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter, adapter_for
-from kelight.tokens import pad_batch, subject_last_index
+from kelight.tokens import pad_batch, pad_id, subject_last_index
 from kelight.types import EditInputError, EditRequest
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class MemitEditor:
         else:
             paths = [self.target_path()]
         return optimise_zs(model, paths, batches, self.hp.z, self.extra_losses, want_attn=bool(self.extra_losses),
-                           first_edited_block=self.last_layer, pad_id=tok.pad_token_id or 0)
+                           first_edited_block=self.last_layer, pad_id=pad_id(tok))
 
     def apply(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog,
@@ -201,7 +201,7 @@ class MemitEditor:
         float64 each, from one forward that stops after ``paths[-1]`` (list them in forward order)."""
         ids = [list(tok(r.prompt)["input_ids"]) for r in requests]
         pos = torch.tensor([subject_last_index(tok, r.prompt, r.subject) for r in requests])
-        input_ids, mask = pad_batch(ids, tok.pad_token_id, next(model.parameters()).device)
+        input_ids, mask = pad_batch(ids, pad_id(tok), next(model.parameters()).device)
         with trace(model, list(paths), stop=True) as rec:
             model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(requests), device=input_ids.device)

@@ -16,6 +16,7 @@ from kelight.editors.steps import ExtraLoss
 from kelight.editors.update import UndoLog, rank_one_update
 from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
 from kelight.models.adapters import ArchAdapter, adapter_for
+from kelight.tokens import pad_id
 from kelight.types import EditRequest
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class RomeEditor:
         batches = [build_rewrite_batch(tok, r, self.templates, device) for r in requests]
         return optimise_zs(
             model, self.adapter.path("mlp_out", self.hp.layer), batches, self.hp.z, self.extra_losses,
-            want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer, pad_id=tok.pad_token_id or 0,
+            want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer, pad_id=pad_id(tok),
         )
 
     def compute(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest,

@@ -36,3 +36,20 @@ def test_templates_equal_a_reference_sampler_without_cache(family):
     state = torch.get_rng_state()
     sample_context_templates(model, tok, params, seed=1)
     assert torch.equal(state, torch.get_rng_state())  # a private generator: the global RNG is untouched
+
+
+def test_a_tokenizer_without_pad_token_pads_with_zero():
+    """Models passed in by users (``import kelight``) may come with a tokenizer that has no pad token."""
+    from kelight.editors.context import build_rewrite_batch
+    from kelight.types import EditRequest
+
+    _, tok = tiny_model("llama")
+    request = EditRequest("The Eiffel Tower is located in", "Eiffel Tower", "Rome")
+    with_pad = build_rewrite_batch(tok, request, ["{}", "Yes. {}"], "cpu")
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    without = build_rewrite_batch(tok, request, ["{}", "Yes. {}"], "cpu")
+    assert torch.equal(without.attention_mask, with_pad.attention_mask)
+    pad = ~with_pad.attention_mask.bool()
+    assert pad.any() and (without.input_ids[pad] == 0).all()
+    assert torch.equal(without.input_ids[~pad], with_pad.input_ids[~pad])
