@@ -173,6 +173,19 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
+def _check_parts_are_independent(config: Mapping[str, object]) -> None:
+    """Refuse runs whose cases are not edited and evaluated independently of the cases around them."""
+    regime = str(config.get("model.init_args.regime", "single"))
+    joint = str(config.get("model.class_path", "")).endswith("PathEdit") and regime == "batch"
+    if regime in ("sequential", "consecutive") or joint:
+        raise ValueError(f"{regime} runs of {config.get('model.class_path')} edit their cases together (the edits "
+                         "accumulate or are trained jointly), so parts are not one run of all cases; rerun them in one")
+    batch, skip = int(config.get("data.batch_size") or 1), int(config.get("data.skip") or 0)
+    if regime == "batch" and skip % batch:
+        raise ValueError(f"--data.skip {skip} is not a multiple of --data.batch_size {batch}: the parts' edit batches "
+                         "differ from one run's; skip whole batches")
+
+
 def merge_runs(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> Path:
     """Join runs of the same configuration on disjoint cases (e.g. ``--data.limit 100`` and
     ``--data.skip 100 --data.limit 100``) into one run in ``out_dir``: ``cases.jsonl`` in the given
@@ -182,7 +195,8 @@ def merge_runs(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> Path:
     Raises:
         FileNotFoundError: if a run has no ``cases.jsonl`` or ``config.yaml``.
         ValueError: if the runs' configurations differ beyond :data:`MERGE_FREE_KEYS`, a case id
-            occurs twice, or a row lacks the prompt counts needed to pool.
+            occurs twice, the runs are sequential (edits accumulate: parts are not the whole), or a
+            row lacks the prompt counts needed to pool.
     """
     if len(run_dirs) < 2:
         raise ValueError(f"expected at least two runs to merge, got {len(run_dirs)}")
@@ -199,6 +213,8 @@ def merge_runs(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> Path:
     if differ:
         raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of one configuration on different cases "
                          f"(--data.skip/--data.limit) can be merged")
+    for c in configs:
+        _check_parts_are_independent(c)
     ids = [r["id"] for r in rows]
     twice = sorted({i for i in ids if ids.count(i) > 1}, key=str)
     if twice:

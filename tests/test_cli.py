@@ -167,5 +167,9 @@ def test_merge_of_split_runs_equals_the_whole_run(tmp_path, capsys):
         run(["merge", str(tmp_path / "bad"), str(first), str(other)])
     with pytest.raises(SystemExit, match=r"kelight merge: case ids \[0\] occur in more than one run"):
         run(["merge", str(tmp_path / "bad"), str(first), str(whole)])
+    seq = [_fit(tmp_path, f"seq{i}", "--data.skip", str(i), "--data.limit", "1", "--model.regime", "sequential")
+           for i in (0, 1)]
+    with pytest.raises(SystemExit, match=r"kelight merge: sequential runs of kelight.ROME edit their cases together"):
+        run(["merge", str(tmp_path / "bad"), *map(str, seq)])
     with pytest.raises(SystemExit, match=r"usage: kelight merge OUT_DIR RUN_DIR RUN_DIR"):
         run(["merge", str(tmp_path / "bad"), str(first)])

@@ -49,3 +49,18 @@ def test_metrics_from_rows_pools_over_prompts_per_source_and_counts():
     assert m["z_steps_per_edit"] == 60.5 and "z_steps_per_edit" not in metrics_from_rows([{"id": 0}])
     with pytest.raises(ValueError, match="rows with RS but no n_RS: .* rerun those cases"):
         metrics_from_rows([{"id": 0, "RS": 0.0}])
+
+
+def test_merge_refuses_parts_that_are_not_independent():
+    from kelight.results import _check_parts_are_independent as check
+
+    check({"model.class_path": "kelight.ROME", "model.init_args.regime": "single", "data.skip": 7})
+    check({"model.class_path": "kelight.MEMIT", "model.init_args.regime": "batch", "data.batch_size": 8,
+           "data.skip": 16})
+    with pytest.raises(ValueError, match="batch runs of kelight.PathEdit edit their cases together"):
+        check({"model.class_path": "kelight.PathEdit", "model.init_args.regime": "batch"})
+    with pytest.raises(ValueError, match="consecutive runs of kelight.PathEdit"):
+        check({"model.class_path": "kelight.PathEdit", "model.init_args.regime": "consecutive"})
+    with pytest.raises(ValueError, match=r"--data.skip 12 is not a multiple of --data.batch_size 8.*whole batches"):
+        check({"model.class_path": "kelight.MEMIT", "model.init_args.regime": "batch", "data.batch_size": 8,
+               "data.skip": 12})
