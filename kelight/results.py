@@ -155,9 +155,12 @@ def metrics_from_rows(rows: Sequence[Mapping]) -> dict[str, float]:
 
 def z_steps_summary(rows: Sequence[Mapping]) -> dict[str, float]:
     """``{"z_steps_per_edit": mean}`` of the rows' ``z_steps`` (value-vector optimisation steps, fewer
-    than ``--model.steps`` where the early stop fired); empty when no row has them."""
-    steps = [int(r["z_steps"]) for r in rows if r.get("z_steps") is not None]
-    return {"z_steps_per_edit": sum(steps) / len(steps)} if steps else {}
+    than ``--model.steps`` where the early stop fired); empty unless every edited row has them (a
+    merge with runs older than ``z_steps`` would otherwise average a subset)."""
+    edited = [r for r in rows if r.get("edit_seconds") is not None]
+    if not edited or any(r.get("z_steps") is None for r in edited):
+        return {}
+    return {"z_steps_per_edit": sum(int(r["z_steps"]) for r in edited) / len(edited)}
 
 
 #: Config keys that may differ between runs that are merged (which cases, where the output went).

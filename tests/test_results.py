@@ -47,6 +47,7 @@ def test_metrics_from_rows_pools_over_prompts_per_source_and_counts():
     assert m["Efficacy"] == 75.0 and m["Score"] == 75.0 and m["Avg.S"] == pytest.approx(F.harmonic_mean([50.0, 25.0]))
     assert m["a/RS"] == 0.0 and m["b/ES"] == 0.0 and m["n_cases"] == 2.0 and m["seconds_per_edit"] == 3.0
     assert m["z_steps_per_edit"] == 60.5 and "z_steps_per_edit" not in metrics_from_rows([{"id": 0}])
+    assert "z_steps_per_edit" not in metrics_from_rows([rows[0], {**rows[1], "z_steps": None}])  # not a subset
     with pytest.raises(ValueError, match="rows with RS but no n_RS: .* rerun those cases"):
         metrics_from_rows([{"id": 0, "RS": 0.0}])
 
