@@ -157,7 +157,8 @@ def test_merge_of_split_runs_equals_the_whole_run(tmp_path, capsys):
 
     from kelight.results import metrics_from_rows
 
-    recomputed = metrics_from_rows(rows(whole))  # exact for the run's own rows: same pooling as EditMetrics
+    raw = [json.loads(line) for line in (whole / "cases.jsonl").read_text().splitlines()]
+    recomputed = metrics_from_rows(raw)  # exact for the run's own rows: same pooling as EditMetrics
     assert {k: v for k, v in expected.items() if k != "seconds_per_edit"} == pytest.approx(
         {k: recomputed[k] for k in expected if k != "seconds_per_edit"}, rel=1e-12)
     assert [r.keys() for r in rows(tmp_path / "merged")] == [r.keys() for r in rows(whole)]
