@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from kelight.metrics import functional as F
-from kelight.metrics.classes import AVG_S_METRICS
+from kelight.metrics.classes import avg_s
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS
 
 
@@ -114,7 +114,7 @@ def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
         out["FL"] = sum(fluency) / len(fluency)
     ppl = [r for r in rows if r.get("PPL") is not None]
     if ppl:
-        nll = _pooled([{**r, "logPPL": math.log(r["PPL"])} for r in ppl], "logPPL", "n_PPL")
+        nll = _pooled([{**r, "PPL": math.log(r["PPL"])} for r in ppl], "PPL", "n_PPL")  # mean NLL per token
         if nll is not None:
             out["PPL"] = math.exp(nll[0])
     tokens = {}
@@ -125,9 +125,7 @@ def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
     if tokens:
         out.update(tokens)
         out["Score"] = sum(tokens.values()) / len(tokens)
-    present = [out[name] for name in AVG_S_METRICS if name in out]
-    if present:
-        out["Avg.S"] = F.harmonic_mean(present)
+    out.update(avg_s(out))
     return out
 
 

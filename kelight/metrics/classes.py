@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 AVG_S_METRICS = ("ES", "PS", "NS", "RS", "DNS")
 
 
+def avg_s(report: Mapping[str, float]) -> dict[str, float]:
+    """``{"Avg.S": harmonic mean of the scores of AVG_S_METRICS in report}``; empty when none is."""
+    present = [report[name] for name in AVG_S_METRICS if name in report]
+    return {"Avg.S": F.harmonic_mean(present)} if present else {}
+
+
 def _sum_state(metric: Metric, name: str) -> None:
     metric.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -213,9 +219,7 @@ class EditMetrics(nn.Module):
         if not math.isnan(ppl):
             out["PPL"] = ppl
         out.update(self._token_report())
-        present = [out[name] for name in AVG_S_METRICS if name in out]
-        if present:
-            out["Avg.S"] = F.harmonic_mean(present)
+        out.update(avg_s(out))
         return out
 
     def _token_report(self) -> dict[str, float]:
