@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -174,6 +175,11 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
+def _free(key: str) -> bool:
+    """Whether config ``key`` may differ between merged runs (it is, or is under, a MERGE_FREE_KEYS entry)."""
+    return any(key == k or key.startswith(k + ".") for k in MERGE_FREE_KEYS)
+
+
 def _check_parts_are_independent(config: Mapping[str, object]) -> None:
     """Refuse runs whose cases are not edited and evaluated independently of the cases around them."""
     regime = str(config.get("model.init_args.regime", "single"))
@@ -196,11 +202,14 @@ def merge_runs(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> Path:
     Raises:
         FileNotFoundError: if a run has no ``cases.jsonl`` or ``config.yaml``.
         ValueError: if the runs' configurations differ beyond :data:`MERGE_FREE_KEYS`, a case id
-            occurs twice, the runs are sequential (edits accumulate: parts are not the whole), or a
-            row lacks the prompt counts needed to pool.
+            occurs twice, the parts are not independent (sequential regimes, PathEdit's batch
+            regime, batches cut mid-way), ``out_dir`` is one of the runs, or a row lacks the prompt
+            counts needed to pool.
     """
     if len(run_dirs) < 2:
         raise ValueError(f"expected at least two runs to merge, got {len(run_dirs)}")
+    if any(Path(out_dir).resolve() == Path(d).resolve() for d in run_dirs):
+        raise ValueError(f"the output directory {out_dir} is one of the runs; write the merged run elsewhere")
     configs, rows = [], []
     for d in map(Path, run_dirs):
         for name in ("cases.jsonl", "config.yaml"):
@@ -208,21 +217,19 @@ def merge_runs(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> Path:
                 raise FileNotFoundError(f"{d / name} does not exist; merge finished `kelight fit/validate` runs")
         configs.append(_flat(yaml.safe_load((d / "config.yaml").read_text())))
         rows += [json.loads(line) for line in (d / "cases.jsonl").read_text().splitlines() if line.strip()]
-    free = lambda key: any(key == k or key.startswith(k + ".") for k in MERGE_FREE_KEYS)  # noqa: E731
     differ = sorted({k for c in configs[1:] for k in set(c) | set(configs[0])
-                     if not free(k) and k in c and k in configs[0] and c[k] != configs[0][k]})
+                     if not _free(k) and k in c and k in configs[0] and c[k] != configs[0][k]})
     if differ:
         raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of one configuration on different cases "
                          f"(--data.skip/--data.limit) can be merged")
     for c in configs:
         _check_parts_are_independent(c)
-    ids = [r["id"] for r in rows]
-    twice = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+    twice = sorted((i for i, n in Counter(r["id"] for r in rows).items() if n > 1), key=str)
     if twice:
         raise ValueError(f"case ids {twice[:5]} occur in more than one run; merge runs on disjoint cases")
     metrics = metrics_from_rows(rows)
     path = write_results(out_dir, metrics, rows)
-    unchecked = sorted({k for c in configs for k in c if not free(k) and not all(k in o for o in configs)})
+    unchecked = sorted({k for c in configs for k in c if not _free(k) and not all(k in o for o in configs)})
     (Path(out_dir) / "merged.json").write_text(json.dumps(
         {"parts": [str(d) for d in run_dirs], "n_cases": len(rows), "keys_not_in_every_config": unchecked},
         indent=1) + "\n")

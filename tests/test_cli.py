@@ -172,5 +172,7 @@ def test_merge_of_split_runs_equals_the_whole_run(tmp_path, capsys):
            for i in (0, 1)]
     with pytest.raises(SystemExit, match=r"kelight merge: sequential runs of kelight.ROME edit their cases together"):
         run(["merge", str(tmp_path / "bad"), *map(str, seq)])
+    with pytest.raises(SystemExit, match=r"kelight merge: the output directory .*first is one of the runs"):
+        run(["merge", str(first), str(first), str(second)])
     with pytest.raises(SystemExit, match=r"usage: kelight merge OUT_DIR RUN_DIR RUN_DIR"):
         run(["merge", str(tmp_path / "bad"), str(first)])
