@@ -8,8 +8,10 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from kelight.analysis.stats import pooled
 from kelight.metrics import functional as F
 from kelight.metrics.classes import avg_s
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS
@@ -97,16 +99,17 @@ def _pooled(rows: Sequence[Mapping], key: str, count: str) -> tuple[float, int] 
     if any(count not in r for r in have):
         raise ValueError(f"rows with {key} but no {count}: they come from a run before per-case counts were "
                          "recorded, so pooled values cannot be recomputed; rerun those cases")
-    n = sum(int(r[count]) for r in have)
-    return (sum(float(r[key]) * int(r[count]) for r in have) / n, n) if n else None
+    counts = np.array([int(r[count]) for r in have])
+    n = int(counts.sum())
+    return (pooled(np.array([float(r[key]) for r in have]), counts), n) if n else None
 
 
 def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
     out: dict[str, float] = {}
     for score, magnitude in PROBE_GROUPS.values():
-        pooled = _pooled(rows, score, f"n_{score}")
-        if pooled is not None:
-            value, n = pooled
+        got = _pooled(rows, score, f"n_{score}")
+        if got is not None:
+            value, n = got
             out[score] = value
             out[f"{score}_ci"] = 100.0 * F.ci_half_width(min(max(value / 100.0, 0.0), 1.0), n)
             out[magnitude] = _pooled(rows, magnitude, f"n_{score}")[0]
@@ -120,9 +123,9 @@ def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
             out["PPL"] = math.exp(nll[0])
     tokens = {}
     for name in TOKEN_GROUPS.values():
-        pooled = _pooled(rows, name, f"n_{name}")
-        if pooled is not None:
-            tokens[name] = pooled[0]
+        got = _pooled(rows, name, f"n_{name}")
+        if got is not None:
+            tokens[name] = got[0]
     if tokens:
         out.update(tokens)
         out["Score"] = sum(tokens.values()) / len(tokens)
