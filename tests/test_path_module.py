@@ -14,7 +14,7 @@ from kelight.analysis.path_importance import ranked_importance, save_path_import
 from kelight.cli import run
 from kelight.data import EditDataModule
 from kelight.editors.path_deltas import PathSelection
-from kelight.editors.pathedit import select_paths
+from kelight.editors.path_trace import select_paths
 from kelight.models.tiny import tiny_model
 from kelight.path_module import PathEdit
 from tests.conftest import COUNTERFACT_EDIT_CASES as DATA

@@ -200,8 +200,7 @@ class EditDataModule(L.LightningDataModule):
             sampler = PaddedShardSampler(len(self.cases), num_replicas=world, rank=rank)
         elif world > 1:
             sampler = UnrepeatedDistributedSampler(self.cases, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
-                          collate_fn=collate_cases)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler, collate_fn=collate_cases)
 
     def train_dataloader(self) -> DataLoader[list[EditCase]]:
         """All cases in order; sharded without duplicates, shards padded to equal length with no-cases."""

@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from kelight.data.fields import field_error, is_list, read_field, read_pairs, read_text, same_text, where
 from kelight.types import EditCase, EditInputError, EditRequest, ScoredPrompt, TokenProbe
 
 FormatName = Literal["counterfact_mix", "counterfact_edit"]
@@ -63,75 +64,11 @@ EDIT_KEYS = (
 MIX_REWRITE_KEYS = ("prompt", "subject", "target_new", "target_true")
 
 
-def _where(index: int, record: Mapping[str, Any]) -> str:
-    case_id = record.get("case_id") if isinstance(record, Mapping) else None
-    return f"record {index}" + ("" if case_id is None else f" (case_id {case_id!r})")
-
-
-def _error(index: int, record: Mapping[str, Any], key: str, problem: str, fix: str) -> EditInputError:
-    return EditInputError(f"{_where(index, record)}: key {key!r}: {problem}; {fix}")
-
-
-def _text(value: object, index: int, record: Mapping[str, Any], key: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _error(
-            index,
-            record,
-            key,
-            f"expected a non-empty string, got {value!r}",
-            "give it a non-empty string or drop the record",
-        )
-    return value
-
-
-def _field(record: Mapping[str, Any], key: str, index: int) -> str:
-    if record.get(key) is None:
-        raise _error(index, record, key, "missing", f"add {key!r} (keys present: {sorted(record)})")
-    return _text(record[key], index, record, key)
-
-
-def _same(a: str, b: str) -> bool:
-    return a.strip().casefold() == b.strip().casefold()
-
-
-def _is_list(value: object) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str)
-
-
-def _pairs(record: Mapping[str, Any], key: str, index: int) -> list[tuple[str, str]]:
-    """``(prompt, target)`` pairs of a ``{prompts: [...], targets: [...]}`` block (absent → [])."""
-    block = record.get(key)
-    if block is None:
-        return []
-    prompts = block.get("prompts") if isinstance(block, Mapping) else None
-    targets = block.get("targets") if isinstance(block, Mapping) else None
-    if not (_is_list(prompts) and _is_list(targets)):
-        raise _error(
-            index,
-            record,
-            key,
-            f"expected {{'prompts': [...], 'targets': [...]}}, got {block!r}",
-            "give two lists of strings",
-        )
-    if len(prompts) != len(targets):
-        raise _error(
-            index,
-            record,
-            key,
-            f"{len(prompts)} prompts but {len(targets)} targets",
-            "give exactly one target per prompt",
-        )
-    return [
-        (_text(p, index, record, f"{key}.prompts[{i}]"), _text(t, index, record, f"{key}.targets[{i}]"))
-        for i, (p, t) in enumerate(zip(prompts, targets, strict=True))
-    ]
-
-
 def _scored(
     items: Sequence[tuple[str, str, str]], group: str, skipped: Counter[str] | None
 ) -> tuple[ScoredPrompt, ...]:
     """Scored prompts from ``(prompt, right, wrong)``; drops (and counts) right == wrong."""
-    kept = tuple(ScoredPrompt(p, r, w) for p, r, w in items if not _same(r, w))
+    kept = tuple(ScoredPrompt(p, r, w) for p, r, w in items if not same_text(r, w))
     if skipped is not None and len(kept) < len(items):
         skipped[group] += len(items) - len(kept)
     return kept
@@ -141,7 +78,7 @@ def _request(record: Mapping[str, Any], index: int, keys: Sequence[str], prefix:
     """Build the :class:`EditRequest`; ``keys`` = (prompt, subject, target_new, target_true) names."""
     source = record if not prefix else record.get(prefix.rstrip("."))
     if not isinstance(source, Mapping):
-        raise _error(
+        raise field_error(
             index,
             record,
             prefix.rstrip("."),
@@ -151,11 +88,11 @@ def _request(record: Mapping[str, Any], index: int, keys: Sequence[str], prefix:
     values = []
     for key in keys:
         if source.get(key) is None:
-            raise _error(index, record, prefix + key, "missing", f"add {prefix + key!r}")
-        values.append(_text(source[key], index, record, prefix + key))
+            raise field_error(index, record, prefix + key, "missing", f"add {prefix + key!r}")
+        values.append(read_text(source[key], index, record, prefix + key))
     prompt, subject, new, true = values
     if subject not in prompt:
-        raise _error(
+        raise field_error(
             index,
             record,
             prefix + keys[1],
@@ -165,7 +102,7 @@ def _request(record: Mapping[str, Any], index: int, keys: Sequence[str], prefix:
     try:
         return EditRequest(prompt, subject, new, true, case_id=record.get("case_id", index))
     except EditInputError as err:
-        raise EditInputError(f"{_where(index, record)}: key {prefix + keys[2]!r}: {err}") from err
+        raise EditInputError(f"{where(index, record)}: key {prefix + keys[2]!r}: {err}") from err
 
 
 def _commonsense(record: Mapping[str, Any], index: int) -> tuple[str, str, str] | None:
@@ -173,14 +110,14 @@ def _commonsense(record: Mapping[str, Any], index: int) -> tuple[str, str, str] 
     if block is None:
         return None
     if not isinstance(block, Mapping):
-        raise _error(
+        raise field_error(
             index,
             record,
             "o-commonsense",
             f"expected a mapping, got {block!r}",
             "give {'prompts': str, 'right': str, 'wrong': str}",
         )
-    return tuple(_text(block.get(k), index, record, f"o-commonsense.{k}") for k in ("prompts", "right", "wrong"))
+    return tuple(read_text(block.get(k), index, record, f"o-commonsense.{k}") for k in ("prompts", "right", "wrong"))
 
 
 def _generation(record: Mapping[str, Any], index: int) -> tuple[str, ...]:
@@ -188,31 +125,31 @@ def _generation(record: Mapping[str, Any], index: int) -> tuple[str, ...]:
     if block is None:
         return ()
     prompts = block.get("prompts") if isinstance(block, Mapping) else None
-    if not _is_list(prompts):
-        raise _error(
+    if not is_list(prompts):
+        raise field_error(
             index,
             record,
             "generation",
             f"expected {{'prompts': [...]}}, got {block!r}",
             "give a list of prompt strings",
         )
-    return tuple(_text(p, index, record, f"generation.prompts[{i}]") for i, p in enumerate(prompts))
+    return tuple(read_text(p, index, record, f"generation.prompts[{i}]") for i, p in enumerate(prompts))
 
 
 def _mix_items(record: Mapping[str, Any], index: int, req: EditRequest) -> dict[str, list[tuple[str, str, str]]]:
     """``group -> [(prompt, right, wrong)]`` for every probe group of a counterfact_mix record."""
     new, true = req.target_new, req.target_true
     prefix = f"{req.prompt} {new}. "
-    neighbors = _pairs(record, "l-neighbor", index)
+    neighbors = read_pairs(record, "l-neighbor", index)
     items = {  # rewrite/paraphrase/alias targets are target_new by construction: score that
-        "rewrite": [(p, new, true) for p, _ in _pairs(record, "rewrite", index)],
+        "rewrite": [(p, new, true) for p, _ in read_pairs(record, "rewrite", index)],
         "paraphrase": [
-            (p, new, true) for key in ("p-paraphrase", "p-subject_alias") for p, _ in _pairs(record, key, index)
+            (p, new, true) for key in ("p-paraphrase", "p-subject_alias") for p, _ in read_pairs(record, key, index)
         ],
         "neighbor": [(p, t, new) for p, t in neighbors],
-        "relation": [(p, t, new) for p, t in _pairs(record, "l-relation", index)],
+        "relation": [(p, t, new) for p, t in read_pairs(record, "l-relation", index)],
         "distracted_neighbor": [(prefix + p, t, new) for p, t in neighbors],
-        "reasoning": [(p, t, true) for p, t in _pairs(record, "p-reasoning", index)],
+        "reasoning": [(p, t, true) for p, t in read_pairs(record, "p-reasoning", index)],
     }
     common = _commonsense(record, index)
     if common is not None:
@@ -247,7 +184,7 @@ def parse_counterfact_mix(record: Mapping[str, Any], index: int, skipped: Counte
     if not isinstance(record, Mapping):
         raise EditInputError(f"record {index}: expected a JSON object, got {type(record).__name__}")
     if record.get("requested_rewrite") is None:
-        raise _error(
+        raise field_error(
             index,
             record,
             "requested_rewrite",
@@ -255,7 +192,7 @@ def parse_counterfact_mix(record: Mapping[str, Any], index: int, skipped: Counte
             "add {'prompt', 'subject', 'target_new', 'target_true'} (is this counterfact_edit?)",
         )
     if record.get("rewrite") is None:
-        raise _error(index, record, "rewrite", "missing", "add {'prompts': [...], 'targets': [...]}")
+        raise field_error(index, record, "rewrite", "missing", "add {'prompts': [...], 'targets': [...]}")
     req = _request(record, index, MIX_REWRITE_KEYS, prefix="requested_rewrite.")
     probes = {group: _scored(items, group, skipped) for group, items in _mix_items(record, index, req).items()}
     counterfact = record.get("p-paraphrase") is not None or record.get("l-neighbor") is not None
@@ -286,10 +223,10 @@ def parse_counterfact_edit(record: Mapping[str, Any], index: int, skipped: Count
     if not isinstance(record, Mapping):
         raise EditInputError(f"record {index}: expected a JSON object, got {type(record).__name__}")
     req = _request(record, index, ("prompt", "subject", "target_new", "ground_truth"))
-    rephrase = _field(record, "rephrase_prompt", index)
+    rephrase = read_field(record, "rephrase_prompt", index)
     local, local_true = (
-        _field(record, "locality_prompt", index),
-        _field(record, "locality_ground_truth", index),
+        read_field(record, "locality_prompt", index),
+        read_field(record, "locality_ground_truth", index),
     )
     new, true = req.target_new, req.target_true
     probes = {
