@@ -39,6 +39,10 @@ class LocateEditModule(EditModule):
             where each z must see the edits before it.
         cache_prefix: run each z-step only on the tokens from the subject on, over a KV cache of
             the rest (same result, ~2.5× faster ROME steps on CPU); ``false`` runs the full prompts.
+        early_stop_loss: stop an edit's z optimisation once its loss is below this (the reference: 0.05).
+        early_stop_on: which loss the early stop tests: ``total`` (the reference; with SADR on, SADR's
+            term is in it, so SADR edits rarely stop early) or ``edit`` (without SADR's term: an edit
+            stops when the plain method's would). The same when γ = 0.
         **kwargs: :class:`EditModule` arguments.
     """
 
@@ -56,6 +60,8 @@ class LocateEditModule(EditModule):
         sadr_selective: bool = True,
         z_batch: int = 1,
         cache_prefix: bool = True,
+        early_stop_loss: float = 5e-2,
+        early_stop_on: Literal["total", "edit"] = "total",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -72,7 +78,8 @@ class LocateEditModule(EditModule):
         h = self.hparams
         return ZConfig(steps=h.steps, lr=h.lr, kl_factor=h.kl_factor, weight_decay=h.weight_decay,
                        clamp_norm_factor=h.clamp_norm_factor, z_batch=h.z_batch,
-                       cache_prefix=h.cache_prefix)
+                       cache_prefix=h.cache_prefix, early_stop_loss=h.early_stop_loss,
+                       early_stop_on=h.early_stop_on)
 
     def templates(self) -> tuple[tuple[int, int], ...]:
         return template_pairs(self.hparams.context_templates)

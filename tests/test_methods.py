@@ -12,9 +12,11 @@ from kelight.objectives.sadr import SADR
 
 def test_rome_arguments_reach_its_editor():
     editor = ROME(model_name="tiny:llama", layer=2, steps=7, lr=0.3, context_templates=[[3, 2]],
-                  mean_key_insertion=True, sadr_gamma=0.05, sadr_selective=False).build_editor()
+                  mean_key_insertion=True, sadr_gamma=0.05, sadr_selective=False, early_stop_loss=0.1,
+                  early_stop_on="edit").build_editor()
     assert isinstance(editor, RomeEditor)
     assert (editor.hp.layer, editor.hp.z.steps, editor.hp.z.lr) == (2, 7, 0.3)
+    assert (editor.hp.z.early_stop_loss, editor.hp.z.early_stop_on) == (0.1, "edit")
     assert editor.hp.context_templates == ((3, 2),) and editor.hp.mean_key_insertion
     (sadr,) = editor.extra_losses
     assert isinstance(sadr, SADR)
@@ -32,7 +34,7 @@ def test_memit_and_pmet_share_one_editor(cls, pmet):
                  sadr_gamma=0.08).build_editor()
     assert isinstance(editor, MemitEditor)
     assert (editor.hp.layers, editor.hp.pmet, editor.hp.mom2_update_weight) == ((1, 2), pmet, 1400.0)
-    assert editor.hp.value_at == "mlp"
+    assert editor.hp.value_at == "mlp" and editor.hp.z.early_stop_on == "total"  # the reference's default
     assert editor.hp.context_templates == ((10, 5),)  # MEMIT's own default, not ROME's
     assert editor.extra_losses[0].first_layer == 3  # drift after the last edited layer
 

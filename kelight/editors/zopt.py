@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -38,7 +39,12 @@ class ZConfig:
         kl_factor: ω, weight of the essence KL.
         weight_decay: weight of ‖δ‖/‖v‖².
         clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor·‖v‖.
-        early_stop_loss: stop once the total loss is below this.
+        early_stop_loss: stop once the loss named by ``early_stop_on`` is below this.
+        early_stop_on: ``"total"`` (the reference): the whole loss, extra terms such as γ·SADR
+            included, so a SADR edit rarely stops early and runs ~2× the steps of the plain one;
+            ``"edit"``: the loss without the extra terms (rewrite NLL + essence KL + weight decay),
+            so an edit stops when the plain method's would, and SADR acts only during those steps.
+            The same when there are no extra terms.
         reuse_prefix: after step 0, replay the recorded output of the blocks below the first edited
             one instead of recomputing them (they do not depend on z); same result, less compute.
         attention_rows: when a term needs attention weights (SADR), compute only each prompt's
@@ -58,6 +64,7 @@ class ZConfig:
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
+    early_stop_on: Literal["total", "edit"] = "total"
     reuse_prefix: bool = True
     attention_rows: bool = True
     cache_prefix: bool = True
@@ -69,6 +76,9 @@ class ZConfig:
         if not isinstance(self.z_batch, int) or self.z_batch < 1:
             raise EditInputError(f"expected z_batch to be a positive integer (1 = one request at a time), "
                                  f"got {self.z_batch!r}")
+        if self.early_stop_on not in ("total", "edit"):
+            raise EditInputError(f"expected early_stop_on to be 'total' (the whole loss, as the reference) or 'edit' "
+                                 f"(the loss without extra terms such as SADR), got {self.early_stop_on!r}")
         for name in ("lr", "kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss"):
             value = getattr(self, name)
             positive = name in ("lr", "clamp_norm_factor")
@@ -119,7 +129,8 @@ def _attn_offset(model: PreTrainedModel, outputs: object, rows: torch.Tensor | N
 
 
 def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init, prefix, recorder):
-    """``(R,)`` total loss of each request of ``batch`` (they share no term)."""
+    """``(R,)`` total loss of each request of ``batch`` (they share no term), the ``(R,)`` loss the
+    early stop tests (:attr:`ZConfig.early_stop_on`; detached) and the essence log-probs at step 0."""
     tgt, ess, outputs = forward_logprobs(model, batch, want_attn and recorder is None, prefix)
     rows = recorder.take() if recorder is not None else None
     ess_init = ess.detach() if ess_init is None else ess_init
@@ -129,7 +140,8 @@ def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, 
         loss = loss + cfg.kl_factor * essence_kl_rows(ess, ess_init).view(n, -1).mean(1)
     loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum(1)
     state = StepState(step, batch, outputs, attn_offset=_attn_offset(model, outputs, rows), rows=rows)
-    return finish_loss(loss, extra_losses, state, cfg.lr), ess_init
+    total = finish_loss(loss, extra_losses, state, cfg.lr)
+    return total, (loss if cfg.early_stop_on == "edit" else total).detach(), ess_init
 
 
 def optimise_z(
@@ -244,16 +256,16 @@ def _optimise_merged(
             stack.enter_context(edit_output(model, path, injector.fn(i)))
         for step in range(cfg.steps):
             with trace(model, [f"{layers}.{n_replay - 1}"] if step == 0 and n_replay else [], raw=True) as rec:
-                loss, ess_init = _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init,
-                                                 prefix, recorder)
+                loss, stop_loss, ess_init = _request_losses(model, batch, cfg, injector, extra_losses, want_attn,
+                                                            step, ess_init, prefix, recorder)
             if rec:  # hidden states below the edit do not depend on z: replay them from now on
                 stack.enter_context(replay_blocks(model, layers, n_replay, next(iter(rec.values()))))
-            values = loss.detach().cpu().tolist()
+            values, stop_values = torch.stack([loss.detach(), stop_loss]).cpu().tolist()  # one host sync
             for r in range(n):
                 if stopped[r]:
                     continue
                 losses[r].append(values[r])
-                if values[r] < cfg.early_stop_loss:  # this request stops here, before its update
+                if stop_values[r] < cfg.early_stop_loss:  # this request stops here, before its update
                     stopped[r], steps_run[r] = True, step + 1
                     with torch.no_grad():
                         frozen[r] = delta[r]

@@ -155,3 +155,52 @@ def test_an_unreachable_value_vector_is_an_input_error():
         _run(model, tok, reuse=True, layer=2)
     result, _ = _run(model, tok, reuse=True, layer=1)
     assert result.delta.norm() > 0
+
+
+def _with_constant(value: float):
+    """An extra term worth ``value`` per request at every step: it moves no gradient, only the loss."""
+
+    def term(state) -> torch.Tensor:
+        return torch.full((state.batch.n_requests,), value)
+
+    return term
+
+
+def test_early_stop_on_edit_ignores_extra_terms():
+    """A constant extra term above the threshold keeps 'total' from ever stopping; 'edit' stops
+    exactly where the run without the term does, with the same δ (a constant has no gradient)."""
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    path = adapter_for(model).path("mlp_out", 1)
+    batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
+    free = ZConfig(steps=12, lr=0.5, weight_decay=0.0, early_stop_loss=0.0)
+    losses = optimise_z(model, path, batch, free, first_edited_block=1).losses
+    values = sorted(set(losses))
+    stop_at = {t: next(i + 1 for i, v in enumerate(losses) if v < t) for t in
+               ((a + b) / 2 for a, b in zip(values, values[1:], strict=False))}
+    threshold, stop = next((t, k) for t, k in stop_at.items() if 1 < k < 12)  # stops after some updates
+    plain = optimise_z(model, path, batch, dataclasses.replace(free, early_stop_loss=threshold), first_edited_block=1)
+    assert plain.steps_run == stop
+    for on, steps in (("total", 12), ("edit", stop)):
+        cfg = dataclasses.replace(free, early_stop_loss=threshold, early_stop_on=on)
+        z = optimise_z(model, path, batch, cfg, (_with_constant(1.0),), first_edited_block=1)
+        assert z.steps_run == steps
+        assert z.losses[:stop] == pytest.approx([v + 1.0 for v in plain.losses], rel=1e-6)  # losses keep the term
+        if on == "edit":
+            torch.testing.assert_close(z.delta, plain.delta, rtol=0, atol=0)
+
+
+def test_early_stop_on_is_the_same_without_extra_terms(tiny):
+    model, tok = tiny
+    path = adapter_for(model).path("mlp_out", 1)
+    batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
+    total, edit = (optimise_z(model, path, batch, ZConfig(steps=10, early_stop_loss=2.0, early_stop_on=on),
+                              first_edited_block=1) for on in ("total", "edit"))
+    assert total.steps_run == edit.steps_run and total.losses == edit.losses
+    torch.testing.assert_close(total.delta, edit.delta, rtol=0, atol=0)
+
+
+def test_early_stop_on_must_be_total_or_edit():
+    with pytest.raises(ValueError, match="early_stop_on to be 'total' .* or 'edit' .*got 'rewrite'"):
+        ZConfig(early_stop_on="rewrite")
