@@ -41,8 +41,8 @@ class LocateEditModule(EditModule):
             the rest (same result, ~2.5× faster ROME steps on CPU); ``false`` runs the full prompts.
         early_stop_loss: stop an edit's z optimisation once its loss is below this (the reference: 0.05).
         early_stop_on: which loss the early stop tests: ``total`` (the reference; with SADR on, SADR's
-            term is in it, so SADR edits rarely stop early) or ``edit`` (without SADR's term: an edit
-            stops when the plain method's would). The same when γ = 0.
+            term is in it, so SADR edits rarely stop early) or ``edit`` (without SADR's term; SADR
+            still slows the edit loss, so its edits still run most steps). The same when γ = 0.
         **kwargs: :class:`EditModule` arguments.
     """
 
