@@ -44,7 +44,8 @@ class ZConfig:
             included, so a SADR edit rarely stops early and runs ~2× the steps of the plain one;
             ``"edit"``: the loss without the extra terms (rewrite NLL + essence KL + weight decay),
             so the threshold ignores SADR's term (the trajectory is still SADR's: measured on
-            SmolLM2, MEMIT+SADR edits then stop after 75 of 80 steps on average instead of 80).
+            SmolLM2 at 80 steps, MEMIT+SADR edits then take 75.0 steps instead of 80.0, ROME+SADR
+            70.7 instead of 78.9; the plain methods 45.7 and 38.1).
             The same when there are no extra terms.
         reuse_prefix: after step 0, replay the recorded output of the blocks below the first edited
             one instead of recomputing them (they do not depend on z); same result, less compute.
