@@ -5,10 +5,11 @@ PAC (Zhai et al., ACL 2025; reference ``SonglinZhai/PAC`` ``pac.py``), DESIGN §
 1. **Tracing.** Sum the signed gradient of the target NLL over the edit batches for every FFN input
    matrix (keys = rows) and output matrix (values = columns). Per layer and matrix, viewed as
    ``G: (hidden, d_ff)``, z-score each hidden row across the FFN neurons, take ``|·|`` and average
-   over the hidden dimension: one impact score per key and per value (:func:`impact_scores`).
+   over the hidden dimension: one impact score per key and per value
+   (:func:`~kelight.editors.path_trace.impact_scores`).
 2. **Paths.** In every layer the top ``path_size`` keys and values (ranked separately) form the
-   critical path T+, the bottom ``neg_path_size`` the negative path τ− (:func:`select_paths`;
-   disjoint by construction; both in :mod:`kelight.editors.path_trace`). Tracing is repeated every
+   critical path T+, the bottom ``neg_path_size`` the negative path τ−
+   (:func:`~kelight.editors.path_trace.select_paths`; disjoint by construction). Tracing is repeated every
    ``eta`` epochs on the model being edited.
 3. **Editing.** Only the path deltas (:class:`~kelight.editors.path_deltas.PathDeltas`) are
    trainable. Loss per batch: ``NLL(o_edit | prompt)`` with T+ trainable (+ extra terms such as

@@ -1,5 +1,6 @@
-"""PathEdit on tiny models of every family: impact scores by hand, disjoint paths, sparse deltas
-that cannot touch masked weights (momentum included), exact restore, clear errors."""
+"""PathEdit on tiny models of every family: sparse deltas that equal dense weights and cannot touch
+masked weights (momentum included), each term on its own path, exact restore, clear errors (tracing:
+test_path_trace.py)."""
 
 from types import SimpleNamespace
 
