@@ -18,6 +18,12 @@ def where(index: int, record: Mapping[str, Any]) -> str:
     return f"record {index}" + ("" if case_id is None else f" (case_id {case_id!r})")
 
 
+def require_object(record: object, index: int) -> None:
+    """Refuse a record that is not a JSON object (mapping)."""
+    if not isinstance(record, Mapping):
+        raise EditInputError(f"record {index}: expected a JSON object, got {type(record).__name__}")
+
+
 def field_error(index: int, record: Mapping[str, Any], key: str, problem: str, fix: str) -> EditInputError:
     """The error for ``key`` of record ``index``: where, the key, the problem and the fix."""
     return EditInputError(f"{where(index, record)}: key {key!r}: {problem}; {fix}")

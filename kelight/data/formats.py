@@ -48,7 +48,16 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from kelight.data.fields import field_error, is_list, read_field, read_pairs, read_text, same_text, where
+from kelight.data.fields import (
+    field_error,
+    is_list,
+    read_field,
+    read_pairs,
+    read_text,
+    require_object,
+    same_text,
+    where,
+)
 from kelight.types import EditCase, EditInputError, EditRequest, ScoredPrompt, TokenProbe
 
 FormatName = Literal["counterfact_mix", "counterfact_edit"]
@@ -181,8 +190,7 @@ def parse_counterfact_mix(record: Mapping[str, Any], index: int, skipped: Counte
         >>> parse_counterfact_mix(rec, 0).probes["rewrite"][0].wrong
         'France'
     """
-    if not isinstance(record, Mapping):
-        raise EditInputError(f"record {index}: expected a JSON object, got {type(record).__name__}")
+    require_object(record, index)
     if record.get("requested_rewrite") is None:
         raise field_error(
             index,
@@ -220,8 +228,7 @@ def parse_counterfact_edit(record: Mapping[str, Any], index: int, skipped: Count
     Raises:
         EditInputError: the record is malformed (names the index, the key and the fix).
     """
-    if not isinstance(record, Mapping):
-        raise EditInputError(f"record {index}: expected a JSON object, got {type(record).__name__}")
+    require_object(record, index)
     req = _request(record, index, ("prompt", "subject", "target_new", "ground_truth"))
     rephrase = read_field(record, "rephrase_prompt", index)
     local, local_true = (

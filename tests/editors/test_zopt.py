@@ -166,6 +166,15 @@ def _with_constant(value: float):
     return term
 
 
+def _stop_threshold(losses: list[float], first: int, last: int) -> tuple[float, int]:
+    """A threshold between two of ``losses`` at which a run would stop at a step ``k`` in ``[first, last]``
+    (the first step whose loss is below it), and that ``k``."""
+    values = sorted(set(losses))
+    stop_at = {t: next(i + 1 for i, v in enumerate(losses) if v < t) for t in
+               ((a + b) / 2 for a, b in zip(values, values[1:], strict=False))}
+    return next((t, k) for t, k in stop_at.items() if first <= k <= last)
+
+
 def test_early_stop_on_edit_ignores_extra_terms():
     """A constant extra term above the threshold keeps 'total' from ever stopping; 'edit' stops
     exactly where the run without the term does, with the same δ (a constant has no gradient)."""
@@ -176,10 +185,7 @@ def test_early_stop_on_edit_ignores_extra_terms():
     batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
     free = ZConfig(steps=12, lr=0.5, weight_decay=0.0, early_stop_loss=0.0)
     losses = optimise_z(model, path, batch, free, first_edited_block=1).losses
-    values = sorted(set(losses))
-    stop_at = {t: next(i + 1 for i, v in enumerate(losses) if v < t) for t in
-               ((a + b) / 2 for a, b in zip(values, values[1:], strict=False))}
-    threshold, stop = next((t, k) for t, k in stop_at.items() if 1 < k < 12)  # stops after some updates
+    threshold, stop = _stop_threshold(losses, 2, 11)  # stops after some updates
     plain = optimise_z(model, path, batch, dataclasses.replace(free, early_stop_loss=threshold), first_edited_block=1)
     assert plain.steps_run == stop
     for on, steps in (("total", 12), ("edit", stop)):
@@ -195,9 +201,11 @@ def test_early_stop_on_is_the_same_without_extra_terms(tiny):
     model, tok = tiny
     path = adapter_for(model).path("mlp_out", 1)
     batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
-    total, edit = (optimise_z(model, path, batch, ZConfig(steps=10, early_stop_loss=2.0, early_stop_on=on),
+    free = optimise_z(model, path, batch, ZConfig(steps=10, early_stop_loss=0.0), first_edited_block=1).losses
+    threshold, stop = _stop_threshold(free, 1, 9)  # a threshold the run crosses before its last step
+    total, edit = (optimise_z(model, path, batch, ZConfig(steps=10, early_stop_loss=threshold, early_stop_on=on),
                               first_edited_block=1) for on in ("total", "edit"))
-    assert total.steps_run == edit.steps_run and total.losses == edit.losses
+    assert total.steps_run == edit.steps_run == stop and total.losses == edit.losses
     torch.testing.assert_close(total.delta, edit.delta, rtol=0, atol=0)
 
 
