@@ -12,6 +12,10 @@ case by case so that machine noise hits every arm alike. Arms:
   from the subject on over a KV cache of the rest (:attr:`~kelight.editors.zopt.ZConfig.cache_prefix`);
 * ``rome_sadr_eager`` / ``rome_sadr``: ROME + SADR with eager ``T × T`` attention weights / with
   only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``;
+* ``rome_zcompile``: ROME with each z-step's forward under ``torch.compile``
+  (:attr:`~kelight.editors.zopt.ZConfig.compile`: ``reduce-overhead``, i.e. CUDA graphs, on a GPU;
+  inductor's default on CPU), compiled once with dynamic shapes during its warm-up request
+  (``warmup_seconds`` in the JSON), then reused for every prompt length;
 * ``pathedit`` / ``pathedit_sadr``: PathEdit (configs/smollm2/pathedit.yaml's method settings) on
   one request at a time, without / with SADR from layer 1 on; its steps are ``--path-epochs``
   (PAC: 12, re-tracing every 2), not ``--steps``, and its seconds per step are per epoch;
@@ -175,6 +179,8 @@ def arms(args, model, tok) -> Builders:
         "rome_sadr_eager": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, attention_rows=False), **common),
                                       sadr),
         "rome_sadr": RomeEditor(RomeHParams(layer=args.layer, z=z, **common), sadr),
+        "rome_zcompile": RomeEditor(RomeHParams(layer=args.layer, z=replace(
+            z, compile="reduce-overhead" if args.device.startswith("cuda") else "default"), **common)),
     }
     device = next(model.parameters()).device
     templates = functools.cache(lambda: sample_context_templates(model, tok, common["context_templates"], 0))
@@ -268,13 +274,19 @@ def _edit_once(model, tok, editor: MemitEditor | PathEditor, request) -> None:
         undo.restore()
 
 
-def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: torch.device) -> dict[str, float]:
+def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: torch.device,
+              warmup_seconds: dict[str, float]) -> dict[str, float]:
     """Mean seconds per request of each arm, arms interleaved group by group (after a warm-up: one
-    request, or the warm-up group for group arms; compiled arms warm up inside their own call).
-    An arm that returns a number has those seconds counted instead of its wall time."""
+    request, or the warm-up group for group arms, its seconds put in ``warmup_seconds``; compiled
+    floors warm up inside their own call). An arm that returns a number has those seconds counted
+    instead of its wall time."""
     for name, fn in arms_.items():
         if not name.endswith("_compiled"):
+            _sync(device)
+            t0 = time.perf_counter()
             fn(warmup if name.endswith("_zbatch") else warmup[:1])  # z-batch arms work a group at once
+            _sync(device)
+            warmup_seconds[name] = time.perf_counter() - t0
     totals = dict.fromkeys(arms_, 0.0)
     for start in range(0, len(requests), group):
         rs = requests[start : start + group]
@@ -332,6 +344,8 @@ RATIOS = {  # name: (numerator arm, denominator arm, minus one?)
     "row_kernel_speedup": ("rome_sadr_eager", "rome_sadr", False),
     "rome_over_compiled_floor": ("rome", "floor_compiled", False),
     "rome_sadr_over_compiled_floor": ("rome_sadr", "floor_compiled", False),
+    "zcompile_speedup_rome": ("rome", "rome_zcompile", False),
+    "rome_zcompile_over_compiled_floor": ("rome_zcompile", "floor_compiled", False),
     "zbatch_speedup_rome": ("rome", "rome_zbatch", False),
     "zbatch_speedup_rome_sadr": ("rome_sadr", "rome_sadr_zbatch", False),
     "rome_zbatch_over_floor_zbatch": ("rome_zbatch", "floor_zbatch", False),
@@ -379,14 +393,16 @@ def main() -> None:
     cases = [parse_record(r, i) for i, r in enumerate(records)]
     requests = [c.request for c in cases[group : args.cases + group]]  # the first group only warms up
     warmup = [c.request for c in cases[:group]]
-    seconds = time_arms(select_arms(arms(args, model, tok), args.arms), warmup, requests, group, device)
+    warmup_seconds: dict[str, float] = {}
+    seconds = time_arms(select_arms(arms(args, model, tok), args.arms), warmup, requests, group, device,
+                        warmup_seconds)
     per_step = {k: v / (args.path_epochs if k.startswith("pathedit") else args.steps) for k, v in seconds.items()}
     result = {
         "model": args.model, "tokenizer": args.tokenizer or ("bytes" if args.model.startswith("shape:") else "model's"),
         "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
         "cases": len(requests), "steps": args.steps, "path_epochs": args.path_epochs,
         "seconds_per_edit": seconds, "seconds_per_step": per_step,
-        "ratios": ratios(seconds),
+        "ratios": ratios(seconds), "warmup_seconds": warmup_seconds,
     }
     if args.compile_floor:
         result["compile_seconds_per_shape"] = sum(args.compile_seconds) / max(len(args.compile_seconds) / 2, 1)

@@ -43,6 +43,9 @@ class LocateEditModule(EditModule):
         early_stop_on: which loss the early stop tests: ``total`` (the reference; with SADR on, SADR's
             term is in it, so SADR edits rarely stop early) or ``edit`` (without SADR's term; SADR
             still slows the edit loss, so its edits still run most steps). The same when γ = 0.
+        compile: ``off`` (eager), or the ``torch.compile`` mode of each z-step's forward (``default``,
+            ``reduce-overhead`` = CUDA graphs, ``max-autotune``); compiled once per process with
+            dynamic shapes. Not with SADR. On CPU it pays after ~200 edits (docs/performance.md).
         **kwargs: :class:`EditModule` arguments.
     """
 
@@ -62,6 +65,7 @@ class LocateEditModule(EditModule):
         cache_prefix: bool = True,
         early_stop_loss: float = 5e-2,
         early_stop_on: Literal["total", "edit"] = "total",
+        compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -69,6 +73,9 @@ class LocateEditModule(EditModule):
         if z_batch > 1 and self.hparams.regime == "sequential":
             raise ValueError(f"z_batch={z_batch} optimises independent edits together, but in the sequential "
                              "regime each edit's z must see the edits before it; use z_batch 1")
+        if compile != "off" and sadr_gamma:
+            raise ValueError(f"compile={compile!r} cannot run with SADR (sadr_gamma={sadr_gamma}): transformers' "
+                             "attention capturing breaks the compiled graph; use --model.compile off for SADR runs")
 
     def sadr(self, edit_layer: int) -> tuple:
         """The SADR term for drift after ``edit_layer`` (empty when γ = 0)."""
@@ -79,7 +86,7 @@ class LocateEditModule(EditModule):
         return ZConfig(steps=h.steps, lr=h.lr, kl_factor=h.kl_factor, weight_decay=h.weight_decay,
                        clamp_norm_factor=h.clamp_norm_factor, z_batch=h.z_batch,
                        cache_prefix=h.cache_prefix, early_stop_loss=h.early_stop_loss,
-                       early_stop_on=h.early_stop_on)
+                       early_stop_on=h.early_stop_on, compile=h.compile)
 
     def templates(self) -> tuple[tuple[int, int], ...]:
         return template_pairs(self.hparams.context_templates)

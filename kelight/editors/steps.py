@@ -43,11 +43,14 @@ ExtraLoss = Callable[[StepState], torch.Tensor]
 
 
 def forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bool,
-                     prefix: PrefixCache | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Log-probs at the target and essence positions of ``batch`` (on ``prefix``'s cache when given)."""
+                     prefix: PrefixCache | None = None,
+                     base: Callable[..., object] | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Log-probs at the target and essence positions of ``batch`` (on ``prefix``'s cache when given),
+    the transformer body run by ``base`` (default ``model.base_model``; e.g. a compiled one)."""
     kwargs = (prefix.forward_kwargs(model) if prefix is not None
               else {"attention_mask": batch.attention_mask, "use_cache": False})
-    out = model.base_model(input_ids=batch.input_ids, output_attentions=want_attn, **kwargs)  # False with rows
+    base = model.base_model if base is None else base
+    out = base(input_ids=batch.input_ids, output_attentions=want_attn, **kwargs)  # False with rows
     hidden = out.last_hidden_state  # (B, T, D)
     tgt = head(model, hidden[batch.target_rows, batch.target_cols]).float().log_softmax(-1)  # (N, V)
     ess_rows = torch.arange(batch.n_rewrite, batch.input_ids.shape[0], device=hidden.device)
