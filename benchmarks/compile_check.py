@@ -1,14 +1,14 @@
 """Does a compiled z-step (``ZConfig.compile``) edit as the eager one does, and what does it cost?
 
-For each request, ROME's ΔW and z are computed twice on the same weights, eager and compiled (early
-stop on, as in a run), and the relative differences, the steps taken and the two times are printed;
-then the compile cost (the first compiled request less its eager time), the steady speed-up (the
-other requests) and the break-even number of edits. The first request compiles; later ones have
+For each request, ROME's (``--gamma``: ROME+SADR's) ΔW and z are computed twice on the same weights,
+eager and compiled (early stop on, as in a run), and the relative differences, the steps taken and
+the two times are printed; then the compile cost (the first compiled request less its eager time),
+the steady speed-up (the other requests) and the break-even number of edits. The first request compiles; later ones have
 other prompt lengths and must reuse its graphs (dynamic shapes). Set ``TORCHINDUCTOR_CACHE_DIR`` to
 a fresh folder for a cold compile (inductor caches compiled graphs across processes).
 
 Example:
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/compile_check.py --cases 4 --steps 20
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/compile_check.py --cases 6 --steps 20 --gamma 0.08
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from kelight.data import load_records, parse_record
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.zopt import ZConfig
 from kelight.models import load
+from kelight.objectives.sadr import SADR
 from kelight.paths import default_data_root
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=4)
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--gamma", type=float, default=0.0, help="SADR's γ (0: plain ROME)")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on a GPU, "
                                                      "else default)")
     parser.add_argument("--data", default=str(default_data_root() / "counterfact_mix" / "dev.json"))
@@ -42,8 +44,9 @@ def main() -> None:
     model, tok = load(args.model, dtype=args.dtype, device=args.device)
     records = load_records(args.data).select(range(args.cases))
     requests = [parse_record(r, i).request for i, r in enumerate(records)]
+    sadr = (SADR(args.gamma, args.layer + 1),) if args.gamma else ()
     editors = {m: RomeEditor(RomeHParams(layer=args.layer, z=ZConfig(steps=args.steps, compile=m),
-                                         context_templates=((5, 10), (10, 10)), mom2_adjustment=False))
+                                         context_templates=((5, 10), (10, 10)), mom2_adjustment=False), sadr)
                for m in ("off", mode)}
     for editor in editors.values():
         editor.setup(model, tok)
@@ -70,7 +73,7 @@ def main() -> None:
     compile_s = rows[0]["seconds_compiled"] - rows[0]["seconds_eager"]
     eager = sum(r["seconds_eager"] for r in rows[1:])
     saved = (eager - sum(r["seconds_compiled"] for r in rows[1:])) / max(len(rows) - 1, 1)
-    summary = {"mode": mode, "device": args.device, "threads": torch.get_num_threads(),
+    summary = {"mode": mode, "gamma": args.gamma, "device": args.device, "threads": torch.get_num_threads(),
                "compile_seconds": compile_s,
                "speedup_after_compile": eager / max(sum(r["seconds_compiled"] for r in rows[1:]), 1e-9),
                "break_even_edits": compile_s / saved if saved > 0 else None,

@@ -12,7 +12,7 @@ case by case so that machine noise hits every arm alike. Arms:
   from the subject on over a KV cache of the rest (:attr:`~kelight.editors.zopt.ZConfig.cache_prefix`);
 * ``rome_sadr_eager`` / ``rome_sadr``: ROME + SADR with eager ``T × T`` attention weights / with
   only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``;
-* ``rome_zcompile``: ROME with each z-step's forward under ``torch.compile``
+* ``rome_zcompile`` / ``rome_sadr_zcompile``: ROME / ROME+SADR with each z-step's forward under ``torch.compile``
   (:attr:`~kelight.editors.zopt.ZConfig.compile`: ``reduce-overhead``, i.e. CUDA graphs, on a GPU;
   inductor's default on CPU), compiled once with dynamic shapes during its warm-up request
   (``warmup_seconds`` in the JSON), then reused for every prompt length;
@@ -172,6 +172,7 @@ def arms(args, model, tok) -> Builders:
     mom2 = not args.model.startswith("shape:")
     common = dict(context_templates=((5, 10), (10, 10)), mom2_adjustment=mom2)
     sadr = (SADR(args.gamma, args.layer + 1),)
+    z_compiled = replace(z, compile="reduce-overhead" if args.device.startswith("cuda") else "default")
     rome_arms = {
         "rome_recompute": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, reuse_prefix=False), **common)),
         "rome_full_prompts": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, cache_prefix=False), **common)),
@@ -179,8 +180,8 @@ def arms(args, model, tok) -> Builders:
         "rome_sadr_eager": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, attention_rows=False), **common),
                                       sadr),
         "rome_sadr": RomeEditor(RomeHParams(layer=args.layer, z=z, **common), sadr),
-        "rome_zcompile": RomeEditor(RomeHParams(layer=args.layer, z=replace(
-            z, compile="reduce-overhead" if args.device.startswith("cuda") else "default"), **common)),
+        "rome_zcompile": RomeEditor(RomeHParams(layer=args.layer, z=z_compiled, **common)),
+        "rome_sadr_zcompile": RomeEditor(RomeHParams(layer=args.layer, z=z_compiled, **common), sadr),
     }
     device = next(model.parameters()).device
     templates = functools.cache(lambda: sample_context_templates(model, tok, common["context_templates"], 0))
@@ -345,6 +346,8 @@ RATIOS = {  # name: (numerator arm, denominator arm, minus one?)
     "rome_over_compiled_floor": ("rome", "floor_compiled", False),
     "rome_sadr_over_compiled_floor": ("rome_sadr", "floor_compiled", False),
     "zcompile_speedup_rome": ("rome", "rome_zcompile", False),
+    "zcompile_speedup_rome_sadr": ("rome_sadr", "rome_sadr_zcompile", False),
+    "sadr_overhead_zcompile": ("rome_sadr_zcompile", "rome_zcompile", True),
     "rome_zcompile_over_compiled_floor": ("rome_zcompile", "floor_compiled", False),
     "zbatch_speedup_rome": ("rome", "rome_zbatch", False),
     "zbatch_speedup_rome_sadr": ("rome_sadr", "rome_sadr_zbatch", False),

@@ -57,18 +57,21 @@ class QueryRows:
         self._keys: list[torch.Tensor] = []  # (B, H_kv, T, d) per layer
         self._allowed: list[torch.Tensor] = []  # (B, 1, T) per layer
         self._scales: list[float] = []
-        self._masks: dict[tuple, tuple] = {}  # per distinct layer mask of this forward: (that mask, row mask)
+        self._masks: list[tuple] = []  # per distinct layer mask of this forward: (that mask, shape, row mask)
 
     def record(self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                scale: float) -> None:
         """Keep one layer's query rows and keys (``query`` ``(B, H, T_q, d)``, ``key`` ``(B, H_kv, T, d)``)."""
-        n_keys, n_queries = key.shape[2], query.shape[2]
-        mask_key = (id(attention_mask), n_keys, n_queries)  # layers share their mask tensor within a forward
-        if mask_key not in self._masks:  # the mask is kept alive with it: its id is not reused meanwhile
-            self._masks[mask_key] = (attention_mask, _row_mask(attention_mask, self.query_pos, n_keys, n_queries))
+        shape = (key.shape[2], query.shape[2])  # keys, queries
+        # layers share their mask tensor within a forward: one row mask per distinct (mask, shape);
+        # found by identity, not id(), which torch.compile cannot carry across a graph
+        allowed = next((rows for mask, at, rows in self._masks if mask is attention_mask and at == shape), None)
+        if allowed is None:
+            allowed = _row_mask(attention_mask, self.query_pos, *shape)
+            self._masks.append((attention_mask, shape, allowed))
         self._queries.append(query[self.batch, :, self.query_pos])
         self._keys.append(key)
-        self._allowed.append(self._masks[mask_key][1])
+        self._allowed.append(allowed)
         self._scales.append(scale)
 
     def take(self) -> torch.Tensor | None:
@@ -77,7 +80,7 @@ class QueryRows:
         if not self._queries:
             return None
         queries, keys, allowed, scales = self._queries, self._keys, self._allowed, self._scales
-        self._queries, self._keys, self._allowed, self._scales, self._masks = [], [], [], [], {}
+        self._queries, self._keys, self._allowed, self._scales, self._masks = [], [], [], [], []
         if len({k.shape for k in keys}) > 1:
             raise RuntimeError(f"query rows need one key shape in every layer, got {sorted({k.shape for k in keys})}")
         q = torch.stack(queries).float()  # (L, B, H, d)

@@ -45,7 +45,7 @@ class LocateEditModule(EditModule):
             still slows the edit loss, so its edits still run most steps). The same when γ = 0.
         compile: ``off`` (eager), or the ``torch.compile`` mode of each z-step's forward (``default``,
             ``reduce-overhead`` = CUDA graphs, ``max-autotune``); compiled once per process with
-            dynamic shapes. Not with SADR. On CPU it pays after ~200 edits (docs/performance.md).
+            dynamic shapes. On CPU it pays after ~200 edits (docs/performance.md).
         **kwargs: :class:`EditModule` arguments.
     """
 
@@ -73,9 +73,6 @@ class LocateEditModule(EditModule):
         if z_batch > 1 and self.hparams.regime == "sequential":
             raise ValueError(f"z_batch={z_batch} optimises independent edits together, but in the sequential "
                              "regime each edit's z must see the edits before it; use z_batch 1")
-        if compile != "off" and sadr_gamma:
-            raise ValueError(f"compile={compile!r} cannot run with SADR (sadr_gamma={sadr_gamma}): transformers' "
-                             "attention capturing breaks the compiled graph; use --model.compile off for SADR runs")
 
     def sadr(self, edit_layer: int) -> tuple:
         """The SADR term for drift after ``edit_layer`` (empty when γ = 0)."""

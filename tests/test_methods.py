@@ -52,8 +52,6 @@ def test_module_rejects_z_batch_where_edits_depend_on_each_other():
         ROME(model_name="tiny:llama", regime="batch", z_batch=2).build_editor()
 
 
-def test_compile_reaches_the_z_config_and_refuses_sadr():
+def test_compile_reaches_the_z_config():
     assert MEMIT(model_name="tiny:llama", layers=[1, 2], compile="default").build_editor().hp.z.compile == "default"
     assert ROME(model_name="tiny:llama").build_editor().hp.z.compile == "off"
-    with pytest.raises(ValueError, match="compile='reduce-overhead' cannot run with SADR.*use --model.compile off"):
-        ROME(model_name="tiny:llama", compile="reduce-overhead", sadr_gamma=0.08)

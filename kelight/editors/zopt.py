@@ -67,8 +67,8 @@ class ZConfig:
             (layer, module) compiles anew, and past torch's recompile limit (8) torch runs eager.
             The same δ as eager up to float rounding. Measured on CPU (SmolLM2-135M, 1 thread,
             ROME, 20 steps): 432 s to compile, then 1.10× faster edits, so it pays after ~200
-            edits there (docs/performance.md); on a GPU not measured yet. Not with terms that
-            read attention (SADR): transformers' attention capturing breaks the graph.
+            edits there (docs/performance.md); on a GPU not measured yet. SADR's query rows
+            (:mod:`kelight.attention_rows`) are traced with the step.
     """
 
     steps: int = 20
@@ -218,14 +218,18 @@ def _compiled_body(model: PreTrainedModel, cfg: ZConfig, want_attn: bool) -> Cal
 
     The compiled code is cached by torch on the module's ``forward`` (guarded), so a wrapper made
     per optimisation reuses it: edits with other prompt lengths run without recompiling.
+
+    Raises:
+        EditInputError: for eager ``T × T`` attention weights (``attention_rows`` off with a term
+            that reads attention): transformers' attention capture breaks the graph.
     """
     if cfg.compile == "off":
         return None
-    if want_attn:
+    if want_attn and not cfg.attention_rows:
         raise EditInputError(
-            f"compile={cfg.compile!r} cannot run a z optimisation whose extra terms read attention (SADR): "
-            "transformers' attention capturing breaks the compiled graph and torch falls back to eager after "
-            "its recompile limit. Set compile to 'off' for SADR runs")
+            f"compile={cfg.compile!r} needs attention_rows on when a term reads attention (SADR): eager "
+            "T x T weights are captured by transformers outside the compiled graph; set attention_rows True "
+            "or compile 'off'")
     return torch.compile(model.base_model, mode=cfg.compile, dynamic=True)
 
 

@@ -18,17 +18,21 @@ REQUESTS = [EditRequest("The Eiffel Tower is located in", "Eiffel Tower", "Rome"
             EditRequest("Mount Fuji, the tallest mountain of the islands, is in", "Mount Fuji", "Peru")]
 
 
-def test_compiled_steps_match_eager_and_new_lengths_do_not_recompile():
+# ROME's site at layer 1 (block 0 replayed after step 0), and at layer 0 with SADR's query rows in the
+# graph (on this 3-layer model SADR moves δ only when it sees layers 1 and 2)
+@pytest.mark.parametrize(("layer", "gamma"), [(1, 0.0), (0, 50.0)])
+def test_compiled_steps_match_eager_and_new_lengths_do_not_recompile(layer, gamma):
     model, tok = tiny_model("llama")
-    path = adapter_for(model).path("mlp_out", 1)
+    path = adapter_for(model).path("mlp_out", layer)
+    terms = (SADR(gamma, layer + 1),) if gamma else ()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [build_rewrite_batch(tok, r, TEMPLATES, "cpu") for r in REQUESTS]
     assert batches[0].input_ids.shape != batches[1].input_ids.shape
     graphs = [counters["stats"]["unique_graphs"]]
     for batch in batches:
-        eager = optimise_z(model, path, batch, ZConfig(steps=5, early_stop_loss=0.0), first_edited_block=1)
-        compiled = optimise_z(model, path, batch, ZConfig(steps=5, early_stop_loss=0.0, compile="default"),
-                              first_edited_block=1)
+        eager, compiled = (optimise_z(model, path, batch, ZConfig(steps=5, early_stop_loss=0.0, compile=mode),
+                                      terms, want_attn=bool(terms), first_edited_block=layer)
+                            for mode in ("off", "default"))
         graphs.append(counters["stats"]["unique_graphs"])
         torch.testing.assert_close(compiled.delta, eager.delta, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(compiled.v_init, eager.v_init, rtol=1e-5, atol=1e-6)
@@ -40,12 +44,23 @@ def test_compiled_steps_match_eager_and_new_lengths_do_not_recompile():
     assert type(model.base_model).__name__ == "LlamaModel"  # the model itself is not wrapped
 
 
-def test_compile_refuses_terms_that_read_attention():
+def test_sadr_terms_change_the_compiled_result():
+    """The SADR term is live in the test above (γ = 50 moves δ), so its equality is not vacuous."""
     model, tok = tiny_model("llama")
     batch = build_rewrite_batch(tok, REQUESTS[0], TEMPLATES, "cpu")
-    with pytest.raises(EditInputError, match="compile='default' cannot run .*SADR.*Set compile to 'off'"):
-        optimise_z(model, adapter_for(model).path("mlp_out", 1), batch, ZConfig(compile="default"),
-                   (SADR(0.1, 2),), want_attn=True, first_edited_block=1)
+    path = adapter_for(model).path("mlp_out", 0)
+    plain, sadr = (optimise_z(model, path, batch, ZConfig(steps=5, early_stop_loss=0.0), terms, want_attn=bool(terms))
+                   for terms in ((), (SADR(50.0, 1),)))
+    assert not torch.allclose(plain.delta, sadr.delta, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_refuses_eager_attention_weights():
+    model, tok = tiny_model("llama")
+    batch = build_rewrite_batch(tok, REQUESTS[0], TEMPLATES, "cpu")
+    with pytest.raises(EditInputError, match="compile='default' needs attention_rows on .*SADR.*or compile 'off'"):
+        optimise_z(model, adapter_for(model).path("mlp_out", 1), batch,
+                   ZConfig(compile="default", attention_rows=False), (SADR(0.1, 2),), want_attn=True,
+                   first_edited_block=1)
 
 
 def test_compile_must_be_off_or_a_torch_compile_mode():
