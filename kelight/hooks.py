@@ -20,11 +20,13 @@ def _first(x: object) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x  # type: ignore[index,return-value]
 
 
-def _detached(value: object) -> object:
+def map_tensors(value: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
+    """``fn`` applied to ``value`` if it is a tensor, or to each tensor of a (nested) tuple; other
+    values unchanged (a module's output, e.g. a block's ``(hidden, ...)``)."""
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_detached(v) for v in value)
+        return tuple(map_tensors(v, fn) for v in value)
     return value
 
 
@@ -54,7 +56,7 @@ def trace(
     def make(path: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             value = _first(args) if inputs else (output if raw else _first(output))
-            records[path] = _detached(value) if detach else value
+            records[path] = map_tensors(value, torch.Tensor.detach) if detach else value
             if stop and path == last:
                 raise StopForward
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kelight.hooks import add_at, edit_output, trace
+from kelight.hooks import add_at, edit_output, map_tensors, trace
 from kelight.models.tiny import tiny_model
 
 
@@ -43,3 +43,12 @@ def test_edit_output_removed_after_exception():
         raise RuntimeError("boom")
     assert _n_hooks(model) == 0
     torch.testing.assert_close(model(ids).logits, base)
+
+
+def test_map_tensors_reaches_nested_tensors_and_keeps_the_rest():
+    hidden, extra = torch.ones(2, 3), torch.zeros(1)
+    out = map_tensors((hidden, None, (extra, "cache")), torch.clone)
+    assert out[1] is None and out[2][1] == "cache"
+    assert torch.equal(out[0], hidden) and out[0].data_ptr() != hidden.data_ptr()  # a copy, not a view
+    assert out[2][0].data_ptr() != extra.data_ptr()
+    assert map_tensors(7, torch.clone) == 7

@@ -21,7 +21,7 @@ from kelight.attention_rows import query_row_attention
 from kelight.editors.context import RewriteBatch, merge_rewrite_batches
 from kelight.editors.prefix import PrefixCache, split_at_subject
 from kelight.editors.steps import ExtraLoss, StepState, finish_loss, forward_logprobs
-from kelight.hooks import edit_output, replay_blocks, trace
+from kelight.hooks import edit_output, map_tensors, replay_blocks, trace
 from kelight.lm import attention_implementation
 from kelight.models.adapters import adapter_for
 from kelight.objectives.essence import essence_kl_rows
@@ -248,7 +248,7 @@ def _owned(record: dict[str, object], compiled: bool) -> object:
     """The one recorded block output in ``record``, copied when a compiled step produced it (its
     buffers may be reused by the next CUDA-graph replay)."""
     value = next(iter(record.values()))
-    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, value) if compiled else value
+    return map_tensors(value, torch.clone) if compiled else value
 
 
 @torch.no_grad()
@@ -302,7 +302,7 @@ def _optimise_merged(
     n_replay = first_edited_block if cfg.reuse_prefix else 0
     layers = adapter_for(model).layers
     base = _compiled_body(model, cfg, want_attn)
-    graphs = cfg.compile == "reduce-overhead" and param.device.type == "cuda"
+    cuda_graphs = cfg.compile == "reduce-overhead" and param.device.type == "cuda"
     with ExitStack() as stack:
         recorder = None
         if want_attn and cfg.attention_rows:  # every batch row's query: rewriting prompts, then essence
@@ -312,7 +312,7 @@ def _optimise_merged(
         for i, path in enumerate(paths):
             stack.enter_context(edit_output(model, path, injector.fn(i)))
         for step in range(cfg.steps):
-            if graphs:  # this step's CUDA-graph replay may reuse the buffers of the last one
+            if cuda_graphs:  # this step's CUDA-graph replay may reuse the buffers of the last one
                 torch.compiler.cudagraph_mark_step_begin()
             with trace(model, [f"{layers}.{n_replay - 1}"] if step == 0 and n_replay else [], raw=True) as rec:
                 loss, stop_loss, ess_init = _request_losses(model, batch, cfg, injector, extra_losses, want_attn,
