@@ -12,7 +12,7 @@ from typing import Literal
 from kelight.editors.ft import FTEditor, FTHParams
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.zopt import ZConfig
+from kelight.editors.zopt import CompileMode, StopOn, ZConfig
 from kelight.module import EditModule, template_pairs
 from kelight.objectives.sadr import sadr_terms
 
@@ -64,8 +64,8 @@ class LocateEditModule(EditModule):
         z_batch: int = 1,
         cache_prefix: bool = True,
         early_stop_loss: float = 5e-2,
-        early_stop_on: Literal["total", "edit"] = "total",
-        compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off",
+        early_stop_on: StopOn = "total",
+        compile: CompileMode = "off",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)

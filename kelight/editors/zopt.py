@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from transformers import PreTrainedModel
@@ -28,7 +28,8 @@ from kelight.objectives.essence import essence_kl_rows
 from kelight.objectives.rewrite import per_prompt_nll
 from kelight.types import EditInputError
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+StopOn = Literal["total", "edit"]  # which loss the early stop tests (ZConfig.early_stop_on)
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]  # ZConfig.compile
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,12 @@ class ZConfig:
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
-    early_stop_on: Literal["total", "edit"] = "total"
+    early_stop_on: StopOn = "total"
     reuse_prefix: bool = True
     attention_rows: bool = True
     cache_prefix: bool = True
     z_batch: int = 1
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile: CompileMode = "off"
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -90,12 +91,13 @@ class ZConfig:
         if not isinstance(self.z_batch, int) or self.z_batch < 1:
             raise EditInputError(f"expected z_batch to be a positive integer (1 = one request at a time), "
                                  f"got {self.z_batch!r}")
-        if self.early_stop_on not in ("total", "edit"):
+        if self.early_stop_on not in get_args(StopOn):
             raise EditInputError(f"expected early_stop_on to be 'total' (the whole loss, as the reference) or 'edit' "
                                  f"(the loss without extra terms such as SADR), got {self.early_stop_on!r}")
-        if self.compile not in COMPILE_MODES:
-            raise EditInputError(f"expected compile to be one of {', '.join(map(repr, COMPILE_MODES))} ('off' = eager, "
-                                 f"else a torch.compile mode), got {self.compile!r}")
+        if self.compile not in get_args(CompileMode):
+            modes = ", ".join(map(repr, get_args(CompileMode)))
+            raise EditInputError(f"expected compile to be one of {modes} ('off' = eager, else a torch.compile mode), "
+                                 f"got {self.compile!r}")
         for name in ("lr", "kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss"):
             value = getattr(self, name)
             positive = name in ("lr", "clamp_norm_factor")
@@ -244,11 +246,11 @@ def _stops_here(r: int, below: bool, step: int, steps_run: list[int], delta: tor
     return below
 
 
-def _owned(record: dict[str, object], compiled: bool) -> object:
-    """The one recorded block output in ``record``, copied when a compiled step produced it (its
-    buffers may be reused by the next CUDA-graph replay)."""
+def _owned(record: dict[str, object], cuda_graphs: bool) -> object:
+    """The one recorded block output in ``record``, copied out of a CUDA graph's buffers (the next
+    replay may reuse them) when ``cuda_graphs``."""
     value = next(iter(record.values()))
-    return map_tensors(value, torch.clone) if compiled else value
+    return map_tensors(value, torch.clone) if cuda_graphs else value
 
 
 @torch.no_grad()
@@ -318,7 +320,7 @@ def _optimise_merged(
                 loss, stop_loss, ess_init = _request_losses(model, batch, cfg, injector, extra_losses, want_attn,
                                                             step, ess_init, prefix, recorder, base)
             if rec:  # hidden states below the edit do not depend on z: replay them from now on
-                stack.enter_context(replay_blocks(model, layers, n_replay, _owned(rec, base is not None)))
+                stack.enter_context(replay_blocks(model, layers, n_replay, _owned(rec, cuda_graphs)))
             values, stop_values = torch.stack([loss.detach(), stop_loss]).cpu().tolist()  # one host sync
             for r in range(n):
                 if not stopped[r]:
