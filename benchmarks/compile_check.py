@@ -5,10 +5,15 @@ eager and compiled (early stop on, as in a run), and the relative differences, t
 the two times are printed; then the compile cost (the first compiled request less its eager time),
 the steady speed-up (the other requests) and the break-even number of edits. The first request compiles; later ones have
 other prompt lengths and must reuse its graphs (dynamic shapes). Set ``TORCHINDUCTOR_CACHE_DIR`` to
-a fresh folder for a cold compile (inductor caches compiled graphs across processes).
+a fresh folder for a cold compile (inductor caches compiled graphs across processes). The summary
+ends with ``compile_stats`` (``speed_arms.py``): graphs captured (2 expected), graph breaks, graphs
+inductor ran without CUDA graphs. ``--model shape:llama3-8b --tokenizer DIR`` checks a random-weight
+model of a real shape (``mom2_adjustment`` is off in every case here: C = I).
 
-Example:
+Examples:
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/compile_check.py --cases 6 --steps 20 --gamma 0.08
+    python benchmarks/compile_check.py --model shape:llama3-8b --tokenizer .devdata/tok_smollm2 --dtype bfloat16 \
+        --layer 5 --steps 80 --cases 3                                                    # GPU: CUDA graphs
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import json
 import time
 
 import torch
+from speed_arms import compile_stats, load_model, sync
 
 from kelight.data import load_records, parse_record
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.zopt import ZConfig
-from kelight.models import load
 from kelight.objectives.sadr import SADR
 from kelight.paths import default_data_root
 
@@ -38,10 +43,12 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=0.0, help="SADR's γ (0: plain ROME)")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on a GPU, "
                                                      "else default)")
+    parser.add_argument("--tokenizer", default=None, help="saved tokenizer directory for shape: models")
     parser.add_argument("--data", default=str(default_data_root() / "counterfact_mix" / "dev.json"))
     args = parser.parse_args()
     mode = args.mode or ("reduce-overhead" if args.device.startswith("cuda") else "default")
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, args.dtype, args.device, args.tokenizer)
+    device = next(model.parameters()).device
     records = load_records(args.data).select(range(args.cases))
     requests = [parse_record(r, i).request for i, r in enumerate(records)]
     sadr = (SADR(args.gamma, args.layer + 1),) if args.gamma else ()
@@ -54,12 +61,10 @@ def main() -> None:
     for request in requests:
         out, seconds = {}, {}
         for m, editor in editors.items():
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             out[m] = editor.compute(model, tok, request)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(device)
             seconds[m] = time.perf_counter() - t0
         (w_eager, z_eager), (w_comp, z_comp) = out["off"], out[mode]
         rows.append({
@@ -77,7 +82,7 @@ def main() -> None:
                "compile_seconds": compile_s,
                "speedup_after_compile": eager / max(sum(r["seconds_compiled"] for r in rows[1:]), 1e-9),
                "break_even_edits": compile_s / saved if saved > 0 else None,
-               "max_dW_rel_diff": max(r["dW_rel_diff"] for r in rows)}
+               "max_dW_rel_diff": max(r["dW_rel_diff"] for r in rows), **compile_stats()}
     print(json.dumps(summary, indent=2))
 
 

@@ -29,6 +29,11 @@ case by case so that machine noise hits every arm alike. Arms:
   with ``--z-batch N`` also ``floor_zbatch_compiled``, the same for the merged batch of N requests
   (one compile per group).
 
+The arms and the floors are built in ``speed_arms.py`` (shared with ``compile_check.py``). The JSON
+is rewritten after the warm-ups and after every request group (``requests_timed``), so a GPU call cut
+short by its time limit still returns what it measured; ``compile_stats`` says what ``torch.compile``
+did (graphs, graph breaks, graphs run without CUDA graphs).
+
 ``--arms`` keeps only the named arms (a GPU acceptance run on an 8B shape cannot afford all of them
 in one 10-minute call). Arms that edit one request at a time warm up on one request, group arms on
 one group; compiled arms compile and record inside their own call and count only steady steps.
@@ -46,267 +51,58 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
+from speed_arms import build_arms, compile_stats, load_model, select_arms, sync
 
 from kelight.data import load_records, parse_record
-from kelight.editors.context import build_rewrite_batch, merge_rewrite_batches, sample_context_templates
-from kelight.editors.memit import MemitEditor, MemitHParams
-from kelight.editors.pathedit import PathEditor, PathHParams
-from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ZConfig
 from kelight.evaluation import encode_pairs, evaluate_case, locality_reference
-from kelight.lm import head
-from kelight.models import load
-from kelight.models.adapters import adapter_for
-from kelight.objectives.sadr import SADR
 from kelight.paths import default_data_root
 from kelight.readouts import readouts, shared_prompt_readouts
 
-SHAPES = {  # real model shapes with random weights
-    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
-    "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400, n_positions=2048)),
-    "llama-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8,  # dry runs on CPU
-                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152)),
-}
-
-
-def load_model(name: str, dtype: str, device: str, tokenizer: str | None = None):
-    """A real model, or ``shape:<name>``: random weights of that shape with ``tokenizer`` (a saved
-    tokenizer directory; default the byte tokenizer, whose prompts are ~4.4x longer than SmolLM2's BPE)."""
-    if not name.startswith("shape:"):
-        return load(name, dtype=dtype, device=device)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-
-    from kelight.models.tiny import byte_tokenizer  # noqa: PLC0415
-
-    family, kwargs = SHAPES[name.split(":", 1)[1]]
-    config = AutoConfig.for_model(family, **kwargs)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else byte_tokenizer()
-    if len(tok) > config.vocab_size:
-        raise SystemExit(f"tokenizer {tokenizer!r} has {len(tok)} tokens, more than {name}'s vocabulary "
-                         f"({config.vocab_size}); use a smaller one")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model.eval().requires_grad_(False), tok
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _floor_loss(model, embeds: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    logits = head(model, hidden[rows, cols]).float()  # (N, V)
-    return logits.log_softmax(-1).gather(1, targets[:, None]).sum().neg()
-
-
-def floor_step(model, batch) -> None:
-    """One plain forward + backward of ``batch`` (gradient to the input embeddings)."""
-    embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)  # (B, T, D)
-    _floor_loss(model, embeds, batch.attention_mask, batch.target_rows, batch.target_cols, batch.target_ids).backward()
-
-
-def _compiled_step(loss_fn: Callable, model, embeds: torch.Tensor, args: tuple, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()  # each step may reuse the CUDA graph's buffers
-    loss_fn(model, embeds.clone().requires_grad_(True), *args).backward()
-
-
-def compiled_floor(model, batches, steps: int, device: torch.device, compile_seconds: list[float]) -> float:
-    """Steady seconds of ``steps`` compiled forward+backward steps per batch (compiled per batch shape;
-    the two warm-up steps that compile and record go to ``compile_seconds``)."""
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    total = 0.0
-    for batch in batches:
-        torch._dynamo.reset()  # one shape per request: compile afresh rather than hit the recompile limit
-        loss_fn = torch.compile(_floor_loss, mode=mode, dynamic=False)
-        embeds = model.get_input_embeddings()(batch.input_ids).detach()  # (B, T, D)
-        args = (batch.attention_mask, batch.target_rows, batch.target_cols, batch.target_ids)
-
-        for _ in range(2):  # compile, then record
-            _sync(device)
-            t0 = time.perf_counter()
-            _compiled_step(loss_fn, model, embeds, args, device)
-            _sync(device)
-            compile_seconds.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            _compiled_step(loss_fn, model, embeds, args, device)
-        _sync(device)
-        total += time.perf_counter() - t0
-    return total
-
-
-Builders = dict[str, Callable[[], Callable]]
-
-
-def _ready(editor, model, tok, run: Callable) -> Callable[[], Callable]:
-    """A builder that sets ``editor`` up (templates, C) only when its arm is selected, then returns ``run``."""
-
-    def build() -> Callable:
-        editor.setup(model, tok)
-        return run
-
-    return build
-
-
-def arms(args, model, tok) -> Builders:
-    """Name -> builder of function(requests) running the timed work of a group of requests; only the
-    arms ``--arms`` selects are built, so a short GPU call pays no other arm's setup."""
-    z = ZConfig(steps=args.steps, early_stop_loss=0.0)
-    mom2 = not args.model.startswith("shape:")
-    common = dict(context_templates=((5, 10), (10, 10)), mom2_adjustment=mom2)
-    sadr = (SADR(args.gamma, args.layer + 1),)
-    z_compiled = replace(z, compile="reduce-overhead" if args.device.startswith("cuda") else "default")
-    rome_arms = {
-        "rome_recompute": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, reuse_prefix=False), **common)),
-        "rome_full_prompts": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, cache_prefix=False), **common)),
-        "rome": RomeEditor(RomeHParams(layer=args.layer, z=z, **common)),
-        "rome_sadr_eager": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, attention_rows=False), **common),
-                                      sadr),
-        "rome_sadr": RomeEditor(RomeHParams(layer=args.layer, z=z, **common), sadr),
-        "rome_zcompile": RomeEditor(RomeHParams(layer=args.layer, z=z_compiled, **common)),
-        "rome_sadr_zcompile": RomeEditor(RomeHParams(layer=args.layer, z=z_compiled, **common), sadr),
-    }
-    device = next(model.parameters()).device
-    templates = functools.cache(lambda: sample_context_templates(model, tok, common["context_templates"], 0))
-
-    def floor(rs) -> None:
-        for r in rs:
-            batch = build_rewrite_batch(tok, r, templates(), device)
-            for _ in range(args.steps):
-                floor_step(model, batch)
-
-    out: Builders = {"floor": lambda: floor}
-    for name, editor in rome_arms.items():
-        out[name] = _ready(editor, model, tok, lambda rs, e=editor: [e.compute(model, tok, r) for r in rs])
-    if args.compile_floor:
-        args.compile_seconds = []
-
-        def floor_compiled(rs) -> float:
-            batches = [build_rewrite_batch(tok, r, templates(), device) for r in rs]
-            return compiled_floor(model, batches, args.steps, device, args.compile_seconds)
-
-        out["floor_compiled"] = lambda: floor_compiled
-    if args.z_batch > 1:
-        out.update(_zbatch_arms(args, model, tok, replace(z, z_batch=args.z_batch), common, templates))
-    out.update(_path_arms(args, model, tok))
-    if mom2:  # MEMIT/PMET need C for their solve; shapes time ROME's family only
-        layers = tuple(range(max(args.layer - 2, 0), min(args.layer + 3, adapter_for(model).n_layers(model))))
-        for name, pmet in (("memit", False), ("pmet", True)):
-            editor = MemitEditor(MemitHParams(layers=layers, z=z, mom2_update_weight=1400.0, pmet=pmet,
-                                              mom2_n_tokens=args.mom2_tokens))
-            out[name] = _ready(editor, model, tok, lambda rs, e=editor: [_edit_once(model, tok, e, r) for r in rs])
-    return out
-
-
-def _path_arms(args, model, tok) -> Builders:
-    """PathEdit without and with SADR (from layer 1: PathEdit edits every layer), one request at a time,
-    with ``--pathedit-config``'s method settings and ``--path-epochs`` steps."""
-    init = yaml.safe_load(Path(args.pathedit_config).read_text())["model"]["init_args"]
-    fields = {f.name for f in dataclasses.fields(PathHParams)} - {"epochs"}
-    hp = PathHParams(**{k: v for k, v in init.items() if k in fields}, epochs=args.path_epochs)
-    out: Builders = {}
-    for name, terms in (("pathedit", ()), ("pathedit_sadr", (SADR(args.gamma, 1),))):
-        editor = PathEditor(hp, terms)
-        out[name] = _ready(editor, model, tok, lambda rs, e=editor: [_edit_once(model, tok, e, r) for r in rs])
-    return out
-
-
-def _zbatch_arms(args, model, tok, z: ZConfig, common: dict, templates: Callable[[], list[str]]) -> Builders:
-    """ROME and ROME+SADR with the z of a group optimised together, and that group's plain floor."""
-    out: Builders = {}
-    for name, extra in (("rome_zbatch", ()), ("rome_sadr_zbatch", (SADR(args.gamma, args.layer + 1),))):
-        editor = RomeEditor(RomeHParams(layer=args.layer, z=z, **common), extra)
-        out[name] = _ready(editor, model, tok, lambda rs, e=editor: [
-            e.compute(model, tok, r, zr) for r, zr in zip(rs, e.compute_zs(model, tok, rs), strict=True)])
-    device = next(model.parameters()).device
-
-    def merged(rs):
-        parts = [build_rewrite_batch(tok, r, templates(), device) for r in rs]
-        return merge_rewrite_batches(parts, tok.pad_token_id or 0) if len(parts) > 1 else parts[0]
-
-    def floor_zbatch(rs) -> None:
-        batch = merged(rs)
-        for _ in range(args.steps):
-            floor_step(model, batch)
-
-    out["floor_zbatch"] = lambda: floor_zbatch
-    if args.compile_floor:
-
-        def floor_zbatch_compiled(rs) -> float:
-            return compiled_floor(model, [merged(rs)], args.steps, device, args.compile_seconds)
-
-        out["floor_zbatch_compiled"] = lambda: floor_zbatch_compiled
-    return out
-
-
-def select_arms(all_arms: Builders, names: str) -> dict[str, Callable]:
-    """The arms named in ``names`` (comma-separated; empty = all), in their usual order, built."""
-    wanted = [n for n in names.split(",") if n]
-    unknown = sorted(set(wanted) - set(all_arms))
-    if unknown:
-        raise SystemExit(f"unknown arms {unknown}; this run has {list(all_arms)} "
-                         "(z-batch arms need --z-batch N, compiled floors --compile-floor, memit/pmet a real model)")
-    return {k: build() for k, build in all_arms.items() if not wanted or k in wanted}
-
-
-def _edit_once(model, tok, editor: MemitEditor | PathEditor, request) -> None:
-    """One whole edit (its weight update included), undone afterwards."""
-    undo = UndoLog()
-    try:
-        editor.apply(model, tok, [request], undo)
-    finally:
-        undo.restore()
+Progress = Callable[[dict[str, float], int], None]
 
 
 def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: torch.device,
-              warmup_seconds: dict[str, float]) -> dict[str, float]:
+              warmup_seconds: dict[str, float], progress: Progress) -> dict[str, float]:
     """Mean seconds per request of each arm, arms interleaved group by group (after a warm-up: one
     request, or the warm-up group for group arms, its seconds put in ``warmup_seconds``; compiled
     floors warm up inside their own call). An arm that returns a number has those seconds counted
-    instead of its wall time."""
+    instead of its wall time. ``progress(seconds per request so far, requests timed)`` is called after
+    the warm-ups and after every group, so a run cut short still leaves what it measured."""
     for name, fn in arms_.items():
         if not name.endswith("_compiled"):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn(warmup if name.endswith("_zbatch") else warmup[:1])  # z-batch arms work a group at once
-            _sync(device)
+            sync(device)
             warmup_seconds[name] = time.perf_counter() - t0
-    totals = dict.fromkeys(arms_, 0.0)
+    totals, done = dict.fromkeys(arms_, 0.0), 0
+    progress({}, done)
     for start in range(0, len(requests), group):
         rs = requests[start : start + group]
         for name, fn in arms_.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             counted = fn(rs)
-            _sync(device)
+            sync(device)
             totals[name] += counted if isinstance(counted, float) else time.perf_counter() - t0
-    return {name: total / len(requests) for name, total in totals.items()}
+        done += len(rs)
+        progress({name: total / done for name, total in totals.items()}, done)
+    return {name: total / done for name, total in totals.items()}
 
 
 def eval_throughput(model, tok, cases, fluency: bool, device: torch.device) -> float:
     """Cases per second of the full evaluation of each case (locality reference included)."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for case in cases:
         evaluate_case(model, tok, case, fluency=fluency, pre_locality=locality_reference(model, tok, case))
-    _sync(device)
+    sync(device)
     return len(cases) / (time.perf_counter() - t0)
 
 
@@ -315,7 +111,7 @@ def scoring_paths(model, tok, cases, device: torch.device) -> dict[str, float]:
     largest log-prob difference between the two paths (they compute the same numbers)."""
     timings, logprobs = {}, {}
     for name in ("full_sequences", "shared_prompts"):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         logprobs[name] = []
         for case in cases:
@@ -327,7 +123,7 @@ def scoring_paths(model, tok, cases, device: torch.device) -> dict[str, float]:
             else:
                 out = shared_prompt_readouts(model, prompts, targets, tok.pad_token_id, 128)
             logprobs[name] += [lp for lp, _, _ in out]
-        _sync(device)
+        sync(device)
         timings[f"{name}_seconds_per_case"] = (time.perf_counter() - t0) / len(cases)
     diff = max(float((a - b).abs().max()) for a, b in zip(*logprobs.values(), strict=True))
     speedup = timings["full_sequences_seconds_per_case"] / timings["shared_prompts_seconds_per_case"]
@@ -397,32 +193,38 @@ def main() -> None:
     requests = [c.request for c in cases[group : args.cases + group]]  # the first group only warms up
     warmup = [c.request for c in cases[:group]]
     warmup_seconds: dict[str, float] = {}
-    seconds = time_arms(select_arms(arms(args, model, tok), args.arms), warmup, requests, group, device,
-                        warmup_seconds)
-    per_step = {k: v / (args.path_epochs if k.startswith("pathedit") else args.steps) for k, v in seconds.items()}
-    result = {
-        "model": args.model, "tokenizer": args.tokenizer or ("bytes" if args.model.startswith("shape:") else "model's"),
-        "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
-        "cases": len(requests), "steps": args.steps, "path_epochs": args.path_epochs,
-        "seconds_per_edit": seconds, "seconds_per_step": per_step,
-        "ratios": ratios(seconds), "warmup_seconds": warmup_seconds,
-    }
-    if args.compile_floor:
-        result["compile_seconds_per_shape"] = sum(args.compile_seconds) / max(len(args.compile_seconds) / 2, 1)
-    if group > 1:
-        result["z_batch"] = group
+    result: dict = {}
+
+    def record(seconds: dict[str, float], timed: int) -> None:
+        result.update({
+            "model": args.model, "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
+            "tokenizer": args.tokenizer or ("bytes" if args.model.startswith("shape:") else "model's"),
+            "cases": len(requests), "requests_timed": timed, "steps": args.steps, "path_epochs": args.path_epochs,
+            "seconds_per_edit": seconds,
+            "seconds_per_step": {k: v / (args.path_epochs if k.startswith("pathedit") else args.steps)
+                                 for k, v in seconds.items()},
+            "ratios": ratios(seconds), "warmup_seconds": warmup_seconds, "compile_stats": compile_stats(),
+        })
+        if args.compile_floor:
+            result["compile_seconds_per_shape"] = sum(args.compile_seconds) / max(len(args.compile_seconds) / 2, 1)
+        if group > 1:
+            result["z_batch"] = group
+        if device.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out.write_text(json.dumps(result, indent=2))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record(time_arms(select_arms(build_arms(args, model, tok), args.arms), warmup, requests, group, device,
+                     warmup_seconds, record), len(requests))
     if not args.model.startswith("shape:"):
         result["scoring"] = scoring_paths(model, tok, cases[:8], device)
         result["eval_cases_per_second"] = {
             "scores_only": eval_throughput(model, tok, cases[:8], False, device),
             "with_fluency": eval_throughput(model, tok, cases[:8], True, device),
         }
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-
 
 if __name__ == "__main__":
     main()

@@ -237,4 +237,7 @@ def model_device(model: PreTrainedModel) -> torch.device:
 
 
 def pad_token_id(tok: PreTrainedTokenizerBase) -> int:
+    """The id ``generate`` fills finished samples with: the pad token, else EOS (which decoding with
+    ``skip_special_tokens`` drops), else 0. Not :func:`kelight.tokens.pad_id`, whose slots are masked:
+    here the filled ids reach the decoded texts, and a plain token id would append text."""
     return next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)

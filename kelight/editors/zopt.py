@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
+import torch.fx.experimental._config as fx_config
 from transformers import PreTrainedModel
 
 from kelight.attention_rows import query_row_attention
@@ -219,7 +220,8 @@ def _compiled_body(model: PreTrainedModel, cfg: ZConfig, want_attn: bool) -> Cal
     """``model.base_model`` under ``torch.compile`` (:attr:`ZConfig.compile`), or ``None`` (eager).
 
     The compiled code is cached by torch on the module's ``forward`` (guarded), so a wrapper made
-    per optimisation reuses it: edits with other prompt lengths run without recompiling.
+    per optimisation reuses it: edits with other prompt lengths run without recompiling, also when
+    sizes coincided in the request that compiled it (no duck sizing).
 
     Raises:
         EditInputError: for eager ``T × T`` attention weights (``attention_rows`` off with a term
@@ -232,7 +234,17 @@ def _compiled_body(model: PreTrainedModel, cfg: ZConfig, want_attn: bool) -> Cal
             f"compile={cfg.compile!r} needs attention_rows on when a term reads attention (SADR): eager "
             "T x T weights are captured by transformers outside the compiled graph; set attention_rows True "
             "or compile 'off'")
-    return torch.compile(model.base_model, mode=cfg.compile, dynamic=True)
+    compiled = torch.compile(model.base_model, mode=cfg.compile, dynamic=True)
+
+    def body(*args: object, **kwargs: object) -> object:
+        # Torch's duck sizing gives sizes that happen to be equal while it traces one symbol (e.g. a
+        # request whose prefix and suffix are both 22 tokens), and each later request whose sizes differ
+        # compiles again, until the recompile limit turns the step eager. Fresh symbols per size instead
+        # (torch names this private switch in its own recompile message).
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args, **kwargs)
+
+    return body
 
 
 def _stops_here(r: int, below: bool, step: int, steps_run: list[int], delta: torch.Tensor,

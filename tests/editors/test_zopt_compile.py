@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from kelight.editors.context import build_rewrite_batch
+from kelight.editors.prefix import split_at_subject
 from kelight.editors.zopt import ZConfig, optimise_z
 from kelight.models.adapters import adapter_for
 from kelight.models.tiny import tiny_model
@@ -16,6 +17,9 @@ from kelight.types import EditInputError, EditRequest
 TEMPLATES = ["{}", "Yes. {}", "It was a long day. {}"]
 REQUESTS = [EditRequest("The Eiffel Tower is located in", "Eiffel Tower", "Rome"),
             EditRequest("Mount Fuji, the tallest mountain of the islands, is in", "Mount Fuji", "Peru")]
+# its cached prefix and its steps' suffix have the same length (22 tokens): torch's duck sizing would give
+# the two one symbol, and every later request whose lengths differ would compile again
+COINCIDENT = EditRequest("Lyon is located in", "Lyon", "Germany")
 
 
 # ROME's site at layer 1 (block 0 replayed after step 0), and at layer 0 with SADR's query rows in the
@@ -26,8 +30,10 @@ def test_compiled_steps_match_eager_and_new_lengths_do_not_recompile(layer, gamm
     path = adapter_for(model).path("mlp_out", layer)
     terms = (SADR(gamma, layer + 1),) if gamma else ()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = [build_rewrite_batch(tok, r, TEMPLATES, "cpu") for r in REQUESTS]
+    batches = [build_rewrite_batch(tok, r, TEMPLATES, "cpu") for r in (COINCIDENT, REQUESTS[1])]
     assert batches[0].input_ids.shape != batches[1].input_ids.shape
+    first = split_at_subject(batches[0], tok.pad_token_id)
+    assert first.prefix_ids.shape[1] == first.suffix.input_ids.shape[1]  # the coincidence
     graphs = [counters["stats"]["unique_graphs"]]
     for batch in batches:
         eager, compiled = (optimise_z(model, path, batch, ZConfig(steps=5, early_stop_loss=0.0, compile=mode),
