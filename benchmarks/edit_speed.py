@@ -226,5 +226,6 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
+
 if __name__ == "__main__":
     main()
