@@ -30,7 +30,7 @@ case by case so that machine noise hits every arm alike. Arms:
   (one compile per group).
 
 The arms and the floors are built in ``speed_arms.py`` (shared with ``compile_check.py``). The JSON
-is rewritten after the warm-ups and after every request group (``requests_timed``), so a GPU call cut
+is rewritten after each arm's warm-up and after every request group (``requests_timed``), so a GPU call cut
 short by its time limit still returns what it measured; ``compile_stats`` says what ``torch.compile``
 did (graphs, graph breaks, graphs run without CUDA graphs).
 
@@ -73,7 +73,7 @@ def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: 
     request, or the warm-up group for group arms, its seconds put in ``warmup_seconds``; compiled
     floors warm up inside their own call). An arm that returns a number has those seconds counted
     instead of its wall time. ``progress(seconds per request so far, requests timed)`` is called after
-    the warm-ups and after every group, so a run cut short still leaves what it measured."""
+    each warm-up and after every group, so a run cut short still leaves what it measured."""
     for name, fn in arms_.items():
         if not name.endswith("_compiled"):
             sync(device)
@@ -81,8 +81,8 @@ def time_arms(arms_: dict[str, Callable], warmup, requests, group: int, device: 
             fn(warmup if name.endswith("_zbatch") else warmup[:1])  # z-batch arms work a group at once
             sync(device)
             warmup_seconds[name] = time.perf_counter() - t0
+            progress({}, 0)
     totals, done = dict.fromkeys(arms_, 0.0), 0
-    progress({}, done)
     for start in range(0, len(requests), group):
         rs = requests[start : start + group]
         for name, fn in arms_.items():
