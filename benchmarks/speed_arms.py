@@ -48,7 +48,10 @@ def load_model(name: str, dtype: str, device: str, tokenizer: str | None = None)
 
     from kelight.models.tiny import byte_tokenizer  # noqa: PLC0415
 
-    family, kwargs = SHAPES[name.split(":", 1)[1]]
+    shape = name.split(":", 1)[1]
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(f'shape:{k}' for k in SHAPES)}")
+    family, kwargs = SHAPES[shape]
     config = AutoConfig.for_model(family, **kwargs)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
