@@ -23,7 +23,7 @@ import json
 import time
 
 import torch
-from speed_arms import compile_stats, load_model, sync
+from speed_arms import compile_mode, compile_stats, load_model, sync
 
 from kelight.data import load_records, parse_record
 from kelight.editors.rome import RomeEditor, RomeHParams
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help="saved tokenizer directory for shape: models")
     parser.add_argument("--data", default=str(default_data_root() / "counterfact_mix" / "dev.json"))
     args = parser.parse_args()
-    mode = args.mode or ("reduce-overhead" if args.device.startswith("cuda") else "default")
+    mode = args.mode or compile_mode(args.device)
     model, tok = load_model(args.model, args.dtype, args.device, args.tokenizer)
     device = next(model.parameters()).device
     records = load_records(args.data).select(range(args.cases))

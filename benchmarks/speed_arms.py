@@ -64,6 +64,12 @@ def load_model(name: str, dtype: str, device: str, tokenizer: str | None = None)
     return model.eval().requires_grad_(False), tok
 
 
+def compile_mode(device: torch.device | str) -> str:
+    """The ``torch.compile`` mode timed on ``device``: CUDA graphs on a GPU (the lever there), inductor's
+    default on the CPU (which has no CUDA graphs)."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+
+
 def sync(device: torch.device) -> None:
     """Wait for ``device``'s queued kernels (CUDA); a no-op on the CPU, so timings there need none."""
     if device.type == "cuda":
@@ -92,7 +98,7 @@ def _compiled_step(loss_fn: Callable, model, embeds: torch.Tensor, args: tuple, 
 def compiled_floor(model, batches, steps: int, device: torch.device, compile_seconds: list[float]) -> float:
     """Steady seconds of ``steps`` compiled forward+backward steps per batch (compiled per batch shape;
     the two warm-up steps that compile and record go to ``compile_seconds``)."""
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    mode = compile_mode(device)
     total = 0.0
     for batch in batches:
         torch._dynamo.reset()  # one shape per request: compile afresh rather than hit the recompile limit
@@ -134,7 +140,7 @@ def build_arms(args, model, tok) -> Builders:
     mom2 = not args.model.startswith("shape:")
     common = dict(context_templates=((5, 10), (10, 10)), mom2_adjustment=mom2)
     sadr = (SADR(args.gamma, args.layer + 1),)
-    z_compiled = replace(z, compile="reduce-overhead" if args.device.startswith("cuda") else "default")
+    z_compiled = replace(z, compile=compile_mode(args.device))
     rome_arms = {
         "rome_recompute": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, reuse_prefix=False), **common)),
         "rome_full_prompts": RomeEditor(RomeHParams(layer=args.layer, z=replace(z, cache_prefix=False), **common)),
