@@ -45,7 +45,7 @@ class LocateEditModule(EditModule):
             still slows the edit loss, so its edits still run most steps). The same when γ = 0.
         compile: ``off`` (eager), or the ``torch.compile`` mode of each z-step's forward (``default``,
             ``reduce-overhead`` = CUDA graphs, ``max-autotune``); compiled once per process with
-            dynamic shapes. On CPU it pays after ~200 edits (docs/performance.md).
+            dynamic shapes. On CPU it pays only after some 200–500 edits (docs/performance.md).
         **kwargs: :class:`EditModule` arguments.
     """
 

@@ -68,9 +68,9 @@ class ZConfig:
             replayed blocks); edits with other prompt lengths reuse them. Each other edit site
             (layer, module) compiles anew, and past torch's recompile limit (8) torch runs eager.
             The same δ as eager up to float rounding. Measured on CPU (SmolLM2-135M, 1 thread,
-            ROME, 20 steps): 432 s to compile, then 1.10× faster edits, so it pays after ~200
-            edits there (docs/performance.md); on a GPU not measured yet. SADR's query rows
-            (:mod:`kelight.attention_rows`) are traced with the step.
+            ROME, 20 steps): 5–7 min to compile (cold), then 1.06–1.10× faster edits, so it pays
+            only after some 200–500 edits there (docs/performance.md); on a GPU not measured yet.
+            SADR's query rows (:mod:`kelight.attention_rows`) are traced with the step.
     """
 
     steps: int = 20
