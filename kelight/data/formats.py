@@ -12,21 +12,25 @@ Two record formats are understood (see ``../shared/data/README.md``):
     ======================  =====================  =========================  ==================
     ``rewrite``             rewrite                target_new                 target_true
     ``p-paraphrase``        paraphrase             target_new                 target_true
-    ``p-subject_alias``     paraphrase             target_new                 target_true
     ``l-neighbor``          neighbor               its target (true object)   target_new
     ``l-neighbor``          distracted_neighbor    as neighbor, prompt prefixed with
                                                    ``f"{rewrite prompt} {target_new}. "``
     ``l-relation``          relation               its target (true answer)   target_new
     ``p-reasoning``         reasoning              its target                 target_true
+    ``p-subject_alias``     reasoning              target_new                 target_true
     ``o-commonsense``       commonsense            ``right``                  ``wrong``
     ``o-commonsense``       distracted_commonsense as commonsense, with the same prefix
     ======================  =====================  =========================  ==================
 
-    Choices: alias prompts (the same question about another name of the subject) measure the
-    same generalisation as paraphrases, so they join the ``paraphrase`` group and are scored
-    against ``target_new``, like the rewrite and paraphrase prompts, whatever their own
-    ``targets`` say (in the dev split 9 of 1700 alias targets differ from target_new: synonyms
-    such as "cisgender female" for "cisgender woman", or data errors). A relation, neighbour or
+    Choices: PS is the ``p-paraphrase`` prompts only and RES pools the ``p-reasoning`` and
+    ``p-subject_alias`` prompts, as the reference's summary does (its "portability" keys; the SADR
+    paper's RES cites the portability of Yao et al. 2023, which includes subject aliases, and its
+    PS of the unedited GPT-J, 17.70, is the reference's ``p-paraphrase`` number). Until session 15
+    kelight pooled the alias prompts into PS instead; ``benchmarks/regroup_alias.py`` recomputes a
+    run made then under this grouping, exactly. Alias prompts are scored against ``target_new``,
+    like the rewrite and paraphrase prompts, whatever their own ``targets`` say (in the dev split 9
+    of 1700 alias targets differ from target_new: synonyms such as "cisgender female" for
+    "cisgender woman", or data errors). A relation, neighbour or
     reasoning prompt whose right target equals its wrong target (compared after ``strip`` and
     ``casefold``) cannot be scored; it is skipped and counted in the optional ``skipped``
     counter (the dev split has one relation prompt whose answer equals target_true, which is
@@ -152,13 +156,12 @@ def _mix_items(record: Mapping[str, Any], index: int, req: EditRequest) -> dict[
     neighbors = read_pairs(record, "l-neighbor", index)
     items = {  # rewrite/paraphrase/alias targets are target_new by construction: score that
         "rewrite": [(p, new, true) for p, _ in read_pairs(record, "rewrite", index)],
-        "paraphrase": [
-            (p, new, true) for key in ("p-paraphrase", "p-subject_alias") for p, _ in read_pairs(record, key, index)
-        ],
+        "paraphrase": [(p, new, true) for p, _ in read_pairs(record, "p-paraphrase", index)],
         "neighbor": [(p, t, new) for p, t in neighbors],
         "relation": [(p, t, new) for p, t in read_pairs(record, "l-relation", index)],
         "distracted_neighbor": [(prefix + p, t, new) for p, t in neighbors],
-        "reasoning": [(p, t, true) for p, t in read_pairs(record, "p-reasoning", index)],
+        "reasoning": [(p, t, true) for p, t in read_pairs(record, "p-reasoning", index)]  # portability
+        + [(p, new, true) for p, _ in read_pairs(record, "p-subject_alias", index)],
     }
     common = _commonsense(record, index)
     if common is not None:

@@ -61,10 +61,8 @@ def test_mix_every_group() -> None:
     assert case.case_id == 3 and case.source == "counterfact"
     assert set(case.probes) == set(PROBE_GROUPS)
     assert case.probes["rewrite"] == (ScoredPrompt(REWRITE, "Rome", "Paris"),)
-    assert case.probes["paraphrase"] == (
-        ScoredPrompt("The Eiffel Tower stands in", "Rome", "Paris"),
-        ScoredPrompt("La tour Eiffel is in the city of", "Rome", "Paris"),
-    )
+    # PS is the paraphrases only; RES pools reasoning and subject-alias prompts (the reference's portability)
+    assert case.probes["paraphrase"] == (ScoredPrompt("The Eiffel Tower stands in", "Rome", "Paris"),)
     assert case.probes["neighbor"] == (ScoredPrompt("The Louvre is located in the city of", "Paris", "Rome"),)
     assert case.probes["relation"] == (ScoredPrompt("The Eiffel Tower was designed by", "Gustave Eiffel", "Rome"),)
     assert case.probes["distracted_neighbor"] == (
@@ -72,7 +70,10 @@ def test_mix_every_group() -> None:
             "The Eiffel Tower is located in the city of Rome. The Louvre is located in the city of", "Paris", "Rome"
         ),
     )
-    assert case.probes["reasoning"] == (ScoredPrompt("The Eiffel Tower's city is the capital of", "Italy", "Paris"),)
+    assert case.probes["reasoning"] == (
+        ScoredPrompt("The Eiffel Tower's city is the capital of", "Italy", "Paris"),
+        ScoredPrompt("La tour Eiffel is in the city of", "Rome", "Paris"),
+    )
     assert case.probes["commonsense"] == (ScoredPrompt("How do you boil water?", "Heat it.", "Freeze it."),)
     assert case.probes["distracted_commonsense"] == (
         ScoredPrompt(
