@@ -14,7 +14,7 @@ from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
 from kelight.objectives.sadr import sadr_terms
-from kelight.types import EditInputError, EditRequest
+from kelight.types import EditInputError, EditRequest, require_requests
 
 METHODS = ("rome", "memit", "pmet", "ft", "pathedit")
 
@@ -23,7 +23,7 @@ def _as_requests(request: EditRequest | Mapping | Sequence) -> list[EditRequest]
     if isinstance(request, EditRequest):
         return [request]
     if isinstance(request, Mapping):
-        return [EditRequest(**request)]
+        return [EditRequest.from_dict(request)]
     if isinstance(request, Sequence) and not isinstance(request, str):
         return [r for item in request for r in _as_requests(item)]
     raise EditInputError(f"expected an EditRequest, a dict of its fields, or a list of them; got {request!r}")
@@ -46,8 +46,8 @@ def method_hparams(hparams_cls: type, method: str, **options: object):
             f"unknown {method} option(s) {unknown}; valid options: {sorted(z_fields | top_fields)}"
         )
     top = {k: v for k, v in options.items() if k in top_fields}
-    for key in ("context_templates", "layers"):
-        if key in top:
+    for key in ("context_templates", "layers"):  # lists as tuples; anything else is the hparams' to refuse
+        if isinstance(top.get(key), list | tuple):
             top[key] = tuple(tuple(x) if isinstance(x, list | tuple) else x for x in top[key])  # type: ignore[union-attr]
     if z_fields:
         top["z"] = ZConfig(**{k: v for k, v in options.items() if k in z_fields})
@@ -55,8 +55,8 @@ def method_hparams(hparams_cls: type, method: str, **options: object):
 
 
 def _editor(method: str, options: dict[str, object]):
-    gamma = float(options.pop("sadr_gamma", 0.0))  # type: ignore[arg-type]
-    selective = bool(options.pop("sadr_selective", True))
+    gamma = options.pop("sadr_gamma", 0.0)  # checked by sadr_terms
+    selective = options.pop("sadr_selective", True)
     if method == "rome":
         hp = method_hparams(RomeHParams, method, **options)
         return RomeEditor(hp, sadr_terms(gamma, hp.layer + 1, selective))
@@ -97,6 +97,7 @@ def edit(
     if method not in METHODS:
         raise EditInputError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     requests = _as_requests(request)
+    require_requests(requests)
     editor = _editor(method, dict(options))
     undo = UndoLog()
     try:

@@ -9,14 +9,18 @@ The math that turns these read-outs into scores lives in :mod:`kelight.metrics`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.editors.corpus import read_corpus_file
 from kelight.generation import generate
 from kelight.metrics import functional as F
+from kelight.paths import default_data_root
 from kelight.readouts import Readout, readouts, shared_prompt_readouts
 from kelight.tokens import pad_id, target_ids
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS, EditCase, EditInputError, ScoredPrompt, TokenProbe
@@ -132,6 +136,43 @@ def token_argmax(
     _check_positive(batch_size, "batch_size")
     readouts = _teacher_forced(model, tok, [(p.prompt, p.target) for p in probes], batch_size)
     return [preds for _, preds, _ in readouts], [tgt for _, _, tgt in readouts]
+
+
+PPL_CORPORA = {"corpus50": "ppl/corpus50.json"}  # named probes, in the shared data folder
+
+
+def ppl_texts(corpus: str | os.PathLike | None, field: str = "Text") -> tuple[str, ...]:
+    """The texts of a perplexity probe: a name of ``PPL_CORPORA`` (in the shared data folder, see
+    :func:`kelight.paths.default_data_root`) or a .txt/.json/.jsonl file (records read at ``field``);
+    ``None`` gives none.
+
+    Raises:
+        FileNotFoundError: the corpus is neither a known name nor an existing file.
+        ValueError: the file holds no text.
+    """
+    if corpus is None:
+        return ()
+    name = os.fspath(corpus)
+    if name in PPL_CORPORA:
+        root = default_data_root()
+        if root is None or not (root / PPL_CORPORA[name]).is_file():
+            raise FileNotFoundError(f"ppl_corpus {name!r} is {PPL_CORPORA[name]} of the shared data folder, not found "
+                                    f"under {root or '../shared/data'}; set KELIGHT_DATA to the folder that holds "
+                                    f"{PPL_CORPORA[name].split('/')[0]}/, or give the file's path")
+        path = root / PPL_CORPORA[name]
+    else:
+        path = Path(name)
+        if path.suffix not in (".txt", ".json", ".jsonl") or not path.is_file():
+            raise FileNotFoundError(f"expected ppl_corpus to be one of {sorted(PPL_CORPORA)} or an existing "
+                                    f".txt/.json/.jsonl file, got {name!r}")
+    try:
+        texts = tuple(read_corpus_file(path, field))
+    except ValueError as err:
+        raise ValueError(f"ppl_corpus {path}: {err}; its records' text field is set with ppl_field "
+                         f"(now {field!r})") from err
+    if not texts:
+        raise ValueError(f"ppl_corpus {path} holds no text; give a file with at least one non-blank text")
+    return texts
 
 
 @torch.no_grad()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+from kelight.editors.checks import check_context_templates, check_layer, check_layers
 from kelight.editors.ft import FTEditor, FTHParams
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.zopt import CompileMode, StopOn, ZConfig
-from kelight.module import EditModule, template_pairs
-from kelight.objectives.sadr import sadr_terms
+from kelight.module import EditModule
+from kelight.objectives.sadr import check_sadr_gamma, sadr_terms
 
 
 class LocateEditModule(EditModule):
@@ -70,6 +71,8 @@ class LocateEditModule(EditModule):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        check_sadr_gamma(sadr_gamma)
+        check_context_templates(context_templates)
         if z_batch > 1 and self.hparams.regime == "sequential":
             raise ValueError(f"z_batch={z_batch} optimises independent edits together, but in the sequential "
                              "regime each edit's z must see the edits before it; use z_batch 1")
@@ -86,7 +89,7 @@ class LocateEditModule(EditModule):
                        early_stop_on=h.early_stop_on, compile=h.compile)
 
     def templates(self) -> tuple[tuple[int, int], ...]:
-        return template_pairs(self.hparams.context_templates)
+        return check_context_templates(self.hparams.context_templates)
 
 
 class ROME(LocateEditModule):
@@ -104,6 +107,7 @@ class ROME(LocateEditModule):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        check_layer("layer", layer)
 
     def build_editor(self) -> RomeEditor:
         h = self.hparams
@@ -135,12 +139,14 @@ class MEMIT(LocateEditModule):
         kwargs.setdefault("context_templates", [[10, 5]])
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        check_layers("layers", layers)
 
     def build_editor(self) -> MemitEditor:
         h = self.hparams
-        hp = MemitHParams(layers=tuple(h.layers), z=self.z_config(), context_templates=self.templates(),
-                          mom2_update_weight=h.mom2_update_weight, mom2_n_tokens=h.mom2_n_tokens,
-                          mom2_corpus=h.mom2_corpus, pmet=self.pmet, value_at=h.value_at)
+        hp = MemitHParams(layers=check_layers("layers", h.layers), z=self.z_config(),
+                          context_templates=self.templates(), mom2_update_weight=h.mom2_update_weight,
+                          mom2_n_tokens=h.mom2_n_tokens, mom2_corpus=h.mom2_corpus, pmet=self.pmet,
+                          value_at=h.value_at)
         return MemitEditor(hp, self.sadr(hp.layers[-1]))
 
 
@@ -177,10 +183,13 @@ class FT(EditModule):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        check_layer("layer", layer)
+        check_context_templates(context_templates)
+        check_sadr_gamma(sadr_gamma)
 
     def build_editor(self) -> FTEditor:
         h = self.hparams
         hp = FTHParams(layer=h.layer, steps=h.steps, lr=h.lr, norm_constraint=h.norm_constraint,
                        weight_decay=h.weight_decay,
-                       context_templates=template_pairs(h.context_templates))
+                       context_templates=check_context_templates(h.context_templates))
         return FTEditor(hp, sadr_terms(h.sadr_gamma, h.layer + 1))

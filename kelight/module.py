@@ -15,6 +15,7 @@ keeps only its own edits (N independent edit sequences, not one).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -27,7 +28,7 @@ import torch
 
 from kelight.distributed import gather_objects, interleave
 from kelight.editors.update import UndoLog
-from kelight.evaluation import case_summary, evaluate_case, locality_reference
+from kelight.evaluation import case_summary, evaluate_case, locality_reference, perplexity_stats, ppl_texts
 from kelight.metrics import EditMetrics
 from kelight.models.loading import load
 from kelight.results import append_partial, format_table, partial_path, write_results, z_steps_summary
@@ -35,11 +36,6 @@ from kelight.types import EditCase
 
 log = logging.getLogger(__name__)
 Regime = Literal["single", "batch", "sequential"]
-
-
-def template_pairs(pairs: list[list[int]]) -> tuple[tuple[int, int], ...]:
-    """CLI ``[[length, count], ...]`` as the editors' tuple of ``(length, count)`` pairs."""
-    return tuple((int(a), int(b)) for a, b in pairs)
 
 
 class EditModule(L.LightningModule):
@@ -53,6 +49,12 @@ class EditModule(L.LightningModule):
         eval_every: in the sequential regime, also evaluate the cases edited so far every N edits.
         fluency: generate from the case's generation prompts and report n-gram entropy (FL).
         attn_implementation: e.g. ``"eager"``; ``None`` keeps the model default.
+        ppl_corpus: report PPL, the perplexity of each edited model on these texts (the SADR paper's
+            ME-PPL probe: ``"corpus50"``, i.e. ``ppl/corpus50.json`` of the shared data), or a
+            .txt/.json/.jsonl file of texts read as ``mom2_corpus`` files are
+            (:func:`~kelight.editors.corpus.read_corpus_file`); ``None`` skips it. Each text is cut to
+            100 tokens.
+        ppl_field: the text field of the corpus file's records (``"Text"`` in corpus50).
     """
 
     def __init__(
@@ -63,10 +65,13 @@ class EditModule(L.LightningModule):
         eval_every: int = 0,
         fluency: bool = True,
         attn_implementation: str | None = None,
+        ppl_corpus: str | None = None,
+        ppl_field: str = "Text",
     ) -> None:
         super().__init__()
         if regime not in ("single", "batch", "sequential"):
             raise ValueError(f"expected regime 'single', 'batch' or 'sequential', got {regime!r}")
+        self.ppl_texts = ppl_texts(ppl_corpus, ppl_field)  # read (and checked) now, before any model loads
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.lm = None
@@ -170,12 +175,19 @@ class EditModule(L.LightningModule):
         if self.hparams.regime != "sequential" or not every or done // every == (done - n_new) // every:
             return
         partial = EditMetrics(sync_on_compute=False).to(self.device)  # this process's shard
+        ppl = self._perplexity()
         for case, pre, _, _ in self.pending:
-            partial.update(self._evaluate(case, pre))
+            partial.update(self._evaluate(case, pre, ppl))
         self.log_dict({f"seq/{k}": v for k, v in partial.compute().items()}, on_step=True, batch_size=1)
 
-    def _evaluate(self, case: EditCase, pre: dict | None):
-        return evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency, pre_locality=pre)
+    def _perplexity(self) -> tuple[float, int] | None:
+        """``(summed NLL, tokens)`` of the model as it is now on ``ppl_corpus``, or ``None`` without one.
+        Computed once per model state and given to every case evaluated on it."""
+        return perplexity_stats(self.lm, self.tok, self.ppl_texts) if self.ppl_texts else None
+
+    def _evaluate(self, case: EditCase, pre: dict | None, ppl: tuple[float, int] | None = None):
+        result = evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency, pre_locality=pre)
+        return dataclasses.replace(result, perplexity=ppl)
 
     def _edit(self, cases: list[EditCase], zs: list | None = None, extra_seconds: float = 0.0) -> None:
         """Edit ``cases`` jointly; evaluate and restore unless the regime is sequential.
@@ -204,8 +216,9 @@ class EditModule(L.LightningModule):
             self.pending += [(case, pre, seconds, n) for case, pre, n in zip(cases, pres, steps, strict=True)]
             return
         try:
+            ppl = self._perplexity()
             for case, pre, n in zip(cases, pres, steps, strict=True):
-                self._record(case, self._evaluate(case, pre), seconds, n)
+                self._record(case, self._evaluate(case, pre, ppl), seconds, n)
         finally:
             self.undo.restore()
 
@@ -223,8 +236,9 @@ class EditModule(L.LightningModule):
         append_partial(self.out_dir or self.trainer.default_root_dir, row, self.global_rank)  # survives a crash
 
     def on_train_epoch_end(self) -> None:
+        ppl = self._perplexity() if self.pending else None
         for case, pre, seconds, z_steps in self.pending:  # sequential: every edit is in place now
-            self._record(case, self._evaluate(case, pre), seconds, z_steps)
+            self._record(case, self._evaluate(case, pre, ppl), seconds, z_steps)
         self.pending = []
         self._finish("fit")
 
@@ -235,12 +249,14 @@ class EditModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         if self.trainer.state.fn == "validate":
             self._reset_run()
+            self._unedited_ppl = self._perplexity()  # one model for every case
 
     def validation_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if self.trainer.state.fn != "validate":
             return  # during fit, editing cases is the whole job; no extra evaluation pass
         for case in batch:
-            self._record(case, self._evaluate(case, locality_reference(self.lm, self.tok, case)), None)
+            self._record(case, self._evaluate(case, locality_reference(self.lm, self.tok, case),
+                                              self._unedited_ppl), None)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.state.fn == "validate":

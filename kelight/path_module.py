@@ -37,8 +37,8 @@ import torch
 from kelight.analysis.path_importance import save_path_importance
 from kelight.editors.pathedit import PathEditor, PathHParams, build_path_batch
 from kelight.module import EditModule
-from kelight.objectives.sadr import sadr_terms
-from kelight.types import EditCase
+from kelight.objectives.sadr import check_sadr_gamma, sadr_terms
+from kelight.types import EditCase, check_joint_requests
 
 log = logging.getLogger(__name__)
 PathRegime = Literal["batch", "consecutive", "sequential", "single"]
@@ -114,8 +114,7 @@ class PathEdit(EditModule):
         self.path_hparams = PathHParams(path_size=path_size, neg_path_size=neg_path_size, eta=eta,
                                         contrastive_lambda=contrastive_lambda, lr=lr, epochs=epochs,
                                         layer_weighting=layer_weighting)
-        if not sadr_gamma >= 0:  # NaN included
-            raise ValueError(f"expected sadr_gamma ≥ 0, got {sadr_gamma}")
+        check_sadr_gamma(sadr_gamma)
         if not isinstance(reshuffle, bool):
             raise ValueError(f"expected reshuffle to be true or false, got {reshuffle!r}")
         if not isinstance(shuffle_seed, int) or isinstance(shuffle_seed, bool) or shuffle_seed < 0:
@@ -176,6 +175,7 @@ class PathEdit(EditModule):
         self._t0 = time.perf_counter()
         loader_batches = [list(b) for b in self.trainer.train_dataloader]
         self._cases = [case for b in loader_batches for case in b]
+        check_joint_requests([case.request for case in self._cases])  # one set of deltas holds every edit
         self._record_unedited_locality(self._cases)
         device = self.path_deltas.key_pos.device
         seed = self.hparams.shuffle_seed if self.hparams.reshuffle else None
@@ -227,8 +227,9 @@ class PathEdit(EditModule):
         self._stack.close()  # hooks off, attention back: evaluate the edited weights themselves
         seconds = (time.perf_counter() - self._t0) / len(self._cases)  # tracing + training, per edit
         self.edit_seconds = [seconds] * len(self._cases)
+        ppl = self._perplexity()
         for case in self._cases:
-            self._record(case, self._evaluate(case, self._unedited_locality[case.case_id]), seconds)
+            self._record(case, self._evaluate(case, self._unedited_locality[case.case_id], ppl), seconds)
         self._finish("fit")
         self._save_importance()
 

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from kelight.analysis.stats import pooled
+from kelight.files import read_json, read_jsonl, read_yaml
 from kelight.metrics import functional as F
 from kelight.metrics.classes import avg_s
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS
@@ -54,7 +54,7 @@ def write_results(out_dir: str | Path, metrics: Mapping[str, float], cases: Sequ
     return path
 
 
-TABLE_COLUMNS = ("ES", "PS", "NS", "RS", "DNS", "EM", "PM", "NM", "RM", "DNM", "RES", "OS", "DOS", "FL",
+TABLE_COLUMNS = ("ES", "PS", "NS", "RS", "DNS", "EM", "PM", "NM", "RM", "DNM", "RES", "OS", "DOS", "FL", "PPL",
                  "Efficacy", "Generality", "Locality", "Score", "Avg.S", "n_cases", "seconds_per_edit",
                  "z_steps_per_edit")
 
@@ -87,7 +87,8 @@ def report(run_dirs: Sequence[str | Path]) -> str:
         path = Path(d) / "metrics.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; run `kelight fit/validate` with this directory first")
-        rows[Path(d).name] = json.loads(path.read_text())
+        rows[Path(d).name] = read_json(path, "rerun `kelight fit/validate` with this directory (for a merged run, "
+                                             "run `kelight merge` of its parts again)")
     return format_table(rows)
 
 
@@ -218,8 +219,9 @@ def merge_runs(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> Path:
         for name in ("cases.jsonl", "config.yaml"):
             if not (d / name).exists():
                 raise FileNotFoundError(f"{d / name} does not exist; merge finished `kelight fit/validate` runs")
-        configs.append(_flat(yaml.safe_load((d / "config.yaml").read_text())))
-        rows += [json.loads(line) for line in (d / "cases.jsonl").read_text().splitlines() if line.strip()]
+        fix = "`kelight fit/validate` writes it; rerun that run, or restore the file"
+        configs.append(_flat(read_yaml(d / "config.yaml", fix)))
+        rows += read_jsonl(d / "cases.jsonl", fix)
     differ = sorted({k for c in configs[1:] for k in set(c) | set(configs[0])
                      if not _free(k) and k in c and k in configs[0] and c[k] != configs[0][k]})
     if differ:

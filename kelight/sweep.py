@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
+
+from kelight.files import read_json, read_yaml
 
 STAGE_PREFIXES = ("fit/", "validate/", "test/")
 SUMMARY_COLUMNS = ("ES", "PS", "NS", "RS", "DNS", "EM", "PM", "RM", "DNM", "Avg.S", "n_cases", "seconds_per_edit")
@@ -68,9 +69,10 @@ def load_spec(path: str | Path) -> dict:
     """Read a sweep spec and check it with the sweep engine's own schema.
 
     Raises:
-        ValueError: naming every schema violation, or a missing block-list ``command``/``metric``.
+        ValueError: naming the file and every schema violation, a missing block-list
+            ``command``/``metric``, or where the file is not valid YAML.
     """
-    spec = yaml.safe_load(Path(path).read_text())
+    spec = read_yaml(path, "fix the spec (see sweeps/*.yaml for examples)")
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: expected a YAML mapping (a W&B sweep spec)")
     problems = list(_engine().schema_violations_from_proposed_config(spec))
@@ -152,14 +154,18 @@ def run_trial(spec: dict, trial: Trial, sweep_id: str, wandb_mode: str = "offlin
             err.write(f"\nkelight sweep: could not start {trial.command[0]!r}: {error}\n")
     trial.seconds = time.perf_counter() - start
     metrics_file = directory / "metrics.json"
+    problem = None
     if trial.returncode == 0 and metrics_file.exists():
-        trial.metrics = json.loads(metrics_file.read_text())
-        trial.metric = read_metric(trial.metrics, spec["metric"]["name"])
-        trial.state = "finished"
-    else:
-        trial.state = "crashed"
-        lines = (directory / "stderr.log").read_text(errors="replace").splitlines()
-        trial.stderr_tail = "\n".join(lines[-20:])
+        try:  # a metrics.json cut short (e.g. a full disk) crashes this trial, not the sweep
+            trial.metrics = read_json(metrics_file, "the trial is recorded as crashed")
+            trial.metric = read_metric(trial.metrics, spec["metric"]["name"])
+            trial.state = "finished"
+            return trial
+        except ValueError as error:
+            problem = str(error)
+    trial.state = "crashed"
+    lines = (directory / "stderr.log").read_text(errors="replace").splitlines() + ([problem] if problem else [])
+    trial.stderr_tail = "\n".join(lines[-20:])
     return trial
 
 
@@ -269,6 +275,10 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--wandb-mode", default="offline", choices=("offline", "disabled", "online"))
     parser.add_argument("--timeout", type=float, default=None, help="seconds before a trial is killed")
     args = parser.parse_args(argv)
+    try:
+        load_spec(args.spec)  # a missing or malformed spec: one line, before any trial
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"kelight sweep: {err}") from None
     out = args.out or str(Path("runs") / "sweeps" / f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     summary = run_sweep(args.spec, args.count, out, tuple(extra), args.seed, args.wandb_mode, args.timeout)
     sys.stdout.write((Path(out) / "summary.md").read_text())

@@ -7,8 +7,8 @@ construction, so a malformed record fails where it is read, with its id in the m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
 
 
@@ -58,10 +58,56 @@ class EditRequest:
                 f"an edit must change the answer"
             )
 
+    @classmethod
+    def from_dict(cls, record: Mapping[str, object]) -> EditRequest:
+        """``EditRequest(**record)``, refusing a missing or unknown key with the expected ones.
+
+        Example:
+            >>> EditRequest.from_dict({"prompt": "Paris is in", "subject": "Paris", "target_new": "Spain"}).subject
+            'Paris'
+        """
+        names = [f.name for f in fields(cls)]
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [k for k in required if k not in record]
+        unknown = [k for k in record if k not in names]
+        if missing or unknown:
+            problems = ([f"missing {missing} (add them)"] if missing else []) + (
+                [f"unknown {unknown} (rename or drop them)"] if unknown else [])
+            raise EditInputError(
+                f"case {record.get('case_id', 0)!r}: expected an edit request with keys {required} (optional: "
+                f"{[k for k in names if k not in required]}), got {' and '.join(problems)}"
+            )
+        return cls(**record)  # type: ignore[arg-type]
+
     def subject_span(self) -> tuple[int, int]:
         """Character span ``[start, end)`` of the last occurrence of the subject in the prompt."""
         start = self.prompt.rindex(self.subject)
         return start, start + len(self.subject)
+
+
+def require_requests(requests: Sequence[EditRequest]) -> None:
+    """Refuse an empty request list (an edit of nothing is a caller's mistake, not a no-op)."""
+    if not requests:
+        raise EditInputError(
+            "expected at least one edit request, got none; pass an EditRequest, a dict of its fields, "
+            "or a non-empty list of them"
+        )
+
+
+def check_joint_requests(requests: Sequence[EditRequest]) -> None:
+    """Refuse an empty joint batch, or two of its requests that rewrite one prompt and subject to
+    different targets (one joint update cannot write both; identical duplicates pass)."""
+    require_requests(requests)
+    first: dict[tuple[str, str], int] = {}
+    for j, request in enumerate(requests):
+        i = first.setdefault((request.prompt, request.subject), j)
+        if requests[i].target_new.strip() != request.target_new.strip():
+            raise EditInputError(
+                f"requests {i} and {j} (cases {requests[i].case_id!r}, {request.case_id!r}) of one joint edit "
+                f"rewrite the same prompt {request.prompt!r} of subject "
+                f"{request.subject!r} to different targets ({requests[i].target_new!r}, {request.target_new!r}); "
+                "edit them in turn (ROME/FT, or the sequential regime) or drop one"
+            )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from kelight.editors.memit import MemitEditor
 from kelight.editors.rome import RomeEditor
 from kelight.methods import FT, MEMIT, PMET, ROME
 from kelight.objectives.sadr import SADR
+from kelight.types import EditInputError
 
 
 def test_rome_arguments_reach_its_editor():
@@ -55,3 +56,28 @@ def test_module_rejects_z_batch_where_edits_depend_on_each_other():
 def test_compile_reaches_the_z_config():
     assert MEMIT(model_name="tiny:llama", layers=[1, 2], compile="default").build_editor().hp.z.compile == "default"
     assert ROME(model_name="tiny:llama").build_editor().hp.z.compile == "off"
+
+
+@pytest.mark.parametrize("cls", [ROME, MEMIT, FT])
+@pytest.mark.parametrize("gamma", [-0.5, float("nan"), float("inf")])
+def test_bad_sadr_gamma_is_refused_not_turned_off(cls, gamma):
+    with pytest.raises(EditInputError, match="expected sadr_gamma to be a finite number ≥ 0.*use 0 to turn SADR off"):
+        cls(model_name="tiny:llama", sadr_gamma=gamma).build_editor()
+
+
+@pytest.mark.parametrize("cls", [ROME, MEMIT, FT])
+@pytest.mark.parametrize("templates", [[[5, -2]], [[0, 2]], [[5]], [5, 10]])
+def test_bad_context_templates_are_refused(cls, templates):
+    with pytest.raises(EditInputError, match=r"expected context_templates to be \[length, count\] pairs"):
+        cls(model_name="tiny:llama", context_templates=templates).build_editor()
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "match"), [
+    (ROME, {"layer": True}, "expected layer to be one layer index"),
+    (FT, {"layer": [1]}, "expected layer to be one layer index.*MEMIT/PMET take layers"),
+    (MEMIT, {"layers": 1}, r"expected layers to be a list of layer indices.*one layer is written \[1\]"),
+    (PMET, {"layers": [2, 1]}, "non-empty ascending"),
+])
+def test_bad_layers_are_refused(cls, kwargs, match):
+    with pytest.raises(EditInputError, match=match):
+        cls(model_name="tiny:llama", **kwargs).build_editor()

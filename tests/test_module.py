@@ -79,8 +79,8 @@ def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypa
                      fluency=False, regime="sequential")
     real_apply, real_evaluate = RomeEditor.apply, module._evaluate
     monkeypatch.setattr(RomeEditor, "apply", lambda *a, **k: (events.append("edit"), real_apply(*a, **k))[1])
-    monkeypatch.setattr(module, "_evaluate", lambda case, pre: (seen.__setitem__(case.case_id, pre),
-                                                                 real_evaluate(case, pre))[1])
+    monkeypatch.setattr(module, "_evaluate", lambda case, pre, ppl=None: (seen.__setitem__(case.case_id, pre),
+                                                                           real_evaluate(case, pre, ppl))[1])
     path = tmp_path / "edit.json"
     path.write_text(json.dumps(COUNTERFACT_EDIT_CASES))
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -91,3 +91,71 @@ def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypa
     for case in trainer.datamodule.cases:
         expected = real_reference(fresh, tok, case)["locality"]
         assert all(torch.equal(a, b) for a, b in zip(seen[case.case_id]["locality"], expected, strict=True))
+
+
+def _ppl_by_hand(model, tok, texts: list[str]) -> float:
+    """Corpus perplexity with plain HF forwards: each text (cut to 100 tokens) on its own, no padding."""
+    import math
+
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"][:100]])
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def _run(module, tmp_path, fn: str, limit: int = 2) -> dict:
+    import json
+
+    import lightning as L
+
+    from kelight.data.datamodule import EditDataModule
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    getattr(trainer, fn)(module, datamodule=EditDataModule(path=None, limit=limit))
+    return {"metrics": json.loads((tmp_path / "metrics.json").read_text()),
+            "rows": [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]}
+
+
+def test_ppl_corpus_reports_each_models_perplexity(tmp_path):
+    """PPL of the unedited model equals a plain forward's; after an edit each case reports its edited
+    model's (different) perplexity; the sequential regime scores its one final model once for all."""
+    import json
+    import math
+
+    import pytest
+
+    from kelight.methods import ROME
+    from kelight.models.tiny import tiny_model
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "x"]
+    corpus = tmp_path / "ppl.json"
+    corpus.write_text(json.dumps([{"Text": t} for t in texts]))
+    kw = dict(model_name="tiny:llama", layer=1, steps=3, context_templates=[], mom2_adjustment=False, fluency=False,
+              ppl_corpus=str(corpus))
+    unedited = _run(ROME(**kw), tmp_path / "none", "validate")
+    model, tok = tiny_model("llama")
+    expected = _ppl_by_hand(model, tok, texts[:2])  # "x" is one token: nothing to predict
+    assert unedited["metrics"]["PPL"] == pytest.approx(expected, rel=1e-6)
+    assert all(r["PPL"] == pytest.approx(expected, rel=1e-6) for r in unedited["rows"])
+    edited = _run(ROME(**kw), tmp_path / "rome", "fit")
+    ppl = [r["PPL"] for r in edited["rows"]]
+    assert all(not math.isclose(p, expected, rel_tol=1e-6) for p in ppl)  # the edited model's, not the unedited
+    assert edited["metrics"]["PPL"] == pytest.approx(math.exp(sum(map(math.log, ppl)) / len(ppl)), rel=1e-6)
+    seq = _run(ROME(**kw, regime="sequential"), tmp_path / "seq", "fit")
+    assert seq["rows"][0]["PPL"] == seq["rows"][1]["PPL"] != ppl[0]  # both edits in place, one model
+
+
+def test_ppl_corpus_errors_name_the_option():
+    import pytest
+
+    from kelight.methods import ROME
+
+    with pytest.raises(FileNotFoundError, match="expected ppl_corpus to be one of \\['corpus50'\\] or an existing"):
+        ROME(ppl_corpus="corpus5O")

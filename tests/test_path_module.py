@@ -129,8 +129,9 @@ def test_divergence_in_lightning_loop_restores(tmp_path):
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="path_size"):
         PathEdit(model_name="tiny:llama", path_size=0)
-    with pytest.raises(ValueError, match="sadr_gamma"):
-        PathEdit(model_name="tiny:llama", sadr_gamma=-1.0)
+    for gamma in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="expected sadr_gamma to be a finite number ≥ 0"):
+            PathEdit(model_name="tiny:llama", sadr_gamma=gamma)
     with pytest.raises(ValueError, match="regime"):
         PathEdit(model_name="tiny:llama", regime="sometimes")
     with pytest.raises(ValueError, match="reshuffle"):
@@ -217,4 +218,19 @@ def test_batch_regime_trains_on_each_epochs_batches(tmp_path, monkeypatch, reshu
     assert len(module._epoch_keys) == 4 and all(e == epochs[0] for e in epochs)  # every case once per epoch
     compositions = {frozenset(key) for key in seen}
     assert (len(compositions) > 2) == reshuffle  # fixed: the loader's two batches; reshuffled: new pairs
+    _assert_unedited(module.lm)
+
+
+def test_batch_regime_refuses_conflicting_edits_in_different_loader_batches(tmp_path):
+    """One set of path deltas holds every edit of the batch regime, so two cases that rewrite one prompt to
+    different targets conflict even when the loader puts them in different batches."""
+    conflicting = [*DATA, {**DATA[0], "case_id": 99, "target_new": DATA[0]["target_new"] + " Junior"}]
+    path = tmp_path / "edit.json"
+    path.write_text(json.dumps(conflicting))
+    module = _module()
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"requests 0 and 3 \(cases 0, 99\) of one joint edit rewrite the same "
+                                         r"prompt .* to different targets"):
+        trainer.fit(module, datamodule=EditDataModule(path=str(path), format="counterfact_edit", batch_size=1))
     _assert_unedited(module.lm)

@@ -65,3 +65,37 @@ def test_merge_refuses_parts_that_are_not_independent():
     with pytest.raises(ValueError, match=r"--data.skip 12 is not a multiple of --data.batch_size 8.*whole batches"):
         check({"model.class_path": "kelight.MEMIT", "model.init_args.regime": "batch", "data.batch_size": 8,
                "data.skip": 12})
+
+
+def test_report_names_a_corrupt_metrics_file(tmp_path):
+    from kelight.cli import run
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text('{"ES": 94.0, "PS"')  # cut off mid-write
+    with pytest.raises(ValueError, match=r"run/metrics\.json is not valid JSON at line 1, column 18 .*kelight merge"):
+        report([tmp_path / "run"])
+    with pytest.raises(SystemExit, match=r"kelight report: .*run/metrics\.json is not valid JSON .*rerun `kelight fit"):
+        run(["report", str(tmp_path / "run")])
+
+
+def _run_dir(path, config="model: {class_path: kelight.ROME}\n", cases='{"id": 0}\n'):
+    path.mkdir()
+    (path / "config.yaml").write_text(config)
+    (path / "cases.jsonl").write_text(cases)
+    return str(path)
+
+
+def test_merge_names_a_corrupt_config_or_cases_file(tmp_path):
+    from kelight.cli import run
+    from kelight.results import merge_runs
+
+    good = _run_dir(tmp_path / "good")
+    bad_config = _run_dir(tmp_path / "bad_config", config="model: {class_path: kelight.ROME\ndata: {}\n")
+    with pytest.raises(ValueError, match=r"bad_config/config\.yaml is not valid YAML at line 2, column 5 .*rerun"):
+        merge_runs(tmp_path / "out", [good, bad_config])
+    with pytest.raises(SystemExit, match=r"kelight merge: .*bad_config/config\.yaml is not valid YAML"):
+        run(["merge", str(tmp_path / "out"), good, bad_config])
+    bad_cases = _run_dir(tmp_path / "bad_cases", cases='{"id": 1}\n{"id": 2, "ES"\n')
+    with pytest.raises(ValueError, match=r"bad_cases/cases\.jsonl is not valid JSON at line 2, column \d+"):
+        merge_runs(tmp_path / "out", [good, bad_cases])
+    assert not (tmp_path / "out").exists()

@@ -150,3 +150,31 @@ def test_sigterm_stops_the_running_trial_too(tmp_path):
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # the trial is gone with the sweep
         os.kill(trial_pid, 0)
+
+
+def test_malformed_spec_yaml_is_named(tmp_path, monkeypatch):
+    from kelight import sweep
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: grid\nparameters: {model.lr: {values: [0.1]}\ncommand: [a]\n")  # an unclosed brace
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML at line \d+, column \d+ .*fix the spec"):
+        load_spec(bad)
+    monkeypatch.setattr(sweep, "_exit_on_sigterm", lambda: None)  # keep pytest's SIGTERM handler
+    with pytest.raises(SystemExit, match=r"^kelight sweep: .*bad\.yaml is not valid YAML"):
+        sweep.main([str(bad), "--count", "1", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_metrics_file_crashes_its_trial_not_the_sweep(tmp_path):
+    import sys
+
+    from kelight.sweep import Trial, run_trial
+
+    directory = tmp_path / "trial"
+    writer = tmp_path / "writer.py"  # exits 0 after writing a metrics.json cut off mid-way
+    writer.write_text(f"open({str(directory / 'metrics.json')!r}, 'w').write('{{\"Avg.S\": 3')\n")
+    spec = {"metric": {"name": "Avg.S", "goal": "maximize"}}
+    trial = run_trial(spec, Trial(0, "r0", {"x": 1}, [sys.executable, str(writer)], str(directory)),
+                      "sweep0", wandb_mode="disabled")
+    assert trial.returncode == 0 and trial.state == "crashed" and trial.metric is None and trial.metrics == {}
+    assert "metrics.json is not valid JSON at line 1" in trial.stderr_tail

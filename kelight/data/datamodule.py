@@ -46,13 +46,13 @@ def load_records(path: str | os.PathLike[str]) -> datasets.Dataset:
             f"existing JSON file, e.g. --data.path ../shared/data/counterfact_mix/dev.json, or leave "
             f"the path unset for the built-in demo set"
         )
+    expected = "expected a JSON list of objects or one JSON object per line"
+    if file.stat().st_size == 0:  # `datasets` would raise a bare StopIteration
+        raise EditInputError(f"could not read {str(file)!r} as JSON records (the file is empty); {expected}")
     try:
         return datasets.load_dataset("json", data_files=str(file), split="train")
     except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
-        raise EditInputError(
-            f"could not read {str(file)!r} as JSON records ({err}); expected a JSON list of objects "
-            f"or one JSON object per line"
-        ) from err
+        raise EditInputError(f"could not read {str(file)!r} as JSON records ({err}); {expected}") from err
 
 
 def select_indices(n: int, limit: int | None = None, seed: int = 0, shuffle: bool = False, skip: int = 0) -> list[int]:

@@ -8,7 +8,6 @@ the covariance cache key) and a lazy text stream that is only read on a cache mi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -21,6 +20,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.files import parse_json
 from kelight.paths import default_data_root
 
 log = logging.getLogger(__name__)
@@ -134,14 +134,25 @@ def _record_text(record: object, field: str, source: object) -> str:
                      f"set CorpusSpec(field=...)")
 
 
-def _read_file(path: Path, field: str) -> list[str]:
+def _parse_json(text: str, path: Path, field: str, line: int | None = None) -> object:
+    """``json.loads(text)``; a syntax error names the file, the line (``line`` for JSON lines) and the format."""
+    expected = (f"one JSON string or record with a string {field!r} per line" if line is not None else
+                f"a JSON list of strings or of records with a string {field!r}")
+    return parse_json(text, path, f"expected a corpus file with {expected}; fix or regenerate the file", line)
+
+
+def read_corpus_file(path: Path, field: str) -> list[str]:
+    """The non-blank texts of a corpus file: .txt one per line (WikiText headings skipped, its markers
+    undone, see :func:`clean_wikitext`), .json a list of strings or records, .jsonl one string or record
+    per line; records are read at ``field``. Shared by the key statistics and the PPL probe."""
     raw = path.read_text(encoding="utf-8")
     if path.suffix == ".txt":
         texts = [clean_wikitext(line) for line in raw.splitlines()]
     elif path.suffix == ".jsonl":
-        texts = [_record_text(json.loads(line), field, path) for line in raw.splitlines() if line.strip()]
+        lines = enumerate(raw.splitlines(), start=1)
+        texts = [_record_text(_parse_json(text, path, field, i), field, path) for i, text in lines if text.strip()]
     elif path.suffix == ".json":
-        records = json.loads(raw)
+        records = _parse_json(raw, path, field)
         if not isinstance(records, list):
             kind = type(records).__name__
             raise ValueError(f"expected a JSON list of texts or records in {path}, got a {kind}")
@@ -176,7 +187,14 @@ def _shuffled(texts: list[str], spec: CorpusSpec) -> list[str]:
 def _hub_source(spec: CorpusSpec) -> Source:
     import datasets  # noqa: PLC0415 (heavy import, only for hub corpora)
 
-    ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+    except (OSError, ValueError) as err:  # offline ConnectionError, DatasetNotFoundError, unknown config
+        raise ValueError(
+            f"could not load the hub dataset {spec.name!r} (config {spec.config!r}, split {spec.split!r}) as a "
+            f"corpus: {err}; expected 'auto', 'wikitext2', 'model', a .txt/.json/.jsonl file path, or a hub "
+            f"dataset 'name' or 'name:config' (a hub name needs internet access or a local datasets cache)"
+        ) from err
     fingerprint = str(getattr(ds, "_fingerprint", ""))
     if spec.shuffle:
         ds = ds.shuffle(seed=spec.seed)
@@ -216,11 +234,11 @@ def resolve_corpus(
     order = ("shuffle", str(spec.shuffle), str(spec.seed))
     if files:
         digest = content_digest("wikitext2", FORMAT, *(f.read_bytes() for f in files), *order)
-        return Source(digest, lambda: _shuffled([t for f in files for t in _read_file(f, spec.field)], spec))
+        return Source(digest, lambda: _shuffled([t for f in files for t in read_corpus_file(f, spec.field)], spec))
     if spec.kind == "file":
         path = Path(spec.path)  # type: ignore[arg-type]
         digest = content_digest("file", FORMAT, path.suffix, spec.field, path.read_bytes(), *order)
-        return Source(digest, lambda: _shuffled(_read_file(path, spec.field), spec))
+        return Source(digest, lambda: _shuffled(read_corpus_file(path, spec.field), spec))
     if spec.kind == "texts":
         return Source(content_digest("texts", *spec.texts, *order), lambda: _shuffled(list(spec.texts), spec))
     if spec.kind == "hub":

@@ -15,7 +15,6 @@ decay acts on ``ΔW`` (an L2 pull towards the original weight), not on ``W``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.editors.checks import check_context_templates, check_layer, check_number
 from kelight.editors.context import RewriteBatch, build_rewrite_batch, sample_context_templates
 from kelight.editors.rome import EditInfo
 from kelight.editors.steps import ExtraLoss, finish_loss, step_forward
@@ -32,15 +32,7 @@ from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZResult
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
-from kelight.types import EditInputError, EditRequest
-
-
-def _check_number(name: str, value: object, positive: bool, allow_inf: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (value > 0 if positive else value >= 0) and (allow_inf or math.isfinite(value))
-    if not ok:
-        kind = "positive" if positive else "non-negative"
-        raise EditInputError(f"expected {name} to be a {'' if allow_inf else 'finite '}{kind} number, got {value!r}")
+from kelight.types import EditInputError, EditRequest, require_requests
 
 
 @dataclass(frozen=True)
@@ -67,19 +59,16 @@ class FTHParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("layer", "steps", "seed"):
+        check_layer("layer", self.layer)
+        for name in ("steps", "seed"):
             value = getattr(self, name)
             low = 1 if name == "steps" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise EditInputError(f"expected {name} to be an integer ≥ {low}, got {value!r}")
-        _check_number("lr", self.lr, positive=True)
-        _check_number("norm_constraint", self.norm_constraint, positive=True, allow_inf=True)
-        _check_number("weight_decay", self.weight_decay, positive=False)
-        for pair in self.context_templates:
-            if len(pair) != 2 or not all(isinstance(x, int) and x > 0 for x in pair):
-                raise EditInputError(
-                    f"expected context_templates to be [length, count] pairs of positive integers, got {pair!r}"
-                )
+        check_number("lr", self.lr, positive=True)
+        check_number("norm_constraint", self.norm_constraint, positive=True, allow_inf=True)
+        check_number("weight_decay", self.weight_decay, positive=False)
+        check_context_templates(self.context_templates)
 
 
 @contextmanager
@@ -179,6 +168,7 @@ class FTEditor:
         """
         if self.adapter is None:
             raise RuntimeError("call setup(model, tokenizer) before applying edits")
+        require_requests(requests)
         info, applied = EditInfo(), None
         weight = self.adapter.out_weight(model, self.hp.layer)
         for request in requests:

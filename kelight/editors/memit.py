@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.editors.checks import check_context_templates, check_layers, check_number
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
 from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import mean_keys
@@ -27,7 +28,7 @@ from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
 from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.tokens import pad_batch, pad_id, subject_last_index
-from kelight.types import EditInputError, EditRequest
+from kelight.types import EditInputError, EditRequest, check_joint_requests
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,9 @@ class MemitHParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.layers or list(self.layers) != sorted(set(self.layers)):
-            raise EditInputError(f"expected layers to be a non-empty ascending list, got {list(self.layers)}")
-        if self.mom2_update_weight <= 0:
-            raise EditInputError(f"expected mom2_update_weight > 0, got {self.mom2_update_weight}")
+        check_layers("layers", self.layers)
+        check_context_templates(self.context_templates)
+        check_number("mom2_update_weight", self.mom2_update_weight, positive=True)
         if self.value_at not in (None, "block", "mlp"):
             raise EditInputError(f"expected value_at 'block', 'mlp' or None (architecture default), got "
                                  f"{self.value_at!r}")
@@ -164,6 +164,7 @@ class MemitEditor:
         """
         if self.templates is None or self.adapter is None:
             raise RuntimeError("call setup(model, tokenizer) before applying edits")
+        check_joint_requests(requests)
         if zs is not None and len(zs) != len(requests):
             raise ValueError(f"expected one precomputed z per request, got {len(zs)} for {len(requests)} requests")
         zs = list(zs) if zs is not None else self.compute_zs(model, tok, requests)

@@ -45,7 +45,7 @@ from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
 from kelight.objectives.contrastive import contrastive_loss, unedited_targets
 from kelight.tokens import pad_id
-from kelight.types import EditInputError, EditRequest
+from kelight.types import EditInputError, EditRequest, check_joint_requests
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,12 @@ class PathHParams:
 
 def build_path_batch(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                      device: torch.device | str) -> RewriteBatch:
-    """One row ``prompt + target_new[:-1]`` per request (no context templates, no essence prompt)."""
-    if not requests:
-        raise EditInputError("expected at least one edit request, got none")
+    """One row ``prompt + target_new[:-1]`` per request (no context templates, no essence prompt).
+
+    Raises:
+        EditInputError: if ``requests`` is empty or two of them rewrite one prompt to different targets.
+    """
+    check_joint_requests(requests)
     parts = [build_rewrite_batch(tok, r, ("{}",), device, essence_templates=()) for r in requests]
     return merge_rewrite_batches(parts, pad_id(tok), independent=False)  # one joint objective (B, T)
 

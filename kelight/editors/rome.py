@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.editors.checks import check_context_templates, check_layer
 from kelight.editors.context import build_rewrite_batch, sample_context_templates
 from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import templated_keys
@@ -17,7 +18,7 @@ from kelight.editors.update import UndoLog, rank_one_update
 from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.tokens import pad_id
-from kelight.types import EditRequest
+from kelight.types import EditRequest, require_requests
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class RomeHParams:
     mom2_corpus: str | CorpusSpec | None = None
     mean_key_insertion: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_layer("layer", self.layer)
+        check_context_templates(self.context_templates)
 
 
 @dataclass
@@ -125,6 +130,7 @@ class RomeEditor:
         ``zs``: value vectors already optimised on the current weights (:meth:`compute_zs`), one per
         request; only valid for one request, since a later request's z must see the earlier edits.
         """
+        require_requests(requests)
         if zs is not None and (len(zs) != len(requests) or len(requests) > 1):
             raise ValueError(f"expected precomputed z for exactly one request, got {len(zs)} for {len(requests)}; "
                              "ROME applies several requests in turn, each z computed on the edited weights")

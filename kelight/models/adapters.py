@@ -63,7 +63,7 @@ class ArchAdapter:
 
     def check_layer(self, model: nn.Module, layer: int) -> None:
         n = self.n_layers(model)
-        if not isinstance(layer, int) or not 0 <= layer < n:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
             raise ValueError(
                 f"layer {layer!r} is out of range for this {self.family} model with {n} layers; "
                 f"expected an integer in [0, {n - 1}]"

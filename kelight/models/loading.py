@@ -1,13 +1,16 @@
 """Load a model and tokenizer: packaged GGUF models offline, or any Hugging Face id or path.
 
 Packaged models (DESIGN §6) are dequantised once and cached as safetensors under
-``cache_dir()/models/<name>-<sha of the GGUF>``, so later loads take seconds.
+``cache_dir()/models/<name>-<sha of the GGUF>``, so later loads take seconds. The cache is derived
+from the GGUF: a cached copy whose JSON or safetensors files do not parse (e.g. truncated by a full
+disk) is logged, deleted and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -17,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.models.adapters import adapter_for
 
 log = logging.getLogger(__name__)
+
+_PARSED_JSON_BYTES = 1 << 20  # cache check: larger JSON files are only checked for a cut-off end
 
 
 def cache_dir() -> Path:
@@ -121,6 +127,50 @@ def _publish_dir(tmp: Path, target: Path) -> None:
     raise OSError(f"could not move the converted model into {target}; remove that directory and rerun")
 
 
+def _json_problem(path: Path) -> str | None:
+    """Why the JSON file ``path`` is unreadable, else ``None``. Files up to 1 MiB are parsed; a larger
+    one (a tokenizer.json of tens of MB, which the tokenizer parses anyway) must end its object."""
+    try:
+        raw = path.read_bytes()
+        if len(raw) > _PARSED_JSON_BYTES:
+            return None if raw.rstrip().endswith(b"}") else f"unreadable: {path.name} (cut off before its end)"
+        json.loads(raw)
+    except (OSError, ValueError) as err:
+        return f"unreadable: {path.name} ({err})"
+    return None
+
+
+def _cache_problem(target: Path) -> str | None:
+    """Why the converted model in ``target`` cannot be loaded (a file that does not parse), else ``None``.
+
+    Checks the JSON files (:func:`_json_problem`) and every safetensors header (a truncated file
+    fails its header check); tensor bytes are not hashed.
+    """
+    weights = sorted(target.glob("*.safetensors"))
+    if not weights:
+        return "missing its *.safetensors weights"
+    for path in sorted(target.glob("*.json")):
+        if problem := _json_problem(path):
+            return problem
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            return f"unreadable: {path.name} ({err})"
+    return None
+
+
+def _discard(target: Path) -> None:
+    """Move ``target`` aside in one rename (no reader sees it half-deleted), then delete it."""
+    trash = _private_sibling(target)
+    try:
+        target.rename(trash)
+    except OSError:  # another process moved it first
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def resolve(name_or_path: str) -> str:
     """A loadable directory or hub id for ``name_or_path`` (packaged models are cached first)."""
     packaged = PACKAGED.get(name_or_path.lower())
@@ -130,8 +180,13 @@ def resolve(name_or_path: str) -> str:
     if not gguf.exists():
         raise FileNotFoundError(f"GGUF file {gguf} of {packaged.name} is missing; reinstall its package")
     target = cache_dir() / "models" / f"{packaged.name}-{_file_sha(gguf)[:16]}"
-    if not (target / "config.json").exists():
-        _dequantise_to_cache(gguf, target)
+    if (target / "config.json").exists():
+        problem = _cache_problem(target)
+        if problem is None:
+            return str(target)
+        log.warning("converted model cache %s is %s; deleting and rebuilding it", target, problem)
+        _discard(target)
+    _dequantise_to_cache(gguf, target)
     return str(target)
 
 

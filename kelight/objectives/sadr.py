@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from kelight.editors.checks import check_number
 from kelight.editors.steps import StepState
+from kelight.types import EditInputError
 
 EPS = 1e-8
 
@@ -76,9 +78,7 @@ class SADR:
     """
 
     def __init__(self, gamma: float, first_layer: int, selective: bool = True) -> None:
-        if gamma < 0:
-            raise ValueError(f"expected sadr_gamma ≥ 0, got {gamma}")
-        self.gamma = gamma
+        self.gamma = check_sadr_gamma(gamma)
         self.first_layer = first_layer
         self.selective = selective
         self.vanilla: torch.Tensor | None = None
@@ -101,6 +101,17 @@ class SADR:
         return self.gamma * per_prompt.view(batch.n_requests, -1).mean(1)  # (R,) one term per request
 
 
+def check_sadr_gamma(gamma: object) -> float:
+    """``gamma`` if it is a valid SADR weight: a finite number ≥ 0 (0 = off)."""
+    return check_number("sadr_gamma", gamma, positive=False, hint="; use 0 to turn SADR off")
+
+
 def sadr_terms(gamma: float, first_layer: int, selective: bool = True) -> tuple[SADR, ...]:
-    """``(SADR(gamma, first_layer, selective),)`` when γ > 0, else ``()`` (the term is off)."""
-    return (SADR(gamma, first_layer, selective),) if gamma > 0 else ()
+    """``(SADR(gamma, first_layer, selective),)`` when γ > 0, else ``()`` (the term is off).
+
+    Raises:
+        EditInputError: if γ is not a finite number ≥ 0 or ``selective`` is not a bool.
+    """
+    if not isinstance(selective, bool):
+        raise EditInputError(f"expected sadr_selective to be true or false, got {selective!r}")
+    return (SADR(gamma, first_layer, selective),) if check_sadr_gamma(gamma) > 0 else ()

@@ -142,6 +142,11 @@ def test_errors(tmp_path: Path, edit_file: Path) -> None:
     garbage.write_text("not { json")
     with pytest.raises(EditInputError, match=r"could not read .*garbage.json"):
         load_records(garbage)
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")  # `datasets` alone raises a bare StopIteration
+    with pytest.raises(EditInputError, match=r"could not read .*empty\.json' as JSON records \(the file is empty\); "
+                                             r"expected a JSON list of objects"):
+        EditDataModule(path=str(empty)).setup()
 
 
 def test_jsonl_is_read(tmp_path: Path) -> None:

@@ -160,6 +160,10 @@ def test_nan_loss_raises_and_leaves_weights(monkeypatch):
         ({"norm_constraint": float("nan")}, "norm_constraint"),
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"context_templates": ((5,),)}, "context_templates"),
+        ({"context_templates": ((5, -2),)}, r"pairs of positive integers, .* got \(5, -2\)"),
+        ({"context_templates": (5, 10)}, "write each pair in its own brackets"),
+        ({"layer": True}, "expected layer to be one layer index"),
+        ({"layer": "1"}, "expected layer to be one layer index"),
     ],
 )
 def test_hparams_reject_bad_values(kwargs, match):
@@ -175,6 +179,18 @@ def test_layer_out_of_range_and_apply_before_setup():
         FTEditor(FTHParams(layer=7)).setup(model, tok)
     with pytest.raises(RuntimeError, match="call setup"):
         FTEditor(FTHParams(layer=1)).apply(model, tok, [REQ], UndoLog())
+
+
+def test_empty_request_list_is_refused():
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    snap = _snapshot(model)
+    editor = FTEditor(FTHParams(layer=1, steps=1))
+    editor.setup(model, tok)
+    with pytest.raises(EditInputError, match="expected at least one edit request, got none"):
+        editor.apply(model, tok, [], UndoLog())
+    assert _changed(model, snap) == []
 
 
 def test_cli_fit_writes_contract_and_restores(tmp_path):

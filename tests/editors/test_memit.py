@@ -112,11 +112,35 @@ def test_memit_writes_through_gemmas_post_mlp_norm(caplog):
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"layers": (3, 1)}, "ascending"), ({"layers": ()}, "non-empty"),
                                                ({"mom2_update_weight": 0.0}, "mom2_update_weight"),
+                                               ({"mom2_update_weight": float("nan")}, "mom2_update_weight to be a "
+                                                "finite number > 0, got nan"),
+                                               ({"mom2_update_weight": float("inf")}, "mom2_update_weight to be a "
+                                                "finite number > 0, got inf"),
+                                               ({"layers": 1}, r"layers to be a list of layer indices.*\[1\]"),
+                                               ({"layers": (True, 2)}, "layers to be a list of layer indices"),
+                                               ({"context_templates": ((5, -2),)}, "pairs of positive integers"),
+                                               ({"context_templates": ((5,),)}, "pairs of positive integers"),
                                                ({"value_at": "attn"}, "value_at 'block', 'mlp' or None"),
                                                ({"value_at": "block", "pmet": True}, "use MEMIT")])
 def test_hparams_validation(kwargs, match):
     with pytest.raises(EditInputError, match=match):
         MemitHParams(**kwargs)
+
+
+@pytest.mark.parametrize("pmet", [False, True])
+def test_conflicting_or_missing_requests_refused_before_any_weight_moves(pmet):
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = _editor(model, tok, pmet=pmet)
+    berlin = EditRequest(REQS[0].prompt, REQS[0].subject, "Berlin", case_id=2)
+    with pytest.raises(EditInputError, match=r"requests 0 and 2 \(cases 0, 2\) .* subject 'Eiffel Tower' to "
+                                             r"different targets \('Rome', 'Berlin'\); edit them in turn"):
+        editor.apply(model, tok, [*REQS, berlin], UndoLog())
+    with pytest.raises(EditInputError, match="expected at least one edit request, got none"):
+        editor.apply(model, tok, [], UndoLog())
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
 def test_layer_out_of_range_on_setup():

@@ -210,6 +210,21 @@ def test_setup_errors_name_the_fix():
         PathEditor().apply(model, tok, REQS, UndoLog())
 
 
+def test_conflicting_or_missing_requests_refused_before_any_weight_moves():
+    model, tok = tiny_model("llama")
+    snap = _snapshot(model)
+    editor = PathEditor(PathHParams(path_size=4, epochs=1))
+    editor.setup(model, tok)
+    berlin = EditRequest(REQS[0].prompt, REQS[0].subject, "Berlin")
+    with pytest.raises(EditInputError, match=r"requests 0 and 2 .* subject 'Eiffel Tower' to different targets "
+                                             r"\('Rome', 'Berlin'\); edit them in turn"):
+        editor.apply(model, tok, [*REQS, berlin], UndoLog())
+    with pytest.raises(EditInputError, match="expected at least one edit request, got none"):
+        editor.apply(model, tok, [], UndoLog())
+    assert _changed(model, snap) == []
+    assert build_path_batch(tok, [REQS[0], REQS[0]], "cpu").n_rewrite == 2  # identical duplicates pass
+
+
 def test_divergence_leaves_weights_unchanged():
     model, tok = tiny_model("llama")
     snap = _snapshot(model)

@@ -102,6 +102,31 @@ def test_nan_during_optimisation_raises_and_leaves_weights(monkeypatch):
     _assert_identical(model, snap)
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"layer": True}, "expected layer to be one layer index"),
+    ({"layer": (1,)}, "MEMIT/PMET take layers"),
+    ({"context_templates": ((5, -2),)}, r"pairs of positive integers, .* got \(5, -2\)"),
+    ({"context_templates": ((0, 2),)}, r"got \(0, 2\)"),
+    ({"context_templates": ((5,),)}, r"got \(5,\)"),
+    ({"context_templates": (5, 10)}, "write each pair in its own brackets"),
+])
+def test_hparams_reject_bad_values(kwargs, match):
+    with pytest.raises(EditInputError, match=match):
+        RomeHParams(**kwargs)
+
+
+def test_empty_request_list_is_refused():
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    snap = _snapshot(model)
+    editor = RomeEditor(RomeHParams(layer=1, **FAST))
+    editor.setup(model, tok)
+    with pytest.raises(EditInputError, match="expected at least one edit request, got none"):
+        editor.apply(model, tok, [], UndoLog())
+    _assert_identical(model, snap)
+
+
 @pytest.mark.parametrize(("field", "value"), [("lr", float("nan")), ("lr", 0.0), ("steps", 0),
                                               ("kl_factor", -1.0), ("clamp_norm_factor", float("inf"))])
 def test_zconfig_rejects_bad_values(field, value):

@@ -23,10 +23,11 @@ COINCIDENT = EditRequest("Lyon is located in", "Lyon", "Germany")
 
 
 # ROME's site at layer 1 (block 0 replayed after step 0), and at layer 0 with SADR's query rows in the
-# graph (on this 3-layer model SADR moves δ only when it sees layers 1 and 2)
-@pytest.mark.parametrize(("layer", "gamma"), [(1, 0.0), (0, 50.0)])
-def test_compiled_steps_match_eager_and_new_lengths_do_not_recompile(layer, gamma):
-    model, tok = tiny_model("llama")
+# graph (on this 3-layer model SADR moves δ only when it sees layers 1 and 2); GPT-J (parallel attention
+# and MLP, partial rotary) is issue 6's second GPU shape
+@pytest.mark.parametrize(("family", "layer", "gamma"), [("llama", 1, 0.0), ("llama", 0, 50.0), ("gptj", 1, 50.0)])
+def test_compiled_steps_match_eager_and_new_lengths_do_not_recompile(family, layer, gamma):
+    model, tok = tiny_model(family)
     path = adapter_for(model).path("mlp_out", layer)
     terms = (SADR(gamma, layer + 1),) if gamma else ()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -47,7 +48,7 @@ def test_compiled_steps_match_eager_and_new_lengths_do_not_recompile(layer, gamm
     assert graphs[1] > graphs[0]  # the first request compiled
     assert graphs[2] == graphs[1]  # the second request's lengths ran on the graphs of the first
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
-    assert type(model.base_model).__name__ == "LlamaModel"  # the model itself is not wrapped
+    assert type(model.base_model).__name__ == {"llama": "LlamaModel", "gptj": "GPTJModel"}[family]  # not wrapped
 
 
 def test_sadr_terms_change_the_compiled_result():

@@ -30,7 +30,7 @@ def test_unknown_architecture_names_supported_ones():
         adapter_for(model)
 
 
-@pytest.mark.parametrize("layer", [-1, 3, 1.5])
+@pytest.mark.parametrize("layer", [-1, 3, 1.5, True, "1"])
 def test_layer_out_of_range(layer):
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match="out of range"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from kelight.models import loading
 from kelight.models.tiny import tiny_model
@@ -70,3 +72,60 @@ def test_dequantise_writes_a_loadable_copy(tmp_path: Path, monkeypatch: pytest.M
     loading._dequantise_to_cache(tmp_path / "x.gguf", target)
     assert (target / "config.json").exists() and any(target.glob("*.safetensors"))
     assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+@pytest.fixture
+def packaged_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """A packaged model "tiny-pack" whose conversion saves a tiny llama; returns the conversions made."""
+    monkeypatch.setenv("KELIGHT_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not a real gguf")
+    monkeypatch.setitem(loading.PACKAGED, "tiny-pack", loading.PackagedModel("tiny-pack", lambda: gguf))
+    conversions: list[Path] = []
+
+    def convert(gguf: Path, target: Path) -> None:
+        model, tok = tiny_model("llama")
+        tmp = loading._private_sibling(target)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        loading._publish_dir(tmp, target)
+        conversions.append(target)
+
+    monkeypatch.setattr(loading, "_dequantise_to_cache", convert)
+    return conversions
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "empty_weights", "truncate_tokenizer", "cut_large_tokenizer",
+                                    "no_weights"])
+def test_corrupt_model_cache_is_detected_and_rebuilt(
+    damage: str, packaged_tiny: list[Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = loading.load("tiny-pack", device="cpu")
+    expected = {k: v.clone() for k, v in first.state_dict().items()}  # its tensors may map the file damaged below
+    (target,) = packaged_tiny
+    weights, tokenizer = target / "model.safetensors", target / "tokenizer.json"
+    if damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "empty_weights":
+        weights.write_bytes(b"")
+    elif damage in ("truncate_tokenizer", "cut_large_tokenizer"):
+        tokenizer.write_text(tokenizer.read_text()[:100].rstrip("} \n"))
+        if damage == "cut_large_tokenizer":  # checked for its end only, as a tokenizer.json of tens of MB
+            monkeypatch.setattr(loading, "_PARSED_JSON_BYTES", 0)
+    else:
+        weights.unlink()
+    with caplog.at_level(logging.WARNING, logger="kelight.models.loading"):
+        again, _ = loading.load("tiny-pack", device="cpu")
+    assert packaged_tiny == [target, target]
+    assert any(str(target) in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    named = {"truncate_tokenizer": "unreadable: tokenizer.json (", "no_weights": "missing its *.safetensors",
+             "cut_large_tokenizer": "unreadable: tokenizer.json (cut off before its end)"}
+    assert any(named.get(damage, "unreadable: model.safetensors") in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(v, expected[k]) for k, v in again.state_dict().items())
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # the damaged copy is gone
+
+
+def test_intact_model_cache_is_not_rebuilt(packaged_tiny: list[Path]) -> None:
+    loading.load("tiny-pack", device="cpu")
+    loading.load("tiny-pack", device="cpu")
+    assert len(packaged_tiny) == 1

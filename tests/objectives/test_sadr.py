@@ -10,7 +10,8 @@ from kelight.editors.steps import StepState
 from kelight.editors.zopt import ZConfig, optimise_z
 from kelight.hooks import add_at, edit_output
 from kelight.lm import attention_implementation
-from kelight.objectives.sadr import SADR, sadr_loss
+from kelight.objectives.sadr import SADR, sadr_loss, sadr_terms
+from kelight.types import EditInputError
 
 
 def _rows(seed, shape=(3, 4, 5, 7)):  # (L, P, H, T) valid attention rows
@@ -110,3 +111,18 @@ def test_gradient_reaches_z_and_vanilla_recorded_at_step_zero():
 def test_negative_gamma_rejected():
     with pytest.raises(ValueError, match="sadr_gamma"):
         SADR(-1.0, 1)
+
+
+@pytest.mark.parametrize("gamma", [-0.5, float("nan"), float("inf"), "0.1", True])
+def test_sadr_terms_refuse_a_bad_gamma_instead_of_turning_sadr_off(gamma):
+    with pytest.raises(EditInputError, match=r"expected sadr_gamma to be a finite number ≥ 0, got .*; use 0 to turn "
+                                             r"SADR off"):
+        sadr_terms(gamma, 1)
+
+
+def test_sadr_terms_off_at_zero_and_selective_must_be_a_bool():
+    assert sadr_terms(0.0, 1) == () and sadr_terms(0, 1) == ()
+    (term,) = sadr_terms(0.01, 2, selective=False)
+    assert (term.gamma, term.first_layer, term.selective) == (0.01, 2, False)
+    with pytest.raises(EditInputError, match="expected sadr_selective to be true or false, got 'false'"):
+        sadr_terms(0.01, 1, selective="false")

@@ -1,0 +1,82 @@
+"""``kelight.edit`` refuses malformed options and requests up front, naming the fix, and leaves every weight as
+it was (the round trips: tests/editors/test_rome.py)."""
+
+import pytest
+import torch
+
+import kelight
+from kelight.models.tiny import tiny_model
+from kelight.types import EditInputError, EditRequest
+
+REQ = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id="eiffel")
+BERLIN = EditRequest(REQ.prompt, REQ.subject, "Berlin", case_id="eiffel-berlin")
+OPTS = {"rome": {"layer": 1, "mom2_adjustment": False, "context_templates": [], "steps": 2},
+        "memit": {"layers": [0, 1], "mom2_corpus": "model", "mom2_n_tokens": 200, "context_templates": [],
+                  "steps": 2},
+        "ft": {"layer": 1, "steps": 2}, "pathedit": {"path_size": 2, "epochs": 1}}
+OPTS["pmet"] = OPTS["memit"]
+TEMPLATES = r"expected context_templates to be \[length, count\] pairs of positive integers"
+
+
+def _refused(method, request, match, **overrides):
+    """``kelight.edit`` raises EditInputError matching ``match``; every state-dict tensor is unchanged."""
+    model, tok = tiny_model("llama")
+    snap = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EditInputError, match=match):
+        kelight.edit(model, tok, request, method=method, **{**OPTS[method], **overrides})
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), f"{k} changed"
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "ft", "pathedit"])
+@pytest.mark.parametrize("gamma", [-1.0, float("nan"), float("inf"), "0.1"])
+def test_sadr_gamma_must_be_finite_and_non_negative(method, gamma):
+    _refused(method, REQ, r"expected sadr_gamma to be a finite number ≥ 0, got .*; use 0 to turn SADR off",
+             sadr_gamma=gamma)
+
+
+def test_sadr_selective_must_be_a_bool():
+    _refused("rome", REQ, "expected sadr_selective to be true or false, got 'no'", sadr_gamma=0.1, sadr_selective="no")
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "ft"])
+@pytest.mark.parametrize("templates", [[[5, -2]], [[0, 2]], [[-1, 2]], [[5]], [5, 10], 5])
+def test_context_templates_are_checked_by_every_method(method, templates):
+    _refused(method, REQ, TEMPLATES, context_templates=templates)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "ft", "pathedit"])
+@pytest.mark.parametrize("request_", [[], [[]]])
+def test_empty_request_list_is_refused_by_every_method(method, request_):
+    _refused(method, request_, "expected at least one edit request, got none")
+
+
+@pytest.mark.parametrize("method", ["memit", "pathedit"])
+def test_conflicting_targets_in_one_joint_edit_are_refused(method):
+    _refused(method, [REQ, BERLIN], r"requests 0 and 1 \(cases 'eiffel', 'eiffel-berlin'\) .* subject 'Eiffel Tower'"
+                                    r" to different targets .* edit them in turn")
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), 0.0])
+def test_mom2_update_weight_must_be_finite_and_positive(weight):
+    _refused("memit", REQ, r"expected mom2_update_weight to be a finite number > 0", mom2_update_weight=weight)
+
+
+@pytest.mark.parametrize(("record", "match"), [
+    ({"prompt": REQ.prompt, "subject": REQ.subject}, r"missing \['target_new'\]"),
+    ({"prompt": REQ.prompt, "subject": REQ.subject, "target_new": "Rome", "target": "x"}, r"unknown \['target'\]"),
+])
+def test_request_dict_keys_are_named(record, match):
+    _refused("rome", record, rf"expected an edit request with keys \['prompt', 'subject', 'target_new'\].*{match}")
+
+
+@pytest.mark.parametrize("method", ["rome", "ft"])
+@pytest.mark.parametrize("layer", ["1", [1], True, -1])
+def test_layer_must_be_one_integer(method, layer):
+    _refused(method, REQ, r"expected layer to be one layer index, an integer ≥ 0 \(e.g. layer=4\)", layer=layer)
+
+
+@pytest.mark.parametrize("layers", [1, "01", [True, 1], [1.0]])
+def test_layers_must_be_a_list_of_integers(layers):
+    _refused("memit", REQ, r"expected layers to be a list of layer indices, integers ≥ 0 \(e.g. layers=\[2, 3, 4\]\)",
+             layers=layers)
