@@ -21,6 +21,16 @@ def _isolated_cache(tmp_path, monkeypatch, request):
         monkeypatch.setenv("KELIGHT_CACHE", str(tmp_path / "kelight-cache"))
 
 
+@pytest.fixture
+def no_shared_data(tmp_path, monkeypatch):
+    """Key statistics without the shared data: KELIGHT_DATA is a folder without wikitext2/, the working
+    directory (``tmp_path``) has no ../shared/data, and the cache is ``tmp_path/cache``."""
+    monkeypatch.setenv("KELIGHT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "no-data").mkdir()
+    monkeypatch.setenv("KELIGHT_DATA", str(tmp_path / "no-data"))
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny(request):
     from kelight.models.tiny import tiny_model

@@ -17,11 +17,7 @@ from kelight.types import EditRequest
 FAST = {"progress": False, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KELIGHT_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "no-data").mkdir()  # an existing folder without wikitext2/: the shared data stay hidden
-    monkeypatch.setenv("KELIGHT_DATA", str(tmp_path / "no-data"))
+pytestmark = pytest.mark.usefixtures("no_shared_data")  # the shared data stay hidden
 
 
 def test_truncated_json_names_the_file_line_and_format(tmp_path: Path) -> None:

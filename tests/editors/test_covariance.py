@@ -21,12 +21,7 @@ FAMILIES = sorted(TINY_CONFIGS)
 FAST = {"progress": False, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KELIGHT_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "no-data").mkdir()  # an existing folder without wikitext2/: the shared data stay hidden
-    monkeypatch.setenv("KELIGHT_DATA", str(tmp_path / "no-data"))
-    monkeypatch.chdir(tmp_path)  # no ../shared/data from here
+pytestmark = pytest.mark.usefixtures("no_shared_data")  # the shared data stay hidden
 
 
 def _texts(n: int = 12, seed: int = 0, lengths: tuple[int, int] = (5, 40)) -> tuple[str, ...]:
