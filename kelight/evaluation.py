@@ -285,7 +285,8 @@ def evaluate_case(
 
 def case_summary(result: CaseResult) -> dict[str, float]:
     """Per-case values for ``cases.jsonl``: success fraction and magnitude per probe group, token
-    accuracies (all in percent), ``FL`` (×100) and ``PPL`` where measured; empty groups omitted.
+    accuracies (all in percent; ``<name>_sq``: the mean squared per-prompt accuracy, for the pooled
+    CI), ``FL`` (×100) and ``PPL`` where measured; empty groups omitted.
     ``n_<score>`` (e.g. ``n_RS``, ``n_Efficacy``; ``n_PPL`` counts tokens) is the number of prompts
     behind each score, so that pooled values (:func:`kelight.results.metrics_from_rows`, ``kelight
     merge``) and case-bootstrap intervals (:func:`kelight.analysis.stats.won_back_interval`) can be
@@ -300,7 +301,9 @@ def case_summary(result: CaseResult) -> dict[str, float]:
             out[f"n_{score_name}"] = int(nll_right.numel())
     for group, (preds, refs) in result.tokens.items():
         if preds:
-            out[TOKEN_GROUPS[group]] = 100.0 * float(F.token_accuracies(preds, refs).mean())
+            acc = F.token_accuracies(preds, refs).double()
+            out[TOKEN_GROUPS[group]] = 100.0 * float(acc.mean())
+            out[f"{TOKEN_GROUPS[group]}_sq"] = 100.0 * float(acc.square().mean())  # for the pooled CI
             out[f"n_{TOKEN_GROUPS[group]}"] = len(preds)
     if result.texts:
         out["FL"] = 100.0 * F.n_gram_entropy(result.texts)

@@ -114,9 +114,10 @@ def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
             out[score] = value
             out[f"{score}_ci"] = 100.0 * F.ci_half_width(min(max(value / 100.0, 0.0), 1.0), n)
             out[magnitude] = _pooled(rows, magnitude, f"n_{score}")[0]
-    fluency = [float(r["FL"]) for r in rows if r.get("FL") is not None]
-    if fluency:  # a case scores its texts' mean entropy; cases are averaged (Fluency metric)
-        out["FL"] = sum(fluency) / len(fluency)
+    fluency = np.array([float(r["FL"]) for r in rows if r.get("FL") is not None])
+    if fluency.size:  # a case scores its texts' mean entropy; cases are averaged (Fluency metric)
+        out["FL"] = float(fluency.mean())
+        out["FL_ci"] = F.mean_ci_half_width(out["FL"], float(np.square(fluency).mean()), fluency.size)
     ppl = [r for r in rows if r.get("PPL") is not None]
     if ppl:
         nll = _pooled([{**r, "PPL": math.log(r["PPL"])} for r in ppl], "PPL", "n_PPL")  # mean NLL per token
@@ -127,6 +128,9 @@ def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
         got = _pooled(rows, name, f"n_{name}")
         if got is not None:
             tokens[name] = got[0]
+            if all(r.get(f"{name}_sq") is not None for r in rows if r.get(name) is not None):  # since session 15
+                mean_sq = _pooled(rows, f"{name}_sq", f"n_{name}")[0] / 100.0
+                out[f"{name}_ci"] = 100.0 * F.mean_ci_half_width(got[0] / 100.0, mean_sq, got[1])
     if tokens:
         out.update(tokens)
         out["Score"] = sum(tokens.values()) / len(tokens)

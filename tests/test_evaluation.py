@@ -160,7 +160,7 @@ def test_evaluate_case_matches_the_parts_in_one_batched_pass(tiny: Model) -> Non
     summary = case_summary(result)
     assert summary["Locality"] == 100.0  # unedited model: post-edit argmax equals the reference
     assert set(summary) == {"ES", "EM", "PS", "PM", "NS", "NM", "n_ES", "n_PS", "n_NS", "Efficacy", "Locality",
-                            "n_Efficacy", "n_Locality"}
+                            "n_Efficacy", "n_Locality", "Efficacy_sq", "Locality_sq"}
     assert summary["n_Efficacy"] == len(case.token_probes["efficacy"])
     for group, probes in case.probes.items():  # the prompt counts that pool per-case scores
         assert summary.get(f"n_{PROBE_GROUPS[group][0]}", 0) == len(probes)

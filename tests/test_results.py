@@ -52,6 +52,35 @@ def test_metrics_from_rows_pools_over_prompts_per_source_and_counts():
         metrics_from_rows([{"id": 0, "RS": 0.0}])
 
 
+def test_token_and_fluency_intervals_recomputed_from_rows_equal_the_metrics():
+    """Efficacy/Locality CIs pool per-prompt accuracies (``_sq``: their mean square per case); FL's is over
+    cases. Rows without ``_sq`` (runs before session 15) give no token CI rather than a wrong one."""
+    import torch
+
+    from kelight.evaluation import CaseResult, case_summary
+    from kelight.metrics import EditMetrics
+    from kelight.results import metrics_from_rows
+
+    t = torch.tensor
+    cases = [CaseResult(0, tokens={"efficacy": ([t([1, 2, 3]), t([4])], [t([1, 2, 0]), t([4])])},
+                        texts=("a b a b c",)),
+             CaseResult(1, tokens={"efficacy": ([t([5, 6])], [t([0, 0])]), "locality": ([t([1])], [t([1])])},
+                        texts=("the cat sat on the mat", "a a a"))]
+    metrics = EditMetrics()
+    for case in cases:
+        metrics.update(case)
+    expected, rows = metrics.compute(), [case_summary(c) for c in cases]
+    got = metrics_from_rows(rows)
+    for key in ("Efficacy", "Efficacy_ci", "Locality", "Locality_ci", "FL", "FL_ci", "Score"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-12), key
+    accs = [2 / 3, 1.0, 0.0]  # per prompt, pooled over cases
+    mean = sum(accs) / 3
+    sd = (sum((a - mean) ** 2 for a in accs) / 3) ** 0.5
+    assert expected["Efficacy_ci"] == pytest.approx(100 * 1.96 * sd / 3 ** 0.5)
+    assert expected["Locality_ci"] == 0.0  # one prompt, no spread
+    assert "Efficacy_ci" not in metrics_from_rows([{k: v for k, v in r.items() if not k.endswith("_sq")} for r in rows])
+
+
 def test_merge_refuses_parts_that_are_not_independent():
     from kelight.results import _check_parts_are_independent as check
 

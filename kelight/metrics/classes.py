@@ -74,7 +74,8 @@ class PairwiseScore(Metric):
 
 
 class _MeanOfItems(Metric):
-    """Sum of per-item values and item count (DDP-safe sums); ``compute`` is their mean."""
+    """Sum and sum of squares of per-item values and the item count (DDP-safe sums); ``compute`` gives
+    ``{"mean", "ci", "n"}``: their mean, its 95% half-width and the number of items."""
 
     full_state_update = False
     is_differentiable = False
@@ -83,11 +84,24 @@ class _MeanOfItems(Metric):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
         _sum_state(self, "total")
+        _sum_state(self, "total_sq")
         _sum_state(self, "n")
 
-    def compute(self) -> torch.Tensor:
-        """Mean over the items seen (``nan`` when empty)."""
-        return self.total / self.n if self.n > 0 else self.n.new_tensor(math.nan)
+    def _add(self, values: torch.Tensor) -> None:
+        values = values.double().to(self.total.device)
+        self.total += values.sum()
+        self.total_sq += values.square().sum()
+        self.n += values.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Mean over the items seen and its 95% half-width
+        (:func:`~kelight.metrics.functional.mean_ci_half_width`); ``nan`` when empty."""
+        n = int(self.n.item())
+        if not n:
+            return {"mean": self.n.new_tensor(math.nan), "ci": self.n.new_tensor(math.nan), "n": self.n.clone()}
+        mean, mean_sq = self.total / self.n, self.total_sq / self.n
+        ci = F.mean_ci_half_width(float(mean), float(mean_sq), n)
+        return {"mean": mean, "ci": self.n.new_tensor(ci), "n": self.n.clone()}
 
 
 class TokenAccuracy(_MeanOfItems):
@@ -99,9 +113,7 @@ class TokenAccuracy(_MeanOfItems):
 
     def update(self, preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
         """Add the prompts of one batch."""
-        acc = F.token_accuracies(preds, targets)
-        self.total += acc.sum().to(self.total.device)
-        self.n += acc.numel()
+        self._add(F.token_accuracies(preds, targets))
 
 
 class Fluency(_MeanOfItems):
@@ -113,8 +125,7 @@ class Fluency(_MeanOfItems):
     def update(self, texts: Sequence[str]) -> None:
         """Add one case's generated texts (ignored when empty)."""
         if texts:
-            self.total += F.n_gram_entropy(texts)
-            self.n += 1
+            self._add(torch.tensor([F.n_gram_entropy(texts)], dtype=torch.float64))
 
 
 class Perplexity(Metric):
@@ -151,8 +162,9 @@ class EditMetrics(nn.Module):
     """All edit scores of a run; ``compute()`` gives the flat, percent-valued report of DESIGN §5.
 
     Keys, for the groups that received data: ``ES, ES_ci, EM, PS, PS_ci, PM, ...`` (one triple per
-    probe group of ``probe_groups``), ``FL`` (n-gram entropy ×100), ``PPL``, ``Efficacy``,
-    ``Generality``, ``Locality``, ``Score`` (mean of those three present) and ``Avg.S``, the harmonic
+    probe group of ``probe_groups``), ``FL`` (n-gram entropy ×100) and ``FL_ci``, ``PPL``, ``Efficacy``,
+    ``Generality``, ``Locality`` (each with its ``_ci``), ``Score`` (mean of those three present) and
+    ``Avg.S``, the harmonic
     mean of ``ES, PS, NS, RS, DNS`` among those present (0 if any is 0).
 
     Args:
@@ -212,9 +224,9 @@ class EditMetrics(nn.Module):
                 out[score_name] = 100.0 * float(res["score"])
                 out[f"{score_name}_ci"] = 100.0 * float(res["ci"])
                 out[magnitude_name] = 100.0 * float(res["magnitude"])
-        fluency = float(_compute_quietly(self.fluency))
-        if not math.isnan(fluency):
-            out["FL"] = 100.0 * fluency
+        fluency = _compute_quietly(self.fluency)
+        if fluency["n"] > 0:  # over cases, each scoring its texts' mean entropy
+            out["FL"], out["FL_ci"] = 100.0 * float(fluency["mean"]), 100.0 * float(fluency["ci"])
         ppl = float(_compute_quietly(self.perplexity))
         if not math.isnan(ppl):
             out["PPL"] = ppl
@@ -223,14 +235,14 @@ class EditMetrics(nn.Module):
         return out
 
     def _token_report(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+        means, cis = {}, {}
         for group, name in self.token_groups.items():
-            value = float(_compute_quietly(self.tokens[group]))
-            if not math.isnan(value):
-                out[name] = 100.0 * value
-        if out:
-            out["Score"] = sum(out.values()) / len(out)
-        return out
+            res = _compute_quietly(self.tokens[group])
+            if res["n"] > 0:
+                means[name], cis[f"{name}_ci"] = 100.0 * float(res["mean"]), 100.0 * float(res["ci"])
+        if not means:
+            return {}
+        return {**means, **cis, "Score": sum(means.values()) / len(means)}
 
     def reset(self) -> None:
         """Clear every state (call at the start of each evaluation epoch)."""

@@ -73,9 +73,23 @@ def ci_half_width(p: float, n: int) -> float:
     """
     if not 0.0 <= p <= 1.0 or n < 0:
         raise ValueError(f"expected a fraction p in [0, 1] and a count n >= 0, got p={p}, n={n}")
+    return mean_ci_half_width(p, p, n)  # a 0/1 item's square is itself
+
+
+def mean_ci_half_width(mean: float, mean_sq: float, n: int) -> float:
+    """Half-width of the normal 95% confidence interval of a mean of ``n`` items with mean ``mean`` and
+    mean square ``mean_sq``: ``1.96*sqrt((mean_sq - mean²)/n)`` (the items' population variance, as
+    :func:`ci_half_width` for 0/1 items). Returns ``nan`` for ``n == 0``.
+
+    Example:
+        >>> round(mean_ci_half_width(0.5, 0.5, 100), 4)  # 0/1 items: 1.96*sqrt(0.25/100)
+        0.098
+    """
+    if n < 0:
+        raise ValueError(f"expected a count n >= 0, got {n}")
     if n == 0:
         return math.nan
-    return Z95 * math.sqrt(p * (1.0 - p) / n)
+    return Z95 * math.sqrt(max(mean_sq - mean * mean, 0.0) / n)
 
 
 def harmonic_mean(values: Sequence[float]) -> float:

@@ -60,11 +60,13 @@ def _reference(cases: list[CaseResult]) -> dict[str, float]:
             out[s_name], out[m_name] = 100 * p, 100 * float(np.mean(np.exp(-right)))
             out[f"{s_name}_ci"] = 100 * 1.96 * math.sqrt(p * (1 - p) / right.size)
     texts = [c.texts for c in cases if c.texts]
-    out["FL"] = 100 * float(np.mean([np.mean([_entropy(t) for t in ts]) for ts in texts]))
+    per_case = [np.mean([_entropy(t) for t in ts]) for ts in texts]
+    out["FL"], out["FL_ci"] = 100 * float(np.mean(per_case)), 100 * 1.96 * float(np.std(per_case)) / math.sqrt(len(texts))
     out["PPL"] = math.exp(sum(c.perplexity[0] for c in cases) / sum(c.perplexity[1] for c in cases))
     for group, name in (("efficacy", "Efficacy"), ("locality", "Locality")):
         accs = [np.mean(p.numpy() == r.numpy()) for c in cases for p, r in zip(*c.tokens[group], strict=True)]
         out[name] = 100 * float(np.mean(accs))
+        out[f"{name}_ci"] = 100 * 1.96 * float(np.std(accs)) / math.sqrt(len(accs))  # per-prompt accuracies
     out["Score"] = (out["Efficacy"] + out["Locality"]) / 2
     present = np.array([out[k] for k in ("ES", "PS", "NS", "DNS")])
     out["Avg.S"] = 0.0 if (present == 0).any() else float(len(present) / np.sum(1 / present))
@@ -196,7 +198,10 @@ def test_fluency_averages_cases_not_texts() -> None:
     metric.update(["a b a b"])
     metric.update(["the cat sat", "the cat sat", "the cat sat"])
     metric.update([])  # a case without generations is not counted
-    assert float(metric.compute()) == pytest.approx((_entropy("a b a b") + _entropy("the cat sat")) / 2)
+    values = [_entropy("a b a b"), _entropy("the cat sat")]
+    out = metric.compute()
+    assert float(out["mean"]) == pytest.approx(np.mean(values)) and int(out["n"]) == 2
+    assert float(out["ci"]) == pytest.approx(1.96 * np.std(values) / math.sqrt(2))  # over cases
 
 
 def test_unknown_group_raises() -> None:
