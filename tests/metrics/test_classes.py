@@ -61,7 +61,8 @@ def _reference(cases: list[CaseResult]) -> dict[str, float]:
             out[f"{s_name}_ci"] = 100 * 1.96 * math.sqrt(p * (1 - p) / right.size)
     texts = [c.texts for c in cases if c.texts]
     per_case = [np.mean([_entropy(t) for t in ts]) for ts in texts]
-    out["FL"], out["FL_ci"] = 100 * float(np.mean(per_case)), 100 * 1.96 * float(np.std(per_case)) / math.sqrt(len(texts))
+    out["FL"] = 100 * float(np.mean(per_case))
+    out["FL_ci"] = 100 * 1.96 * float(np.std(per_case)) / math.sqrt(len(texts))
     out["PPL"] = math.exp(sum(c.perplexity[0] for c in cases) / sum(c.perplexity[1] for c in cases))
     for group, name in (("efficacy", "Efficacy"), ("locality", "Locality")):
         accs = [np.mean(p.numpy() == r.numpy()) for c in cases for p, r in zip(*c.tokens[group], strict=True)]
