@@ -16,6 +16,7 @@ from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.zopt import CompileMode, StopOn, ZConfig
 from kelight.module import EditModule
 from kelight.objectives.sadr import check_sadr_gamma, sadr_terms
+from kelight.types import check_joint_requests
 
 
 class LocateEditModule(EditModule):
@@ -148,6 +149,13 @@ class MEMIT(LocateEditModule):
                           mom2_n_tokens=h.mom2_n_tokens, mom2_corpus=h.mom2_corpus, pmet=self.pmet,
                           value_at=h.value_at)
         return MemitEditor(hp, self.sadr(hp.layers[-1]))
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.hparams.regime == "batch":  # one joint update per loader batch: refuse a conflict before any edit
+            for batch in self.trainer.train_dataloader:
+                if batch:
+                    check_joint_requests([case.request for case in batch])
 
 
 class PMET(MEMIT):

@@ -81,3 +81,36 @@ def test_bad_context_templates_are_refused(cls, templates):
 def test_bad_layers_are_refused(cls, kwargs, match):
     with pytest.raises(EditInputError, match=match):
         cls(model_name="tiny:llama", **kwargs).build_editor()
+
+
+def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path):
+    """The conflict sits in the second loader batch; the run stops before editing the first one."""
+    import json
+
+    import lightning as L
+
+    from kelight.data.datamodule import EditDataModule
+    from kelight.models.tiny import tiny_model
+
+    def record(subject: str, prompt: str, new: str) -> dict:
+        return {"requested_rewrite": {"prompt": prompt, "subject": subject, "target_new": new, "target_true": "X"},
+                "rewrite": {"prompts": [prompt], "targets": [new]}}
+
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps([record("Lyon", "Lyon is in", "Peru"), record("Oslo", "Oslo is in", "Chad"),
+                                record("Rome", "Rome is in", "Fiji"), record("Rome", "Rome is in", "Cuba")]))
+    module = MEMIT(model_name="tiny:llama", layers=[0, 1], steps=2, context_templates=[], mom2_corpus="model",
+                   mom2_n_tokens=200, fluency=False, regime="batch")
+    edits = []
+    original = MemitEditor.apply
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path / "run"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MemitEditor, "apply", lambda *a, **k: (edits.append(1), original(*a, **k))[1])
+        with pytest.raises(EditInputError, match=r"requests 0 and 1 \(cases 2, 3\) of one joint edit rewrite the "
+                                                 r"same prompt 'Rome is in' of subject 'Rome' to different targets"):
+            trainer.fit(module, datamodule=EditDataModule(path=str(path), batch_size=2))
+    assert edits == []
+    fresh, _ = tiny_model("llama")
+    for (name, a), b in zip(module.lm.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert a.equal(b), name
