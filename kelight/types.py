@@ -94,20 +94,30 @@ def require_requests(requests: Sequence[EditRequest]) -> None:
         )
 
 
+def conflicting_pairs(requests: Sequence[EditRequest]) -> list[tuple[int, int]]:
+    """``(i, j)`` for every request ``j`` that rewrites the prompt and subject of the earlier request
+    ``i`` (the first with them) to another target; identical duplicates are not conflicts."""
+    first: dict[tuple[str, str], int] = {}
+    pairs = []
+    for j, request in enumerate(requests):
+        i = first.setdefault((request.prompt, request.subject), j)
+        if requests[i].target_new.strip() != request.target_new.strip():
+            pairs.append((i, j))
+    return pairs
+
+
 def check_joint_requests(requests: Sequence[EditRequest]) -> None:
     """Refuse an empty joint batch, or two of its requests that rewrite one prompt and subject to
     different targets (one joint update cannot write both; identical duplicates pass)."""
     require_requests(requests)
-    first: dict[tuple[str, str], int] = {}
-    for j, request in enumerate(requests):
-        i = first.setdefault((request.prompt, request.subject), j)
-        if requests[i].target_new.strip() != request.target_new.strip():
-            raise EditInputError(
-                f"requests {i} and {j} (cases {requests[i].case_id!r}, {request.case_id!r}) of one joint edit "
-                f"rewrite the same prompt {request.prompt!r} of subject "
-                f"{request.subject!r} to different targets ({requests[i].target_new!r}, {request.target_new!r}); "
-                "edit them in turn (ROME/FT, or the sequential regime) or drop one"
-            )
+    for i, j in conflicting_pairs(requests)[:1]:
+        a, b = requests[i], requests[j]
+        raise EditInputError(
+            f"requests {i} and {j} (cases {a.case_id!r}, {b.case_id!r}) of one joint edit rewrite the same prompt "
+            f"{b.prompt!r} of subject {b.subject!r} to different targets ({a.target_new!r}, {b.target_new!r}); "
+            "edit them in turn (ROME/FT, or the sequential regime) or drop one (in `kelight fit`: "
+            "--data.drop_conflicting true keeps the first)"
+        )
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ def test_conflicting_targets_in_one_joint_batch_are_refused():
     berlin = EditRequest(REQ.prompt, REQ.subject, "Berlin", case_id="eiffel-2")
     with pytest.raises(EditInputError, match=r"requests 0 and 2 \(cases 'eiffel', 'eiffel-2'\) .* subject "
                                              r"'Eiffel Tower' to different targets \('Rome', 'Berlin'\); "
-                                             r"edit them in turn .* or drop one"):
+                                             r"edit them in turn .* or drop one \(in `kelight fit`: "
+                                             r"--data.drop_conflicting true keeps the first\)"):
         check_joint_requests([REQ, other, berlin])
 
 

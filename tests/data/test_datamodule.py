@@ -186,3 +186,19 @@ def test_real_files_first_50_parse(relpath: str, source: str) -> None:
     dm.setup()
     assert len(dm.cases) == 50 and dm.cases[0].source == source
     assert all("rewrite" in case.probes for case in dm.cases)
+
+
+def test_drop_conflicting_keeps_the_first_of_each_prompt_and_subject(tmp_path: Path) -> None:
+    records = edit_records(4)
+    records[2] = {**records[0], "case_id": 102, "target_new": "German"}  # conflicts with case 100
+    records[3] = {**records[0], "case_id": 103, "target_new": " English"}  # a duplicate, not a conflict
+    path = tmp_path / "conflicts.json"
+    path.write_text(json.dumps(records))
+    kept = EditDataModule(path=str(path), drop_conflicting=True)
+    kept.setup()
+    assert [c.case_id for c in kept.cases] == [100, 101, 103]
+    everything = EditDataModule(path=str(path))
+    everything.setup()
+    assert [c.case_id for c in everything.cases] == [100, 101, 102, 103]
+    with pytest.raises(EditInputError, match="expected drop_conflicting to be true or false, got 'yes'"):
+        EditDataModule(path=str(path), drop_conflicting="yes")  # type: ignore[arg-type]
