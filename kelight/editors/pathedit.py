@@ -27,13 +27,13 @@ sees T+ before rather than after that batch's step. (c) The GPT-J FFN biases are
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kelight.editors.checks import check_number
 from kelight.editors.context import RewriteBatch, build_rewrite_batch, merge_rewrite_batches
 from kelight.editors.path_deltas import PathDeltas, PathSelection
 from kelight.editors.path_trace import trace_paths
@@ -79,12 +79,7 @@ class PathHParams:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise EditInputError(f"expected {name} to be an integer ≥ {low}, got {value!r}")
         for name, positive in (("lr", True), ("contrastive_lambda", False), ("layer_weighting", False)):
-            value = getattr(self, name)
-            ok = isinstance(value, int | float) and math.isfinite(value) and (value > 0 if positive else value >= 0)
-            if not ok:
-                raise EditInputError(
-                    f"expected {name} to be a finite {'positive' if positive else 'non-negative'} number, got {value!r}"
-                )
+            check_number(name, getattr(self, name), positive=positive)
 
 
 def build_path_batch(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest],

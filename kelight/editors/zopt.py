@@ -8,7 +8,6 @@ with ‖δ‖ clamped to ``clamp_norm_factor·‖v‖``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch.fx.experimental._config as fx_config
 from transformers import PreTrainedModel
 
 from kelight.attention_rows import query_row_attention
+from kelight.editors.checks import check_number
 from kelight.editors.context import RewriteBatch, merge_rewrite_batches
 from kelight.editors.prefix import PrefixCache, split_at_subject
 from kelight.editors.steps import ExtraLoss, StepState, finish_loss, forward_logprobs
@@ -100,13 +100,7 @@ class ZConfig:
             raise EditInputError(f"expected compile to be one of {modes} ('off' = eager, else a torch.compile mode), "
                                  f"got {self.compile!r}")
         for name in ("lr", "kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss"):
-            value = getattr(self, name)
-            positive = name in ("lr", "clamp_norm_factor")
-            if not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise EditInputError(
-                    f"expected {name} to be a finite {'positive' if positive else 'non-negative'} number, "
-                    f"got {value!r}"
-                )
+            check_number(name, getattr(self, name), positive=name in ("lr", "clamp_norm_factor"))
 
 
 @dataclass

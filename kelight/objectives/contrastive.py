@@ -10,10 +10,9 @@ reaches the same per-parameter gradients because T+ and τ− are disjoint.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from kelight.editors.checks import check_number
 from kelight.objectives.rewrite import rewrite_nll
 
 
@@ -54,8 +53,7 @@ def contrastive_loss(
     Raises:
         ValueError: if ``weight`` is negative or not finite, or ``reference_ids`` does not match.
     """
-    if not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"expected contrastive_lambda to be a finite number ≥ 0, got {weight!r}")
+    check_number("contrastive_lambda", weight, positive=False)
     if reference_ids.shape != log_probs.shape[:1]:
         raise ValueError(
             f"expected one reference token per target position, got {tuple(reference_ids.shape)} for "

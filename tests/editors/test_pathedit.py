@@ -189,9 +189,9 @@ def test_sadr_on_attention_rows_equals_sadr_on_eager_attention(family, monkeypat
     ({"neg_path_size": -1}, "neg_path_size"),
     ({"eta": 0}, "eta"),
     ({"epochs": 1.5}, "epochs"),
-    ({"lr": 0.0}, "lr to be a finite positive"),
+    ({"lr": 0.0}, "lr to be a finite number > 0"),
     ({"contrastive_lambda": float("nan")}, "contrastive_lambda"),
-    ({"layer_weighting": -1.0}, "layer_weighting to be a finite non-negative"),
+    ({"layer_weighting": -1.0}, "layer_weighting to be a finite number ≥ 0"),
 ])
 def test_bad_hparams(kwargs, match):
     with pytest.raises(EditInputError, match=match):
