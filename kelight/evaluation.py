@@ -141,7 +141,7 @@ def token_argmax(
 PPL_CORPORA = {"corpus50": "ppl/corpus50.json"}  # named probes, in the shared data folder
 
 
-def ppl_texts(corpus: str | os.PathLike | None, field: str = "Text") -> tuple[str, ...]:
+def load_ppl_texts(corpus: str | os.PathLike | None, field: str = "Text") -> tuple[str, ...]:
     """The texts of a perplexity probe: a name of ``PPL_CORPORA`` (in the shared data folder, see
     :func:`kelight.paths.default_data_root`) or a .txt/.json/.jsonl file (records read at ``field``);
     ``None`` gives none.

@@ -28,7 +28,7 @@ import torch
 
 from kelight.distributed import gather_objects, interleave
 from kelight.editors.update import UndoLog
-from kelight.evaluation import case_summary, evaluate_case, locality_reference, perplexity_stats, ppl_texts
+from kelight.evaluation import case_summary, evaluate_case, load_ppl_texts, locality_reference, perplexity_stats
 from kelight.metrics import EditMetrics
 from kelight.models.loading import load
 from kelight.results import append_partial, format_table, partial_path, write_results, z_steps_summary
@@ -71,7 +71,7 @@ class EditModule(L.LightningModule):
         super().__init__()
         if regime not in ("single", "batch", "sequential"):
             raise ValueError(f"expected regime 'single', 'batch' or 'sequential', got {regime!r}")
-        self.ppl_texts = ppl_texts(ppl_corpus, ppl_field)  # read (and checked) now, before any model loads
+        self.ppl_texts = load_ppl_texts(ppl_corpus, ppl_field)  # read (and checked) now, before any model loads
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.lm = None

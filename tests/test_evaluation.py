@@ -211,22 +211,22 @@ def test_smollm2_knows_paris() -> None:
 def test_ppl_texts_reads_names_and_files_and_names_the_fix(tmp_path, monkeypatch):
     import json
 
-    from kelight.evaluation import ppl_texts
+    from kelight.evaluation import load_ppl_texts
 
-    assert ppl_texts(None) == ()
+    assert load_ppl_texts(None) == ()
     good = tmp_path / "t.jsonl"
     good.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
-    assert ppl_texts(good, field="text") == ("one", "two")
+    assert load_ppl_texts(good, field="text") == ("one", "two")
     with pytest.raises(ValueError, match=r"t.jsonl: .*'Text'.*set with ppl_field \(now 'Text'\)"):
-        ppl_texts(good)
+        load_ppl_texts(good)
     blank = tmp_path / "blank.json"
     blank.write_text(json.dumps(["", "  "]))
     with pytest.raises(ValueError, match="blank.json holds no text"):
-        ppl_texts(blank)
+        load_ppl_texts(blank)
     monkeypatch.setenv("KELIGHT_DATA", str(tmp_path))  # a data folder without ppl/
     with pytest.raises(FileNotFoundError, match="'corpus50' is ppl/corpus50.json of the shared data folder, not "
                                                 "found .*set KELIGHT_DATA to the folder that holds ppl/"):
-        ppl_texts("corpus50")
+        load_ppl_texts("corpus50")
     (tmp_path / "ppl").mkdir()
     (tmp_path / "ppl" / "corpus50.json").write_text(json.dumps([{"Text": "a text"}]))
-    assert ppl_texts("corpus50") == ("a text",)
+    assert load_ppl_texts("corpus50") == ("a text",)
