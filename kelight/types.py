@@ -110,7 +110,9 @@ def check_joint_requests(requests: Sequence[EditRequest]) -> None:
     """Refuse an empty joint batch, or two of its requests that rewrite one prompt and subject to
     different targets (one joint update cannot write both; identical duplicates pass)."""
     require_requests(requests)
-    for i, j in conflicting_pairs(requests)[:1]:
+    pairs = conflicting_pairs(requests)
+    if pairs:
+        i, j = pairs[0]
         a, b = requests[i], requests[j]
         raise EditInputError(
             f"requests {i} and {j} (cases {a.case_id!r}, {b.case_id!r}) of one joint edit rewrite the same prompt "
