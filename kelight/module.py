@@ -31,11 +31,28 @@ from kelight.editors.update import UndoLog
 from kelight.evaluation import case_summary, evaluate_case, load_ppl_texts, locality_reference, perplexity_stats
 from kelight.metrics import EditMetrics
 from kelight.models.loading import load
-from kelight.results import append_partial, format_table, partial_path, write_results, z_steps_summary
+from kelight.results import (
+    append_partial,
+    append_sequential,
+    format_table,
+    partial_path,
+    sequential_path,
+    write_results,
+    z_steps_summary,
+)
 from kelight.types import EditCase
 
 log = logging.getLogger(__name__)
 Regime = Literal["single", "batch", "sequential"]
+
+
+class _RestoreOnError(L.Callback):
+    """Lightning reports an error raised outside a module's guarded code (its backward and optimiser step,
+    other callbacks, the sequential regime's final evaluation) only to callbacks, and then skips
+    ``on_fit_end``: undo the edits there (:meth:`EditModule._abort`)."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: EditModule, exception: BaseException) -> None:
+        pl_module._abort()
 
 
 class EditModule(L.LightningModule):
@@ -46,7 +63,8 @@ class EditModule(L.LightningModule):
         dtype: parameter dtype of the edited model.
         regime: ``single`` (restore after each case), ``batch`` (edit each loader batch of
             ``--data.batch_size`` cases jointly, then restore) or ``sequential`` (keep all edits).
-        eval_every: in the sequential regime, also evaluate the cases edited so far every N edits.
+        eval_every: in the sequential regime, also evaluate the cases edited so far every N edits
+            (``seq/*`` in the logger, one line each in ``sequential.jsonl`` of the run directory).
         fluency: generate from the case's generation prompts and report n-gram entropy (FL).
         attn_implementation: e.g. ``"eager"``; ``None`` keeps the model default.
         ppl_corpus: report PPL, the perplexity of each edited model on these texts (the SADR paper's
@@ -104,6 +122,13 @@ class EditModule(L.LightningModule):
     def configure_optimizers(self) -> None:
         return None  # z and its optimiser are created per edit inside the editor
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [_RestoreOnError()]
+
+    def _abort(self) -> None:
+        """A fit failed: every edit in place is undone (bit-exact), so no half-edited model is left behind."""
+        self.undo.restore()
+
     def on_fit_start(self) -> None:
         self.editor = self.build_editor()
         self.editor.setup(self.lm, self.tok)
@@ -113,6 +138,7 @@ class EditModule(L.LightningModule):
         # rank 0's directory: DDP processes started later may have picked another default one
         self.out_dir = Path(self.trainer.strategy.broadcast(str(self.trainer.default_root_dir)))
         partial_path(self.out_dir, self.global_rank).unlink(missing_ok=True)
+        sequential_path(self.out_dir, self.global_rank).unlink(missing_ok=True)
         self.metrics.reset()
         self.source_metrics = {}
         self.case_rows, self.edit_seconds = [], []
@@ -170,7 +196,9 @@ class EditModule(L.LightningModule):
 
     def _evaluate_so_far(self, n_new: int) -> None:
         """Sequential regime with ``eval_every`` N: log ``seq/*`` metrics of every case edited so far
-        whenever the number of edits reaches or passes a multiple of N (joint edits add several)."""
+        whenever the number of edits reaches or passes a multiple of N (joint edits add several), and
+        append them to ``sequential.jsonl`` in the run directory (``{"edits": N, "ES": ..}``; under DDP
+        one file per process, whose shard is its own sequence)."""
         every, done = self.hparams.eval_every, len(self.pending)
         if self.hparams.regime != "sequential" or not every or done // every == (done - n_new) // every:
             return
@@ -178,7 +206,10 @@ class EditModule(L.LightningModule):
         ppl = self._perplexity()
         for case, pre, _, _ in self.pending:
             partial.update(self._evaluate(case, pre, ppl))
-        self.log_dict({f"seq/{k}": v for k, v in partial.compute().items()}, on_step=True, batch_size=1)
+        values = partial.compute()
+        self.log_dict({f"seq/{k}": v for k, v in values.items()}, on_step=True, batch_size=1)
+        append_sequential(self.out_dir or self.trainer.default_root_dir,
+                          {"edits": done, **{k: float(v) for k, v in values.items()}}, self.global_rank)
 
     def _perplexity(self) -> tuple[float, int] | None:
         """``(summed NLL, tokens)`` of the model as it is now on ``ppl_corpus``, or ``None`` without one.

@@ -238,9 +238,15 @@ class PathEdit(EditModule):
         try:
             return fn()
         except BaseException:
-            self._stack.close()
-            self.undo.restore()
+            self._abort()
             raise
+
+    def _abort(self) -> None:
+        """Hooks off, this fit's edits undone (bit-exact), unfolded deltas dropped."""
+        self._stack.close()
+        if self.editor is not None and self.editor.deltas is not None:
+            self.editor.deltas.discard()
+        super()._abort()
 
     def _save_importance(self) -> None:
         if self.editor.traces and self.trainer.is_global_zero:

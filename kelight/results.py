@@ -32,12 +32,26 @@ def partial_path(out_dir: str | Path, rank: int = 0) -> Path:
     return Path(out_dir) / (PARTIAL if rank == 0 else f"cases.partial.rank{rank}.jsonl")
 
 
-def append_partial(out_dir: str | Path, row: Mapping, rank: int = 0) -> None:
-    """Append one case row to this process's partial log (replaced by ``cases.jsonl`` at the end)."""
-    path = partial_path(out_dir, rank)
+def sequential_path(out_dir: str | Path, rank: int = 0) -> Path:
+    """The sequential regime's curve of process ``rank`` (``eval_every``): ``sequential.jsonl`` (rank 0 or a
+    single process), ``sequential.rank{rank}.jsonl`` otherwise (each process edits its own sequence)."""
+    return Path(out_dir) / ("sequential.jsonl" if rank == 0 else f"sequential.rank{rank}.jsonl")
+
+
+def _append_jsonl(path: Path, row: Mapping) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+
+def append_partial(out_dir: str | Path, row: Mapping, rank: int = 0) -> None:
+    """Append one case row to this process's partial log (replaced by ``cases.jsonl`` at the end)."""
+    _append_jsonl(partial_path(out_dir, rank), row)
+
+
+def append_sequential(out_dir: str | Path, row: Mapping, rank: int = 0) -> None:
+    """Append one point of the sequential curve (``{"edits": N, <metric>: ...}``) to this process's file."""
+    _append_jsonl(sequential_path(out_dir, rank), row)
 
 
 def write_results(out_dir: str | Path, metrics: Mapping[str, float], cases: Sequence[Mapping]) -> Path:

@@ -53,6 +53,56 @@ def test_sequential_eval_every_counts_edits_not_loader_batches(tmp_path):
     assert _seq_evaluations(tmp_path / "path", path, batch_size=2) == [4]  # joint edits of 2: 2, 4 (passes 3), 5
 
 
+def test_sequential_eval_every_writes_the_curve_into_the_run_directory(tmp_path):
+    """``sequential.jsonl``: one line per evaluation, the metrics of the cases edited so far; the point
+    after the last edit equals the run's final metrics.json."""
+    import json
+
+    import lightning as L
+
+    from kelight.data.datamodule import EditDataModule
+    from kelight.methods import ROME
+
+    module = ROME(model_name="tiny:llama", layer=1, steps=2, context_templates=[], mom2_adjustment=False,
+                  fluency=False, regime="sequential", eval_every=2)
+    (tmp_path / "sequential.jsonl").write_text('{"edits": 99}\n')  # a stale file of an earlier run is replaced
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=1, limit=4))
+    curve = [json.loads(line) for line in (tmp_path / "sequential.jsonl").read_text().splitlines()]
+    assert [point["edits"] for point in curve] == [2, 4]
+    final = json.loads((tmp_path / "metrics.json").read_text())
+    assert curve[-1]["ES"] == final["ES"] and curve[-1]["NS"] == final["NS"]
+    assert abs(curve[-1]["EM"] - final["EM"]) < 1e-9
+
+
+def test_a_failure_in_the_sequential_evaluation_leaves_the_unedited_weights(tmp_path, monkeypatch):
+    """The sequential regime keeps its edits until the end; an error in the final evaluation (outside the
+    edit's own guard; Lightning then skips on_fit_end) must still restore them, bit-exact."""
+    import lightning as L
+    import pytest
+    import torch
+
+    from kelight.data.datamodule import EditDataModule
+    from kelight.methods import ROME
+
+    module = ROME(model_name="tiny:llama", layer=1, steps=2, context_templates=[], mom2_adjustment=False,
+                  fluency=False, regime="sequential")
+    module.configure_model()
+    snap = {k: v.clone() for k, v in module.lm.state_dict().items()}
+
+    def fail(*args, **kwargs):
+        assert len(module.undo) > 0  # the edits are in place when the evaluation starts
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(module, "_evaluate", fail)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=1, limit=2))
+    assert all(torch.equal(v, snap[k]) for k, v in module.lm.state_dict().items())
+
+
 
 
 def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypatch):

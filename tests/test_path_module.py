@@ -234,3 +234,21 @@ def test_batch_regime_refuses_conflicting_edits_in_different_loader_batches(tmp_
                                          r"prompt .* to different targets"):
         trainer.fit(module, datamodule=EditDataModule(path=str(path), format="counterfact_edit", batch_size=1))
     _assert_unedited(module.lm)
+
+
+class _FailInBackward(L.Callback):
+    """Raises in Lightning's own backward (e.g. out of memory), outside the module's hooks, after the
+    tracing of epoch 2 has folded the first deltas into the weights."""
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.current_epoch == 2:
+            raise RuntimeError("out of memory in backward")
+
+
+def test_failure_outside_the_modules_hooks_restores_and_removes_hooks(tmp_path):
+    module = _module(eta=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _fit(module, tmp_path, [_FailInBackward()])
+    assert all(not m._forward_hooks for m in module.lm.modules())
+    _assert_unedited(module.lm)
+    assert not module.editor.deltas.selected and all(not p.any() for p in module.path_deltas.parameters())

@@ -118,6 +118,13 @@ class PathDeltas(nn.Module):
                 getattr(self, f"{kind}_{part}").zero_()
         self.selected = True
 
+    @torch.no_grad()
+    def discard(self) -> None:
+        """Zero the deltas and forget the selection without writing anything (after a failed edit)."""
+        for p in self.parameters():
+            p.zero_()
+        self.selected = False
+
     @contextmanager
     def training_part(self, part: Part) -> Iterator[None]:
         """Forwards inside see both paths, but gradients reach only ``part`` (``"pos"``: T+, ``"neg"``: τ−)."""

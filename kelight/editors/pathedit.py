@@ -197,6 +197,7 @@ class PathEditor:
             deltas.fold_into(model, adapter, (undo, local))
         except BaseException:
             local.restore()
+            deltas.discard()  # a later apply would fold this edit's deltas at its first tracing
             raise
         norm = torch.stack([p.detach().norm() for p in deltas.parameters()]).norm()
         return EditInfo(z=[ZResult(norm[None], norm.new_zeros(1), losses, len(losses))])

@@ -273,3 +273,48 @@ def test_layer_weighting_scales_each_layers_critical_path_only(tiny):
             _, delta = deltas.delta(kind, layer)
             pos, neg = getattr(deltas, f"{kind}_pos")[layer], getattr(deltas, f"{kind}_neg")[layer]
             torch.testing.assert_close(delta, torch.cat([pos * w[layer], neg]), rtol=0, atol=0)
+
+
+def test_failed_apply_leaves_no_stale_deltas_for_the_next_edit():
+    """A failure after some steps must not leave that edit's trained deltas in the editor: the next
+    ``apply`` (consecutive regime, reused editor) would fold them into the weights at its first tracing."""
+    def fail_at_step_2(state):
+        if state.step == 2:
+            raise RuntimeError("boom at step 2")
+        return state.outputs.last_hidden_state.new_zeros(1)
+
+    model, tok = tiny_model("llama")
+    snap = _snapshot(model)
+    hp = PathHParams(path_size=4, lr=1e-2, epochs=3, eta=4)
+    editor = PathEditor(hp, (fail_at_step_2,))
+    editor.setup(model, tok)
+    with pytest.raises(RuntimeError, match="boom"):
+        editor.apply(model, tok, REQS[:1], UndoLog())
+    assert _changed(model, snap) == []
+    editor.extra_losses = ()
+    editor.apply(model, tok, REQS[1:], UndoLog())  # the same editor edits the next request
+    reused = _snapshot(model)
+    fresh_model, _ = tiny_model("llama")
+    fresh = PathEditor(hp)
+    fresh.setup(fresh_model, tok)
+    fresh.apply(fresh_model, tok, REQS[1:], UndoLog())
+    assert _changed(fresh_model, reused) == []  # as if the failed edit had never been tried
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_contrastive_targets_are_the_unedited_argmax_at_the_target_positions(family):
+    """Teacher-forced on ``prompt + target``, the position before each target token, in a padded batch of
+    requests whose prompts and targets differ in length (checked against HF's own logits, row by row)."""
+    from kelight.tokens import target_ids
+
+    model, tok = tiny_model(family)
+    requests = [EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome and the capital city", "Paris"), REQS[1]]
+    editor = PathEditor(PathHParams(path_size=2))
+    editor.setup(model, tok)
+    expect = []
+    for r in requests:
+        prompt, target = target_ids(tok, r.prompt, r.target_new)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + target])).logits[0]  # (T, V)
+        expect += logits[len(prompt) - 1 : len(prompt) - 1 + len(target)].argmax(-1).tolist()
+    assert editor.reference_ids(model, build_path_batch(tok, requests, "cpu")).tolist() == expect
