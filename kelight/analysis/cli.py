@@ -23,10 +23,13 @@ ANALYSES = ("drift", "substitution", "patching", "heads")
 
 def _int_list(text: str) -> list[int]:
     """``"3:10"`` (range) or ``"3,4,5"``."""
-    if ":" in text:
-        lo, hi = text.split(":")
-        return list(range(int(lo), int(hi)))
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        if ":" in text:
+            lo, hi = text.split(":")
+            return list(range(int(lo), int(hi)))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected --layers as 'lo:hi' or 'a,b,c', got {text!r}; e.g. --layers 5:30") from None
 
 
 def build_parser(name: str) -> LightningArgumentParser:
@@ -74,6 +77,9 @@ def _dispatch(name: str, cfg, module, editor, cases, out: Path) -> dict:
         return patching.run_patching(model, tok, cases, edit, out, title, tasks=cfg.tasks.split(","),
                                      window=cfg.window)
     if name == "substitution":
+        if not 0 <= cfg.case < len(cases):
+            raise ValueError(f"expected --case in 0..{len(cases) - 1} (the selected data has {len(cases)} cases), "
+                             f"got {cfg.case}; pick another case or select more data (--data.limit)")
         return substitution.run_substitution(model, tok, cases[cfg.case], edit, out, title, task=cfg.task,
                                              prompt_index=cfg.prompt, window=cfg.window,
                                              kinds=cfg.kinds.split(","))

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kelight.analysis.attention import last_token_rows
 from kelight.analysis.common import EditFn, edited, probabilities, probes_of, save_outputs
 from kelight.analysis.stats import pearson
+from kelight.models.adapters import adapter_for
 from kelight.objectives.sadr import sadr_loss
 from kelight.tokens import pad_id, subject_last_index, target_ids
 from kelight.types import EditCase, EditInputError, ScoredPrompt
@@ -101,6 +102,17 @@ def case_drift(
     return rows
 
 
+def _check_layers(model: PreTrainedModel, layers: Sequence[int] | None) -> list[int] | None:
+    """``layers`` as a list if they are distinct layers of ``model`` (``None``: every layer)."""
+    if layers is None:
+        return None
+    n_layers, layers = adapter_for(model).n_layers(model), list(layers)
+    if not layers or len(set(layers)) != len(layers) or any(not 0 <= layer < n_layers for layer in layers):
+        raise ValueError(f"expected distinct layers in 0..{n_layers - 1}, got {layers}; "
+                         f"this model has {n_layers} layers (--layers lo:hi with hi ≤ {n_layers})")
+    return layers
+
+
 def attention_drift(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, cases: Sequence[EditCase], edit: EditFn,
     tasks: Sequence[str] = DRIFT_TASKS, layers: Sequence[int] | None = None,
@@ -109,7 +121,12 @@ def attention_drift(
 
     Returns:
         ``{"layers": ..., "tasks": {task: {"cases": [...], "correlation": {factor: {"r", "p", "n"}}}}}``.
+
+    Raises:
+        ValueError: if ``layers`` are not distinct layers of the model, or no case has a prompt of
+            ``tasks`` that contains its edited subject (there is then nothing to measure).
     """
+    layers = _check_layers(model, layers)
     per_task: dict[str, list[dict]] = {task: [] for task in tasks}
     for case in cases:
         for task, row in case_drift(model, tok, case, edit, tasks, layers).items():
@@ -123,6 +140,12 @@ def attention_drift(
             r, p = pearson([row[factor] for row in rows], [row["p_edit"] for row in rows])
             corr[factor] = {"r": r, "p": p, "n": len(rows)}
         out["tasks"][task] = {"cases": rows, "correlation": corr}
+    if not out["tasks"]:
+        raise ValueError(
+            f"none of the {len(cases)} cases has a prompt of the tasks {list(tasks)} that contains its edited "
+            f"subject; attention drift is measured with the subject in context: use the tasks "
+            f"{','.join(DRIFT_TASKS)} (--tasks) on data that has them"
+        )
     return out
 
 

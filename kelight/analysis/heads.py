@@ -46,6 +46,8 @@ def head_selection(
         "per_layer_head": (L', H) fraction of (steps × prompts) selecting the head, "per_case_total": [..]}``;
         steps a case did not run (early stop) do not count towards that step's mean.
     """
+    if not cases:
+        raise ValueError("expected at least one case to edit, got none; select data with cases (--data.limit ≥ 1)")
     fractions = []
     for case in cases:
         with edited(model, tok, case.request, edit):
@@ -75,12 +77,15 @@ def plot_heads(result: dict, path: str | Path, title: str = "") -> Path:
     layers = [str(result["first_layer"] + i) for i in range(per_step.shape[1])]
     fig, axes = figure(1, 2, size=(5.0, max(3.0, 0.2 * len(layers) + 1.2)))
     heatmap(axes[0][0], per_step.T.numpy(), layers, [str(s) for s in range(per_step.shape[0])], symmetric=False,
-            cmap="viridis", title=f"heads selected per prompt (mean of {result['n_cases']} cases)")
+            cmap="viridis", title=f"heads selected per prompt (mean of {result['n_cases']} cases)",
+            cbar_label="heads selected per prompt")
     axes[0][0].set_xlabel("optimisation step", fontsize=8)
     axes[0][0].set_ylabel("layer", fontsize=8)
     heatmap(axes[0][1], per_head.numpy(), layers, [str(h) for h in range(per_head.shape[1])], symmetric=False,
-            cmap="viridis", vmax=1.0, title="fraction of steps × prompts selecting the head")
+            cmap="viridis", vmax=1.0, title="fraction of steps × prompts selecting the head",
+            cbar_label="fraction selected")
     axes[0][1].set_xlabel("head", fontsize=8)
+    axes[0][1].set_ylabel("layer", fontsize=8)
     return save(fig, path, title)
 
 

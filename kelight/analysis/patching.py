@@ -35,6 +35,8 @@ def case_patching(
     n_layers = adapter_for(model).n_layers(model)
     starts = _window_starts(n_layers, window)
     batches = {task: probes for task in tasks if (probes := probes_of(case, task))}
+    if not batches:
+        return {}  # nothing to patch: do not edit
     vanilla: dict[str, tuple] = {}
     for task, probes in batches.items():
         with record_attention(model) as records:
@@ -64,12 +66,18 @@ def attention_patching(
     Returns:
         ``{"window", "starts", "tasks": {task: {"n_prompts", "vanilla_true", ..., "patched_true": [S],
         "patched_edit": [S]}}}``.
+
+    Raises:
+        ValueError: if the window does not fit the model, or no case has a prompt of ``tasks``.
     """
     pooled: dict[str, dict[str, list[torch.Tensor]]] = {}
     for case in cases:
         for task, values in case_patching(model, tok, case, edit, tasks, window).items():
             for key, value in values.items():
                 pooled.setdefault(task, {}).setdefault(key, []).append(value)
+    if not pooled:
+        raise ValueError(f"none of the {len(cases)} cases has a prompt of the tasks {list(tasks)}; choose tasks the "
+                         f"data has (--tasks, from {','.join(SPECIFICITY_TASKS)})")
     result = {"window": window, "starts": _window_starts(adapter_for(model).n_layers(model), window), "tasks": {}}
     for task, values in pooled.items():
         summary = {key: float(torch.cat(v).mean()) for key, v in values.items() if not key.startswith("patched")}

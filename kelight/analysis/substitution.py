@@ -67,6 +67,9 @@ def substitution_map(
     probes = probes_of(case, task)
     if not probes:
         raise ValueError(f"case {case.case_id!r} has no {task!r} prompts; choose another task or case")
+    if not 0 <= prompt_index < len(probes):
+        raise ValueError(f"case {case.case_id!r} has {len(probes)} {task!r} prompts; expected a prompt index in "
+                         f"0..{len(probes) - 1}, got {prompt_index} (--prompt)")
     probe = probes[prompt_index]
     prompt_ids = tok(probe.prompt, add_special_tokens=True)["input_ids"]
     n_tokens, n_layers = len(prompt_ids), adapter_for(model).n_layers(model)
@@ -108,6 +111,7 @@ def plot_substitution(result: dict, path: str | Path, title: str = "", vmax: flo
                     title=f"{kind}: Δ P({name})  [clean {clean:.3f}, edited {after:.3f}]",
                     cbar_label=f"P_subst({name}) − P_clean({name})")
             axes[i][j].set_xlabel(f"layer (window {result['window']})", fontsize=8)
+            axes[i][j].set_ylabel("substituted prompt token", fontsize=8)
     head = f"{result['task']}: {result['prompt']!r} → true {result['o_true']!r} / edit {result['o_edit']!r}"
     return save(fig, path, f"{title}\n{head}" if title else head)
 

@@ -35,3 +35,16 @@ def test_heads_needs_sadr(tmp_path):
     plain = [a if not a.endswith("rome_sadr.yaml") else str(ROOT / "configs/smollm2/rome.yaml") for a in TINY]
     with pytest.raises(ValueError, match="sadr_gamma > 0"):
         run(["analyze", "heads", *plain, "--out", str(tmp_path)])
+
+
+def test_a_case_index_outside_the_data_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"expected --case in 0\.\.1 \(the selected data has 2 cases\), got 2"):
+        run(["analyze", "substitution", *TINY, "--case", "2", "--out", str(tmp_path)])
+
+
+def test_malformed_layers_are_refused_with_the_format():
+    from kelight.analysis.cli import _int_list
+
+    assert _int_list("3:6") == [3, 4, 5] and _int_list("1, 4") == [1, 4]
+    with pytest.raises(ValueError, match=r"expected --layers as 'lo:hi' or 'a,b,c', got '5:'"):
+        _int_list("5:")

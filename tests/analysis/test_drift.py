@@ -61,3 +61,18 @@ def test_edit_drifts_restores_weights_and_writes_outputs(model_tok, cases, edit,
     corr = result["tasks"]["distracted_neighbor"]["correlation"]["kl"]
     assert corr["n"] == 3 and -1 <= corr["r"] <= 1 and 0 <= corr["p"] <= 1
     assert (tmp_path / "drift.json").exists() and (tmp_path / "drift.png").stat().st_size > 0
+
+
+def test_layers_outside_the_model_are_refused_with_the_range(model_tok, cases):
+    model, tok = model_tok
+    with pytest.raises(ValueError, match=r"expected distinct layers in 0\.\.2, got \[0, 7\]"):
+        attention_drift(model, tok, cases, no_edit, layers=[0, 7])
+    with pytest.raises(ValueError, match="distinct layers"):
+        attention_drift(model, tok, cases, no_edit, layers=[2, 2])  # would count layer 2 twice
+
+
+def test_tasks_without_the_subject_in_context_are_refused_before_plotting(model_tok, cases, tmp_path):
+    """Plain neighbourhood prompts never contain the edited subject: nothing to measure, say so."""
+    model, tok = model_tok
+    with pytest.raises(ValueError, match="contains its edited subject.*distracted_neighbor"):
+        run_drift(model, tok, cases, no_edit, tmp_path, tasks=["neighbor"])

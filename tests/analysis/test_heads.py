@@ -35,3 +35,9 @@ def test_head_statistics_of_tiny_rome_sadr(model_tok, cases, rome, edit, tmp_pat
     assert per_head.shape == (n_layers_after, model.config.num_attention_heads)
     assert torch.all((per_head >= 0) & (per_head <= 1))
     assert (tmp_path / "heads.png").stat().st_size > 0
+
+
+def test_no_cases_is_refused(model_tok, rome, edit):
+    model, tok = model_tok
+    with pytest.raises(ValueError, match="expected at least one case"):
+        run_heads(model, tok, [], edit, sadr_term(rome), "unused")

@@ -35,3 +35,18 @@ def test_window_larger_than_the_model_is_refused(model_tok, cases):
     model, tok = model_tok
     with pytest.raises(ValueError, match="window of 1..3"):
         attention_patching(model, tok, cases, no_edit, window=4)
+
+
+def test_tasks_no_case_has_are_refused_without_editing(model_tok, cases):
+    """cases[0] has no relation prompts: nothing to patch, so it is not edited, and with no task left the
+    analysis says which tasks were asked for instead of writing an empty figure."""
+    model, tok = model_tok
+    edits = []
+
+    def counting_edit(m, t, request):
+        edits.append(request)
+        return no_edit(m, t, request)
+
+    with pytest.raises(ValueError, match=r"none of the 1 cases has a prompt of the tasks \['relation'\]"):
+        attention_patching(model, tok, cases[:1], counting_edit, tasks=["relation"], window=2)
+    assert edits == []

@@ -66,3 +66,11 @@ def test_a_case_without_the_task_is_refused(model_tok, cases):
     model, tok = model_tok
     with pytest.raises(ValueError, match="no 'relation' prompts"):
         substitution_map(model, tok, cases[0], no_edit, task="relation")
+
+
+def test_a_prompt_index_outside_the_task_is_refused_with_the_range(model_tok, cases):
+    model, tok = model_tok
+    n = len(cases[0].probes["distracted_neighbor"])
+    expected = rf"has {n} 'distracted_neighbor' prompts; expected a prompt index in 0\.\.{n - 1}"
+    with pytest.raises(ValueError, match=expected):
+        substitution_map(model, tok, cases[0], no_edit, prompt_index=n, window=1, kinds=["attn"])
