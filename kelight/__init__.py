@@ -9,12 +9,12 @@ Example:
 """
 
 from kelight.api import edit
-from kelight.methods import FT, MEMIT, PMET, ROME
+from kelight.methods import FT, MEMIT, PMET, ROME, AlphaEdit
 from kelight.models.loading import load
 from kelight.module import EditModule
 from kelight.path_module import PathEdit
 from kelight.types import EditCase, EditInputError, EditRequest
 
-__all__ = ["FT", "MEMIT", "PMET", "ROME", "EditCase", "EditInputError", "EditModule", "EditRequest", "PathEdit", "edit",
-           "load"]
+__all__ = ["FT", "MEMIT", "PMET", "ROME", "AlphaEdit", "EditCase", "EditInputError", "EditModule", "EditRequest",
+           "PathEdit", "edit", "load"]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from kelight.editors.zopt import ZConfig
 from kelight.objectives.sadr import sadr_terms
 from kelight.types import EditInputError, EditRequest, require_requests
 
-METHODS = ("rome", "memit", "pmet", "ft", "pathedit")
+METHODS = ("rome", "memit", "pmet", "alphaedit", "ft", "pathedit")
 
 
 def _as_requests(request: EditRequest | Mapping | Sequence) -> list[EditRequest]:
@@ -60,6 +60,14 @@ def _editor(method: str, options: dict[str, object]):
     if method == "rome":
         hp = method_hparams(RomeHParams, method, **options)
         return RomeEditor(hp, sadr_terms(gamma, hp.layer + 1, selective))
+    if method == "alphaedit":  # MEMIT with the null-space solve
+        unused = sorted({"mom2_update_weight", "pmet"} & set(options))
+        if unused:
+            raise EditInputError(f"alphaedit does not take {unused}: its update is weighed by the null-space "
+                                 "projector (nullspace_threshold, nullspace_l2); drop them")
+        options.setdefault("nullspace_threshold", 2e-2)
+        hp = method_hparams(MemitHParams, method, **options)
+        return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1, selective))
     if method in ("memit", "pmet"):
         hp = method_hparams(MemitHParams, method, pmet=method == "pmet", **options)
         return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1, selective))
@@ -82,8 +90,8 @@ def edit(
         model: a causal LM of an adapted architecture.
         tokenizer: its tokenizer.
         request: an :class:`EditRequest`, a dict of its fields, or a list of them.
-        method: ``"rome"``, ``"memit"``, ``"pmet"``, ``"ft"`` or ``"pathedit"`` (several requests
-            are edited jointly by MEMIT/PMET/PathEdit, in turn by ROME/FT).
+        method: ``"rome"``, ``"memit"``, ``"pmet"``, ``"alphaedit"``, ``"ft"`` or ``"pathedit"`` (several
+            requests are edited jointly by MEMIT/PMET/AlphaEdit/PathEdit, in turn by ROME/FT).
         **options: method hyper-parameters, e.g. ``layer=4, steps=20, mom2_adjustment=False, sadr_gamma=1e-2``.
 
     Returns:

@@ -1,4 +1,4 @@
-"""The edit methods as LightningModules: ROME, MEMIT, PMET (locate-then-edit) and FT (the baseline).
+"""The edit methods as LightningModules: ROME, MEMIT, PMET, AlphaEdit (locate-then-edit) and FT (the baseline).
 
 Each class turns its CLI/sweep arguments (``--model.layer`` ...) into an editor of
 :mod:`kelight.editors`; the edit loop, regimes, evaluation and metrics are :class:`EditModule`'s.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kelight.editors.checks import check_context_templates, check_layer, check_layers
+from kelight.editors.checks import check_context_templates, check_layer, check_layers, check_number
 from kelight.editors.ft import FTEditor, FTHParams
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
@@ -122,12 +122,11 @@ class ROME(LocateEditModule):
         return RomeEditor(hp, self.sadr(h.layer))
 
 
-class MEMIT(LocateEditModule):
-    """MEMIT (Meng et al. 2023): the residual at the last layer of R spread over R's MLPs.
+class SpreadEditModule(LocateEditModule):
+    """Shared arguments of the methods that spread an edit over the MLPs of layers R (MEMIT, PMET, AlphaEdit).
 
     Args:
         layers: edited layers R, ascending.
-        mom2_update_weight: λ of ``(λ C + K Kᵀ)``.
         value_at: ``"block"`` (L's block output, the paper) or ``"mlp"`` (L's MLP output); unset: the
             MLP output on architectures that normalise it before the residual stream (Gemma-3).
         **kwargs: :class:`LocateEditModule` and :class:`EditModule` arguments.
@@ -135,19 +134,22 @@ class MEMIT(LocateEditModule):
 
     pmet = False
 
-    def __init__(self, layers: list[int] = [2, 3, 4, 5, 6], mom2_update_weight: float = 15000.0,  # noqa: B006
+    def __init__(self, layers: list[int] = [2, 3, 4, 5, 6],  # noqa: B006 (CLI default)
                  value_at: Literal["block", "mlp"] | None = None, **kwargs) -> None:
         kwargs.setdefault("context_templates", [[10, 5]])
         super().__init__(**kwargs)
         self.save_hyperparameters()
         check_layers("layers", layers)
 
+    def solve_options(self) -> dict:  # pragma: no cover - abstract
+        """The :class:`MemitHParams` fields of the method's weight-update solve."""
+        raise NotImplementedError
+
     def build_editor(self) -> MemitEditor:
         h = self.hparams
         hp = MemitHParams(layers=check_layers("layers", h.layers), z=self.z_config(),
-                          context_templates=self.templates(), mom2_update_weight=h.mom2_update_weight,
-                          mom2_n_tokens=h.mom2_n_tokens, mom2_corpus=h.mom2_corpus, pmet=self.pmet,
-                          value_at=h.value_at)
+                          context_templates=self.templates(), mom2_n_tokens=h.mom2_n_tokens,
+                          mom2_corpus=h.mom2_corpus, pmet=self.pmet, value_at=h.value_at, **self.solve_options())
         return MemitEditor(hp, self.sadr(hp.layers[-1]))
 
     def on_train_start(self) -> None:
@@ -158,10 +160,51 @@ class MEMIT(LocateEditModule):
                     check_joint_requests([case.request for case in batch])
 
 
+class MEMIT(SpreadEditModule):
+    """MEMIT (Meng et al. 2023): the residual at the last layer of R spread over R's MLPs.
+
+    Args:
+        mom2_update_weight: λ of ``(λ C + K Kᵀ)``.
+        **kwargs: :class:`SpreadEditModule` (``layers``, ``value_at``), :class:`LocateEditModule` and
+            :class:`EditModule` arguments.
+    """
+
+    def __init__(self, mom2_update_weight: float = 15000.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        check_number("mom2_update_weight", mom2_update_weight, positive=True)
+
+    def solve_options(self) -> dict:
+        return {"mom2_update_weight": self.hparams.mom2_update_weight}
+
+
 class PMET(MEMIT):
     """PMET (Li et al. 2024): attention and MLP deltas optimised at L, only the MLP one written."""
 
     pmet = True
+
+
+class AlphaEdit(SpreadEditModule):
+    """AlphaEdit (Fang et al. 2025): MEMIT's value vectors and layers, each update projected onto the null
+    space of the preserved keys and keeping the edits made before on the same weights (the sequential
+    regime's point): ``Δ = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + α I)⁻¹``.
+
+    Args:
+        nullspace_threshold: P spans the eigenvectors of the key second moment C with eigenvalue below
+            this (the paper's 2e-2; the count kept per layer is logged).
+        nullspace_l2: α, the weight of the update's own norm (the reference's ``L2``: 10).
+        **kwargs: :class:`SpreadEditModule` (``layers``, ``value_at``), :class:`LocateEditModule` and
+            :class:`EditModule` arguments.
+    """
+
+    def __init__(self, nullspace_threshold: float = 2e-2, nullspace_l2: float = 10.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        check_number("nullspace_threshold", nullspace_threshold, positive=True)
+        check_number("nullspace_l2", nullspace_l2, positive=True)
+
+    def solve_options(self) -> dict:
+        return {"nullspace_threshold": self.hparams.nullspace_threshold, "nullspace_l2": self.hparams.nullspace_l2}
 
 
 class FT(EditModule):

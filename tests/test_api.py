@@ -15,6 +15,7 @@ OPTS = {"rome": {"layer": 1, "mom2_adjustment": False, "context_templates": [], 
                   "steps": 2},
         "ft": {"layer": 1, "steps": 2}, "pathedit": {"path_size": 2, "epochs": 1}}
 OPTS["pmet"] = OPTS["memit"]
+OPTS["alphaedit"] = {**OPTS["memit"], "nullspace_threshold": 1.0}
 TEMPLATES = r"expected context_templates to be \[length, count\] pairs of positive integers"
 
 
@@ -45,16 +46,35 @@ def test_context_templates_are_checked_by_every_method(method, templates):
     _refused(method, REQ, TEMPLATES, context_templates=templates)
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "ft", "pathedit"])
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "alphaedit", "ft", "pathedit"])
 @pytest.mark.parametrize("request_", [[], [[]]])
 def test_empty_request_list_is_refused_by_every_method(method, request_):
     _refused(method, request_, "expected at least one edit request, got none")
 
 
-@pytest.mark.parametrize("method", ["memit", "pathedit"])
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "pathedit"])
 def test_conflicting_targets_in_one_joint_edit_are_refused(method):
     _refused(method, [REQ, BERLIN], r"requests 0 and 1 \(cases 'eiffel', 'eiffel-berlin'\) .* subject 'Eiffel Tower'"
                                     r" to different targets .* edit them in turn")
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"mom2_update_weight": 1400.0}, r"alphaedit does not take \['mom2_update_weight'\]"),
+    ({"pmet": True}, r"alphaedit does not take \['pmet'\]"),
+    ({"nullspace_threshold": 1e-30}, "leaves no null space at layer 0"),
+    ({"nullspace_l2": 0.0}, "nullspace_l2 to be a finite number > 0"),
+])
+def test_alphaedit_options_are_checked(overrides, match):
+    _refused("alphaedit", REQ, match, **overrides)
+
+
+def test_alphaedit_edit_round_trips_bit_exact():
+    model, tok = tiny_model("llama")
+    snap = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model, undo = kelight.edit(model, tok, REQ, method="alphaedit", **OPTS["alphaedit"])
+    assert len(undo) == 2  # both layers' output matrices changed
+    undo.restore()
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("weight", [float("nan"), float("inf"), 0.0])

@@ -6,7 +6,7 @@ import pytest
 
 from kelight.editors.memit import MemitEditor
 from kelight.editors.rome import RomeEditor
-from kelight.methods import FT, MEMIT, PMET, ROME
+from kelight.methods import FT, MEMIT, PMET, ROME, AlphaEdit
 from kelight.objectives.sadr import SADR
 from kelight.types import EditInputError
 
@@ -38,6 +38,37 @@ def test_memit_and_pmet_share_one_editor(cls, pmet):
     assert editor.hp.value_at == "mlp" and editor.hp.z.early_stop_on == "total"  # the reference's default
     assert editor.hp.context_templates == ((10, 5),)  # MEMIT's own default, not ROME's
     assert editor.extra_losses[0].first_layer == 3  # drift after the last edited layer
+
+
+def test_alphaedit_is_memit_with_the_nullspace_solve():
+    editor = AlphaEdit(model_name="tiny:llama", layers=[1, 2], nullspace_threshold=0.05, nullspace_l2=3.0,
+                       sadr_gamma=0.08).build_editor()
+    assert isinstance(editor, MemitEditor) and not editor.hp.pmet
+    assert (editor.hp.layers, editor.hp.nullspace_threshold, editor.hp.nullspace_l2) == ((1, 2), 0.05, 3.0)
+    assert editor.hp.context_templates == ((10, 5),) and editor.extra_losses[0].first_layer == 3
+    assert MEMIT(model_name="tiny:llama").build_editor().hp.nullspace_threshold is None  # MEMIT's own solve
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"nullspace_threshold": 0.0}, "nullspace_threshold to be a finite number > 0"),
+    ({"nullspace_l2": float("nan")}, "nullspace_l2 to be a finite number > 0"),
+])
+def test_alphaedit_refuses_bad_solve_options(kwargs, match):
+    with pytest.raises(EditInputError, match=match):
+        AlphaEdit(model_name="tiny:llama", **kwargs)
+
+
+def test_alphaedit_has_no_mom2_update_weight_on_the_cli(capsys):
+    """MEMIT's λ would be silently unused by AlphaEdit's solve: the CLI names it as an unknown key."""
+    from pathlib import Path
+
+    from kelight.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs/smollm2/alphaedit.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--model.mom2_update_weight", "1400", "--print_config"])
+    assert exit_info.value.code != 0
+    assert "mom2_update_weight" in capsys.readouterr().err
 
 
 def test_ft_measures_drift_after_its_layer():

@@ -1,10 +1,13 @@
-"""MEMIT (Meng et al. 2023) and PMET (Li et al. 2024): spread edits over the MLPs of layers R.
+"""MEMIT (Meng et al. 2023), PMET (Li et al. 2024), AlphaEdit (Fang et al. 2025): edits spread over
+the MLPs of layers R.
 
 Both optimise a value vector per request at the last layer L of R (MEMIT: the block output, or
 the MLP output where the architecture normalises it before the residual stream; PMET: separate
 attention and MLP outputs, keeping only the MLP part), then for each layer
 l ∈ R in ascending order write the remaining residual, divided by the layers left, with the
-shared least-squares solve ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹``.
+shared least-squares solve ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹`` — or, with a null-space threshold (AlphaEdit),
+``Δ = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + α I)⁻¹``: projected onto the null space P of the preserved keys'
+second moment C, and keeping the keys K_p edited before on the same weights.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from kelight.editors.corpus import CorpusSpec
 from kelight.editors.keys import mean_keys
 from kelight.editors.rome import EditInfo
 from kelight.editors.steps import ExtraLoss
-from kelight.editors.update import UndoLog, least_squares_update
+from kelight.editors.update import UndoLog, least_squares_update, nullspace_projector, nullspace_update
 from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
 from kelight.hooks import trace
 from kelight.models.adapters import ArchAdapter, adapter_for
@@ -69,6 +72,11 @@ class MemitHParams:
         value_at: MEMIT's value vector: ``"block"`` (L's block output, the paper) or ``"mlp"`` (L's MLP
             output before any post-norm, the units the update writes, as PMET's). ``None``: ``"mlp"``
             where the adapter declares ``mlp_post_norm`` (Gemma-3), else ``"block"``. PMET: always MLP.
+        nullspace_threshold: AlphaEdit: project each update onto the eigenvectors of C with eigenvalue
+            below this (the paper: 2e-2) and keep the keys edited before on the same weights
+            (:func:`~kelight.editors.update.nullspace_update`); ``mom2_update_weight`` is then unused.
+            ``None``: MEMIT's solve.
+        nullspace_l2: AlphaEdit's α, the weight of the update's own norm (the reference's ``L2``: 10).
         seed: seed of the context-template sampling.
     """
 
@@ -80,6 +88,8 @@ class MemitHParams:
     mom2_corpus: str | CorpusSpec | None = None
     pmet: bool = False
     value_at: Literal["block", "mlp"] | None = None
+    nullspace_threshold: float | None = None
+    nullspace_l2: float = 10.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,13 +99,20 @@ class MemitHParams:
         if self.value_at not in (None, "block", "mlp"):
             raise EditInputError(f"expected value_at 'block', 'mlp' or None (architecture default), got "
                                  f"{self.value_at!r}")
+        if self.nullspace_threshold is not None:
+            check_number("nullspace_threshold", self.nullspace_threshold, positive=True)
+        check_number("nullspace_l2", self.nullspace_l2, positive=True)
         if self.pmet and self.value_at == "block":
             raise EditInputError("PMET's value vector is the MLP output; value_at='block' is MEMIT's, "
                                  "drop it or use MEMIT")
 
 
 class MemitEditor:
-    """Computes and applies MEMIT (or PMET) batch updates; ``setup`` once per unedited model."""
+    """Computes and applies MEMIT (PMET, AlphaEdit) batch updates; ``setup`` once per unedited model.
+
+    AlphaEdit (``nullspace_threshold`` set) also remembers ``K_p K_pᵀ``, the keys it has written into the
+    current weights (``edited_gram``); the undo log that holds those edits forgets them on restore.
+    """
 
     def __init__(self, hparams: MemitHParams, extra_losses: Sequence[ExtraLoss] = ()) -> None:
         self.hp = hparams
@@ -103,6 +120,8 @@ class MemitEditor:
         self.templates: list[str] | None = None
         self.mom2: dict[int, torch.Tensor] = {}
         self.adapter: ArchAdapter | None = None
+        self.projectors: dict[int, torch.Tensor] = {}  # AlphaEdit: layer -> null-space projector P
+        self.edited_gram: dict[int, torch.Tensor] = {}  # AlphaEdit: layer -> K_p K_pᵀ of the edits in place
 
     @property
     def last_layer(self) -> int:
@@ -139,6 +158,21 @@ class MemitEditor:
 
         self.mom2 = second_moments(model, tok, list(self.hp.layers), corpus=self.hp.mom2_corpus,
                                    n_tokens=self.hp.mom2_n_tokens)
+        self.edited_gram = {}
+        if self.hp.nullspace_threshold is not None:
+            self.projectors = {layer: self._projector(layer, self.hp.nullspace_threshold) for layer in self.hp.layers}
+
+    def _projector(self, layer: int, threshold: float) -> torch.Tensor:
+        projector, rank = nullspace_projector(self.mom2[layer], threshold)
+        dim = projector.shape[0]
+        if rank == 0:
+            smallest = torch.linalg.eigvalsh(self.mom2[layer].double()).min().item()
+            raise EditInputError(f"nullspace_threshold={threshold:g} leaves no null space at layer {layer}: every "
+                                 f"eigenvalue of its key second moment C is above it (the smallest is {smallest:.3g});"
+                                 f" raise nullspace_threshold above {smallest:.3g}")
+        log.info("AlphaEdit null space at layer %d: %d of %d key directions (eigenvalues of C < %g)", layer, rank,
+                 dim, threshold)
+        return projector
 
     def compute_zs(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                    requests: Sequence[EditRequest]) -> list[ZResult]:
@@ -177,10 +211,23 @@ class MemitEditor:
             resid = (targets - current) / (len(self.hp.layers) - i)  # spread over the layers left
             if mlp_out:
                 resid = post_norm_preimage(self.adapter.module(model, "mlp_post_norm", layer), mlp_out[0], resid)
-            mom2 = self.mom2[layer].to(keys.device)
-            delta = least_squares_update(keys, resid, mom2, self.hp.mom2_update_weight)
+            delta = self._solve(layer, keys, resid)
             undo.add_(self.adapter.out_weight(model, layer), delta, transposed=self.adapter.mlp_conv1d)
+            if self.projectors:  # AlphaEdit: these keys now hold edits that later ones must keep
+                undo.on_restore(self.edited_gram.clear)
+                gram = keys.double() @ keys.double().T
+                self.edited_gram[layer] = self.edited_gram[layer] + gram if layer in self.edited_gram else gram
         return EditInfo(z=zs)
+
+    def _solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """This layer's weight change writing ``resid`` at ``keys``: MEMIT's least squares, or AlphaEdit's
+        null-space projected solve that also keeps the keys edited before."""
+        if self.projectors:
+            projector = self.projectors[layer].to(keys.device)
+            prior = self.edited_gram.get(layer)
+            return nullspace_update(keys, resid, projector, None if prior is None else prior.to(keys.device),
+                                    self.hp.nullspace_l2)
+        return least_squares_update(keys, resid, self.mom2[layer].to(keys.device), self.hp.mom2_update_weight)
 
     def _mean_keys(self, model, tok, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
         assert self.adapter is not None and self.templates is not None

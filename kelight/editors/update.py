@@ -1,10 +1,12 @@
-"""Closed-form weight updates shared by ROME, MEMIT and PMET, and the exact undo log.
+"""Closed-form weight updates shared by ROME, MEMIT, PMET and AlphaEdit, and the exact undo log.
 
 Shapes use the linear convention ``W: (d_out, d_in)`` (value dim × key dim); adapters give a
 view of Conv1D weights in that convention, so no caller transposes by guesswork.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -59,6 +61,47 @@ def least_squares_update(
     return torch.linalg.solve(a, k @ r.T).T  # (d_out, d_in) = R Kᵀ A⁻¹ since A is symmetric
 
 
+def nullspace_projector(mom2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """AlphaEdit's projector ``P = Û Ûᵀ`` onto the eigenvectors of ``C`` with eigenvalue below ``threshold``.
+
+    ``C = E[k kᵀ]`` of the preserved keys; an update ``Δ`` with ``Δ P = Δ`` leaves ``Δ k ≈ 0`` for every
+    key the corpus produces (their energy outside ``P``'s range is below ``threshold``). Float64.
+
+    Returns:
+        ``(P, n)``: the ``(d, d)`` symmetric projector and its rank ``n`` (the null-space dimension).
+    """
+    c = mom2.double()
+    eigvals, eigvecs = torch.linalg.eigh((c + c.T) / 2)  # symmetrised: C is symmetric up to rounding
+    basis = eigvecs[:, eigvals < threshold]  # (d, n)
+    return basis @ basis.T, basis.shape[1]
+
+
+def nullspace_update(
+    keys: torch.Tensor, residuals: torch.Tensor, projector: torch.Tensor, prior_gram: torch.Tensor | None,
+    l2: float,
+) -> torch.Tensor:
+    """AlphaEdit's update ``Δ = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + α I)⁻¹`` (Fang et al. 2025, float64).
+
+    It is ``Δ' P`` for the ``Δ'`` minimising ``‖Δ'P K − R‖² + ‖Δ'P K_p‖² + α‖Δ'P‖²``, so ``Δ (I − P) = 0``
+    exactly: the preserved keys (outside ``P``'s range) are not moved, and earlier edits' keys ``K_p``
+    are kept as they were written. With ``P = I`` and no earlier edits it is
+    :func:`least_squares_update` with ``α I`` in place of ``λ C``.
+
+    Args:
+        keys: ``(d_in, n)`` keys ``K`` of the edited subjects.
+        residuals: ``(d_out, n)`` residuals ``R`` to write at those keys.
+        projector: ``(d_in, d_in)`` null-space projector ``P`` (:func:`nullspace_projector`).
+        prior_gram: ``(d_in, d_in)`` ``K_p K_pᵀ`` of the keys edited before on these weights, or ``None``.
+        l2: ``α`` (> 0), the weight of the update's own norm.
+    """
+    k, r, p = keys.double(), residuals.double(), projector.double()
+    gram = k @ k.T if prior_gram is None else k @ k.T + prior_gram.double()
+    a = p @ gram + l2 * torch.eye(p.shape[0], dtype=torch.float64, device=p.device)  # = ((K Kᵀ + K_p K_pᵀ) P + α I)ᵀ
+    # Δ = Δ P exactly in theory; multiplying by P again keeps Δ (I − P) at rounding level even when a
+    # small α makes the solve ill-conditioned in the preserved directions
+    return torch.linalg.solve(a, p @ k @ r.T).T @ p  # (d_out, d_in)
+
+
 class UndoLog:
     """Remembers each parameter's original values on first change; ``restore`` is bit-exact.
 
@@ -68,6 +111,7 @@ class UndoLog:
 
     def __init__(self) -> None:
         self._originals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self._on_restore: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
         return len(self._originals)
@@ -85,9 +129,19 @@ class UndoLog:
         view = param.T if transposed else param
         view.add_(delta.to(device=param.device, dtype=param.dtype))
 
+    def on_restore(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` at the next :meth:`restore` (once, however often it is registered): for
+        state that describes the edited weights, such as AlphaEdit's record of the keys edited so far."""
+        if callback not in self._on_restore:
+            self._on_restore.append(callback)
+
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy every remembered parameter back to its original value and forget them."""
+        """Copy every remembered parameter back to its original value and forget them; then run and
+        forget the :meth:`on_restore` callbacks."""
         for param, original in self._originals.values():
             param.copy_(original)
         self._originals.clear()
+        callbacks, self._on_restore = self._on_restore, []
+        for callback in callbacks:
+            callback()

@@ -18,9 +18,9 @@ REQS = [
 CORPUS = CorpusSpec(kind="texts", texts=tuple(f"Some text number {i} about towers and mountains." for i in range(20)))
 
 
-def _editor(model, tok, pmet=False, layers=(0, 1), weight=1.0, value_at=None):
+def _editor(model, tok, pmet=False, layers=(0, 1), weight=1.0, value_at=None, **solve):
     hp = MemitHParams(layers=layers, z=ZConfig(steps=5), context_templates=(), mom2_update_weight=weight,
-                      mom2_corpus=CORPUS, mom2_n_tokens=500, pmet=pmet, value_at=value_at)
+                      mom2_corpus=CORPUS, mom2_n_tokens=500, pmet=pmet, value_at=value_at, **solve)
     editor = MemitEditor(hp)
     editor.setup(model, tok)  # a small in-memory corpus keeps the test fast and offline
     return editor
@@ -121,7 +121,11 @@ def test_memit_writes_through_gemmas_post_mlp_norm(caplog):
                                                ({"context_templates": ((5, -2),)}, "pairs of positive integers"),
                                                ({"context_templates": ((5,),)}, "pairs of positive integers"),
                                                ({"value_at": "attn"}, "value_at 'block', 'mlp' or None"),
-                                               ({"value_at": "block", "pmet": True}, "use MEMIT")])
+                                               ({"value_at": "block", "pmet": True}, "use MEMIT"),
+                                               ({"nullspace_threshold": 0.0}, "nullspace_threshold to be a "
+                                                "finite number > 0, got 0.0"),
+                                               ({"nullspace_threshold": float("nan")}, "nullspace_threshold"),
+                                               ({"nullspace_l2": 0.0}, "nullspace_l2 to be a finite number > 0")])
 def test_hparams_validation(kwargs, match):
     with pytest.raises(EditInputError, match=match):
         MemitHParams(**kwargs)
@@ -150,3 +154,82 @@ def test_layer_out_of_range_on_setup():
     editor = MemitEditor(MemitHParams(layers=(1, 5), context_templates=()))
     with pytest.raises(ValueError, match="layer 5 is out of range"):
         editor.setup(model, tok)
+
+
+def _median_eigenvalue(model, tok) -> float:
+    """A threshold that splits every edited layer's key directions (the tiny models' C is small)."""
+    mom2 = _editor(model, tok).mom2
+    return float(torch.cat([torch.linalg.eigvalsh(c.double()) for c in mom2.values()]).median())
+
+
+def _weights(editor, model):
+    return {layer: editor.adapter.out_weight_as_linear(model, layer).detach().double().clone()
+            for layer in editor.hp.layers}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: a transposed Conv1D output matrix
+def test_alphaedit_updates_lie_in_the_null_space_and_keep_earlier_edits(arch):
+    """Each layer's change Δ satisfies Δ (I − P) = 0; a second edit on the same weights solves with the
+    first edit's keys K_p K_pᵀ (``edited_gram``); restore forgets them and is bit-exact."""
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model(arch)
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    threshold = _median_eigenvalue(model, tok)
+    editor = _editor(model, tok, nullspace_threshold=threshold, nullspace_l2=1.0)
+    assert set(editor.projectors) == {0, 1}
+    before = _weights(editor, model)
+    undo = UndoLog()
+    editor.apply(model, tok, REQS[:1], undo)
+    first = _weights(editor, model)
+    for layer, p in editor.projectors.items():
+        assert 0 < torch.linalg.matrix_rank(p) < p.shape[0]  # a proper null space
+        delta = first[layer] - before[layer]
+        assert float(delta.abs().max()) > 1e-6  # the edit wrote something
+        eye = torch.eye(p.shape[0], dtype=torch.float64)
+        assert float((delta @ (eye - p)).abs().max()) < 1e-5 * float(delta.abs().max())  # float32 weights
+    grams = {layer: g.clone() for layer, g in editor.edited_gram.items()}
+    assert set(grams) == {0, 1}
+    editor.apply(model, tok, REQS[1:], undo)  # sequential: K_p = the first edit's keys
+    for layer, gram in editor.edited_gram.items():
+        assert torch.linalg.matrix_rank(gram) == 2 and not torch.equal(gram, grams[layer])
+    undo.restore()
+    assert editor.edited_gram == {}
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_alphaedit_second_edit_solves_with_the_first_edits_keys():
+    """The second update equals nullspace_update with K_p K_pᵀ = the first edit's keys at that layer, and
+    the same edit on fresh weights (K_p = 0) differs."""
+    from kelight.editors.update import nullspace_update
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    alpha = 1e-4  # small against the tiny model's key norms, so that K_p K_pᵀ weighs in
+    editor = _editor(model, tok, layers=(1,), nullspace_threshold=_median_eigenvalue(model, tok), nullspace_l2=alpha)
+    undo = UndoLog()
+    editor.apply(model, tok, REQS[:1], undo)
+    prior = editor.edited_gram[1].clone()
+    zs = editor.compute_zs(model, tok, REQS[1:])
+    keys = editor._mean_keys(model, tok, 1, REQS[1:])
+    target = torch.stack([z.v_init[0] + z.delta[0] for z in zs], dim=1).double()
+    resid = target - editor._current_values(model, tok, REQS[1:])
+    w0 = _weights(editor, model)[1]
+    editor.apply(model, tok, REQS[1:], undo, zs=zs)
+    got = _weights(editor, model)[1] - w0
+    expected = nullspace_update(keys, resid, editor.projectors[1], prior, alpha)
+    torch.testing.assert_close(got, expected.float().double(), rtol=1e-4, atol=1e-6)
+    fresh = nullspace_update(keys, resid, editor.projectors[1], None, alpha)
+    assert float((fresh - expected).abs().max()) > 1e-2 * float(expected.abs().max())
+    undo.restore()
+
+
+def test_alphaedit_threshold_below_every_eigenvalue_is_refused_at_setup():
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EditInputError, match=r"nullspace_threshold=1e-30 leaves no null space at layer 0: every "
+                                             r"eigenvalue .* \(the smallest is .*\); raise nullspace_threshold"):
+        _editor(model, tok, nullspace_threshold=1e-30)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())

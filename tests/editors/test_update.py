@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from kelight.editors.update import UndoLog, least_squares_update, rank_one_update
+from kelight.editors.update import (
+    UndoLog,
+    least_squares_update,
+    nullspace_projector,
+    nullspace_update,
+    rank_one_update,
+)
 
 
 def _problem(seed=0, d_out=5, d_in=7, n=40):
@@ -90,3 +96,81 @@ def test_undo_log_refuses_non_finite_delta():
     with pytest.raises(FloatingPointError, match="NaN/inf"):
         undo.add_(p, torch.tensor([[float("nan"), 0.0], [0.0, 0.0]]))
     assert torch.equal(p, torch.zeros(2, 2))
+
+
+def _low_rank_moment(seed=0, d=8, rank=5):
+    """A second moment with ``d - rank`` zero eigenvalues (a known null space) and its range basis."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    eig = np.concatenate([rng.uniform(1.0, 3.0, size=rank), np.zeros(d - rank)])
+    return torch.from_numpy(basis @ np.diag(eig) @ basis.T), basis[:, :rank], basis[:, rank:]
+
+
+def test_nullspace_projector_spans_the_small_eigenvalues():
+    c, range_basis, null_basis = _low_rank_moment()
+    p, rank = nullspace_projector(c, 1e-6)
+    assert rank == 3
+    torch.testing.assert_close(p, p.T)
+    torch.testing.assert_close(p @ p, p)
+    torch.testing.assert_close(p, torch.from_numpy(null_basis @ null_basis.T), rtol=0, atol=1e-12)
+    assert float((p @ torch.from_numpy(range_basis)).abs().max()) < 1e-12  # preserved directions removed
+    assert nullspace_projector(c, 1e-12)[1] == 3 and nullspace_projector(c, 10.0)[1] == 8
+
+
+def test_nullspace_update_leaves_preserved_keys_and_writes_null_space_keys():
+    c, range_basis, null_basis = _low_rank_moment(1)
+    p, _ = nullspace_projector(c, 1e-6)
+    rng = np.random.default_rng(2)
+    keys = torch.from_numpy(null_basis @ rng.normal(size=(3, 2)))  # two new keys inside the null space
+    resid = torch.from_numpy(rng.normal(size=(4, 2)))
+    delta = nullspace_update(keys, resid, p, None, 1e-9)
+    assert delta.shape == (4, 8) and delta.dtype == torch.float64
+    assert float((delta @ torch.from_numpy(range_basis)).abs().max()) < 1e-12  # Δ K0 = 0
+    torch.testing.assert_close(delta @ keys, resid, rtol=1e-6, atol=1e-6)  # α → 0: written exactly
+    # a key with a preserved component: only its null-space part is written
+    mixed = keys + torch.from_numpy(range_basis @ rng.normal(size=(5, 2)))
+    torch.testing.assert_close(nullspace_update(mixed, resid, p, None, 1e-9) @ torch.from_numpy(range_basis),
+                               torch.zeros(4, 5, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_nullspace_update_with_identity_projector_is_ridge_least_squares():
+    rng = np.random.default_rng(4)
+    keys, resid = torch.from_numpy(rng.normal(size=(6, 3))), torch.from_numpy(rng.normal(size=(5, 3)))
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(nullspace_update(keys, resid, eye, None, 2.5),
+                               least_squares_update(keys, resid, eye, 2.5), rtol=1e-10, atol=1e-12)
+    prior = torch.from_numpy(rng.normal(size=(6, 4)))
+    gram = prior @ prior.T  # earlier edits' keys weigh in as λC = K_p K_pᵀ + α I would
+    torch.testing.assert_close(nullspace_update(keys, resid, eye, gram, 2.5),
+                               least_squares_update(keys, resid, gram + 2.5 * eye, 1.0), rtol=1e-9, atol=1e-12)
+
+
+def test_nullspace_update_minimises_alphaedits_objective():
+    """Δ = Δ'P for the Δ' minimising ‖Δ'PK − R‖² + ‖Δ'P K_p‖² + α‖Δ'P‖² (brute force over Δ' = X Pᵀ)."""
+    c, _, null_basis = _low_rank_moment(5, d=7, rank=3)
+    p, _ = nullspace_projector(c, 1e-6)
+    rng = np.random.default_rng(6)
+    keys, resid, prior = (torch.from_numpy(rng.normal(size=s)) for s in ((7, 2), (3, 2), (7, 3)))
+    alpha = 0.7
+    delta = nullspace_update(keys, resid, p, prior @ prior.T, alpha).numpy()
+    u = null_basis  # Δ'P = Y Uᵀ with Y (d_out, 4): a least-squares problem in Y
+    a = np.concatenate([u.T @ keys.numpy(), u.T @ prior.numpy(), np.sqrt(alpha) * np.eye(u.shape[1])], axis=1).T
+    b = np.concatenate([resid.numpy(), np.zeros((3, 3)), np.zeros((3, u.shape[1]))], axis=1).T
+    y = np.linalg.lstsq(a, b, rcond=None)[0].T
+    np.testing.assert_allclose(delta, y @ u.T, rtol=1e-8, atol=1e-10)
+
+
+def test_undo_log_runs_restore_callbacks_once():
+    p = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    calls = []
+    undo = UndoLog()
+    undo.add_(p, torch.ones(2))
+    undo.on_restore(lambda: calls.append(1))
+    forget = calls.clear
+    undo.on_restore(forget)
+    undo.on_restore(forget)  # registered again: still called once
+    calls.append(0)
+    undo.restore()
+    assert calls == [] and torch.equal(p, torch.zeros(2))
+    undo.restore()  # callbacks are forgotten after they ran
+    assert calls == []
