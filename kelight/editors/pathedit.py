@@ -27,6 +27,7 @@ sees T+ before rather than after that batch's step. (c) The GPT-J FFN biases are
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ from kelight.objectives import rewrite_nll
 from kelight.objectives.contrastive import contrastive_loss, unedited_targets
 from kelight.tokens import pad_id
 from kelight.types import EditInputError, EditRequest, check_joint_requests
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,11 @@ class PathEditor:
                 f"path_size + neg_path_size = {self.hp.path_size + self.hp.neg_path_size} exceeds the FFN width "
                 f"d_ff = {n_ff} of this {self.adapter.family} model; expected at most {n_ff} (lower path_size)"
             )
+        if w_in.dtype in (torch.bfloat16, torch.float16):
+            log.warning("PathEdit on %s weights: its float32 deltas are folded into the weights at every "
+                        "re-tracing, and a change below half a %s step of a weight rounds away (at lr %g many "
+                        "do); edit a float32 copy (--model.dtype float32) for the edit to keep its size",
+                        w_in.dtype, w_in.dtype, self.hp.lr)
         self.deltas = PathDeltas(self.adapter.n_layers(model), d_model, self.hp.path_size, self.hp.neg_path_size,
                                  w_in.device)
 

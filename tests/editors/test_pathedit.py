@@ -318,3 +318,17 @@ def test_contrastive_targets_are_the_unedited_argmax_at_the_target_positions(fam
             logits = model(input_ids=torch.tensor([prompt + target])).logits[0]  # (T, V)
         expect += logits[len(prompt) - 1 : len(prompt) - 1 + len(target)].argmax(-1).tolist()
     assert editor.reference_ids(model, build_path_batch(tok, requests, "cpu")).tolist() == expect
+
+
+@pytest.mark.parametrize(("dtype", "warned"), [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)])
+def test_half_precision_weights_warn_that_folded_deltas_round_away(dtype, warned, caplog):
+    import logging
+
+    model, tok = tiny_model("llama")
+    model.to(dtype)
+    with caplog.at_level(logging.WARNING, logger="kelight.editors.pathedit"):
+        PathEditor(PathHParams(path_size=4, lr=1e-5)).setup(model, tok)
+    messages = [r.getMessage() for r in caplog.records if "rounds away" in r.getMessage()]
+    assert bool(messages) == warned
+    if warned:
+        assert str(dtype) in messages[0] and "--model.dtype float32" in messages[0] and "1e-05" in messages[0]
