@@ -112,8 +112,8 @@ class ROME(LocateEditModule):
 
     def build_editor(self) -> RomeEditor:
         h = self.hparams
-        if h.z_batch > 1 and h.regime == "batch":
-            raise ValueError(f"z_batch={h.z_batch}: ROME's batch regime applies the requests in turn, each z on "
+        if h.z_batch > 1 and h.regime in ("batch", "consecutive"):
+            raise ValueError(f"z_batch={h.z_batch}: ROME's {h.regime} regime applies the requests in turn, each z on "
                              "the weights edited before it; use the single regime with --data.batch_size to "
                              "optimise independent edits together")
         hp = RomeHParams(layer=h.layer, z=self.z_config(), context_templates=self.templates(),
@@ -154,7 +154,7 @@ class SpreadEditModule(LocateEditModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.hparams.regime == "batch":  # one joint update per loader batch: refuse a conflict before any edit
+        if self.hparams.regime in ("batch", "consecutive"):  # a joint update per loader batch: refuse conflicts first
             for batch in self.trainer.train_dataloader:
                 if batch:
                     check_joint_requests([case.request for case in batch])

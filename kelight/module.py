@@ -43,7 +43,7 @@ from kelight.results import (
 from kelight.types import EditCase
 
 log = logging.getLogger(__name__)
-Regime = Literal["single", "batch", "sequential"]
+Regime = Literal["single", "batch", "sequential", "consecutive"]
 
 
 class _RestoreOnError(L.Callback):
@@ -62,9 +62,12 @@ class EditModule(L.LightningModule):
         model_name: ``"smollm2-135m"``, ``"gemma3-270m"``, or a Hugging Face id/path.
         dtype: parameter dtype of the edited model.
         regime: ``single`` (restore after each case), ``batch`` (edit each loader batch of
-            ``--data.batch_size`` cases jointly, then restore) or ``sequential`` (keep all edits).
-        eval_every: in the sequential regime, also evaluate the cases edited so far every N edits
-            (``seq/*`` in the logger, one line each in ``sequential.jsonl`` of the run directory).
+            ``--data.batch_size`` cases jointly, then restore), ``sequential`` (keep all edits, one case
+            after another) or ``consecutive`` (keep all edits, each loader batch one joint edit: the
+            sequential batch editing of MEMIT/AlphaEdit's papers; methods without a joint form (ROME,
+            FT) apply a batch's cases in turn, as ``sequential``).
+        eval_every: in the sequential/consecutive regimes, also evaluate the cases edited so far every N
+            edits (``seq/*`` in the logger, one line each in ``sequential.jsonl`` of the run directory).
         fluency: generate from the case's generation prompts and report n-gram entropy (FL).
         attn_implementation: e.g. ``"eager"``; ``None`` keeps the model default.
         ppl_corpus: report PPL, the perplexity of each edited model on these texts (the SADR paper's
@@ -87,8 +90,8 @@ class EditModule(L.LightningModule):
         ppl_field: str = "Text",
     ) -> None:
         super().__init__()
-        if regime not in ("single", "batch", "sequential"):
-            raise ValueError(f"expected regime 'single', 'batch' or 'sequential', got {regime!r}")
+        if regime not in ("single", "batch", "sequential", "consecutive"):
+            raise ValueError(f"expected regime 'single', 'batch', 'sequential' or 'consecutive', got {regime!r}")
         self.ppl_texts = load_ppl_texts(ppl_corpus, ppl_field)  # read (and checked) now, before any model loads
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -159,8 +162,13 @@ class EditModule(L.LightningModule):
                  f"/{total}" if total else "", self.hparams.regime, sum(self.edit_seconds) / done, elapsed / 60,
                  left)
 
+    @property
+    def keeps_edits(self) -> bool:
+        """The sequential and consecutive regimes: every edit stays until all cases are evaluated."""
+        return self.hparams.regime in ("sequential", "consecutive")
+
     def on_train_start(self) -> None:
-        if self.hparams.regime == "sequential":
+        if self.keeps_edits:
             self._record_unedited_locality(case for batch in self.trainer.train_dataloader for case in batch if case)
 
     def _record_unedited_locality(self, cases: Iterable[EditCase]) -> None:
@@ -172,13 +180,14 @@ class EditModule(L.LightningModule):
         """The predictions a case's Locality compares against: the unedited model's, also in the sequential
         regime, where the model before this case's edit already holds the earlier edits (EasyEdit and
         PAC score consecutive editing against the unedited model; damage done by earlier edits counts)."""
-        if self.hparams.regime == "sequential":
+        if self.keeps_edits:
             return self._unedited_locality[case.case_id]
         return locality_reference(self.lm, self.tok, case)
 
     def _edit_groups(self, batch: list[EditCase]) -> list[list[EditCase]]:
-        """The edits one loader batch makes: jointly in the batch regime, else one case at a time."""
-        return [batch] if self.hparams.regime == "batch" else [[case] for case in batch]
+        """The edits one loader batch makes: jointly in the batch and consecutive regimes, else one case at
+        a time."""
+        return [batch] if self.hparams.regime in ("batch", "consecutive") else [[case] for case in batch]
 
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if not batch:
@@ -200,7 +209,7 @@ class EditModule(L.LightningModule):
         append them to ``sequential.jsonl`` in the run directory (``{"edits": N, "ES": ..}``; under DDP
         one file per process, whose shard is its own sequence)."""
         every, done = self.hparams.eval_every, len(self.pending)
-        if self.hparams.regime != "sequential" or not every or done // every == (done - n_new) // every:
+        if not self.keeps_edits or not every or done // every == (done - n_new) // every:
             return
         partial = EditMetrics(sync_on_compute=False).to(self.device)  # this process's shard
         ppl = self._perplexity()
@@ -221,7 +230,7 @@ class EditModule(L.LightningModule):
         return dataclasses.replace(result, perplexity=ppl)
 
     def _edit(self, cases: list[EditCase], zs: list | None = None, extra_seconds: float = 0.0) -> None:
-        """Edit ``cases`` jointly; evaluate and restore unless the regime is sequential.
+        """Edit ``cases`` jointly; evaluate and restore unless the regime keeps its edits.
 
         ``zs``: value vectors already optimised for ``cases`` (``z_batch``), taking ``extra_seconds`` per edit.
         """
@@ -243,7 +252,7 @@ class EditModule(L.LightningModule):
         self.log("edit/z_steps", sum(z.steps_run for z in info.z) / len(info.z), on_step=True, batch_size=1)
         self.log("edit/final_loss", sum(z.losses[-1] for z in info.z) / len(info.z), on_step=True, batch_size=1)
         steps = [z.steps_run for z in info.z] if len(info.z) == len(cases) else [None] * len(cases)
-        if self.hparams.regime == "sequential":
+        if self.keeps_edits:
             self.pending += [(case, pre, seconds, n) for case, pre, n in zip(cases, pres, steps, strict=True)]
             return
         try:

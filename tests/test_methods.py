@@ -82,6 +82,11 @@ def test_module_rejects_z_batch_where_edits_depend_on_each_other():
         ROME(model_name="tiny:llama", regime="sequential", z_batch=2)
     with pytest.raises(ValueError, match="in turn"):
         ROME(model_name="tiny:llama", regime="batch", z_batch=2).build_editor()
+    with pytest.raises(ValueError, match="ROME's consecutive regime applies the requests in turn"):
+        ROME(model_name="tiny:llama", regime="consecutive", z_batch=2).build_editor()
+    assert MEMIT(model_name="tiny:llama", regime="consecutive", z_batch=2).build_editor().hp.z.z_batch == 2  # joint
+    with pytest.raises(ValueError, match="expected regime 'single', 'batch', 'sequential' or 'consecutive', got 'seq'"):
+        ROME(model_name="tiny:llama", regime="seq")
 
 
 def test_compile_reaches_the_z_config():
@@ -114,7 +119,8 @@ def test_bad_layers_are_refused(cls, kwargs, match):
         cls(model_name="tiny:llama", **kwargs).build_editor()
 
 
-def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path):
+@pytest.mark.parametrize("regime", ["batch", "consecutive"])
+def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path, regime):
     """The conflict sits in the second loader batch; the run stops before editing the first one."""
     import json
 
@@ -131,7 +137,7 @@ def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path):
     path.write_text(json.dumps([record("Lyon", "Lyon is in", "Peru"), record("Oslo", "Oslo is in", "Chad"),
                                 record("Rome", "Rome is in", "Fiji"), record("Rome", "Rome is in", "Cuba")]))
     module = MEMIT(model_name="tiny:llama", layers=[0, 1], steps=2, context_templates=[], mom2_corpus="model",
-                   mom2_n_tokens=200, fluency=False, regime="batch")
+                   mom2_n_tokens=200, fluency=False, regime=regime)
     edits = []
     original = MemitEditor.apply
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -145,3 +151,34 @@ def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path):
     fresh, _ = tiny_model("llama")
     for (name, a), b in zip(module.lm.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert a.equal(b), name
+
+
+def test_consecutive_regime_keeps_each_loader_batch_as_one_joint_edit(tmp_path):
+    """AlphaEdit, 4 cases in loader batches of 2: two joint edits of 2, the second on the first's weights
+    (K_p K_pᵀ holds the first batch's keys), all cases scored at the end, then the weights come back."""
+    import lightning as L
+    import torch
+
+    from kelight.data.datamodule import EditDataModule
+
+    module = AlphaEdit(model_name="tiny:llama", layers=[0, 1], steps=2, context_templates=[], mom2_corpus="model",
+                       mom2_n_tokens=200, nullspace_threshold=1.0, fluency=False, regime="consecutive")
+    module.configure_model()
+    snap = {k: v.clone() for k, v in module.lm.state_dict().items()}
+    calls = []
+    original = MemitEditor.apply
+
+    def spy(editor, model, tok, requests, undo, **kwargs):
+        calls.append((len(requests), len(undo), {k: torch.linalg.matrix_rank(g).item()
+                                                 for k, g in editor.edited_gram.items()}))
+        return original(editor, model, tok, requests, undo, **kwargs)
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MemitEditor, "apply", spy)
+        trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=2, limit=4))
+    assert calls == [(2, 0, {}), (2, 2, {0: 2, 1: 2})]  # the second joint edit sees the first's weights and keys
+    assert module.final_metrics["n_cases"] == 4
+    assert all(torch.equal(v, snap[k]) for k, v in module.lm.state_dict().items())  # restored when the fit ends
+    assert module.editor.edited_gram == {}
