@@ -105,11 +105,13 @@ _FILE_TOOLS = {
     "report": ("RUN_DIR [RUN_DIR ...]   (one Markdown row per run's metrics.json)", 1),
     "merge": ("OUT_DIR RUN_DIR RUN_DIR [...]   (join runs of one config on disjoint cases, e.g. --data.skip; "
               "metrics recomputed from cases.jsonl)", 3),
+    "curve": ("OUT.png RUN_DIR [RUN_DIR ...]   (scores against edits in place from each run's sequential.jsonl, "
+              "written by --model.eval_every N)", 2),
 }
 
 
 def _file_tool(name: str, args: list[str]) -> None:
-    """``kelight report`` / ``kelight merge``: read run directories; errors are one line, not tracebacks."""
+    """``kelight report`` / ``merge`` / ``curve``: read run directories; errors are one line, not tracebacks."""
     usage, n_min = _FILE_TOOLS[name]
     usage = f"usage: kelight {name} {usage}"
     if any(a in ("-h", "--help") for a in args):
@@ -120,6 +122,10 @@ def _file_tool(name: str, args: list[str]) -> None:
     try:
         if name == "report":
             sys.stdout.write(report(args) + "\n")
+        elif name == "curve":
+            from kelight.curves import curve_report  # noqa: PLC0415 (matplotlib only for this tool)
+
+            sys.stdout.write(curve_report(args[0], args[1:]) + "\n")
         else:
             path = merge_runs(args[0], args[1:])
             sys.stdout.write(f"wrote {path}\n{report([args[0]])}\n")
@@ -129,6 +135,7 @@ def _file_tool(name: str, args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``, ``merge OUT DIR...``,
+    ``curve OUT.png DIR...``,
     ``sweep SPEC --count N``, ``analyze drift|substitution|patching|heads ...``).
 
     Returns ``None`` so that the console script exits with status 0 (``sys.exit(main())``).
