@@ -79,10 +79,11 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping]], path: str | Path, title
         ax.set_xlabel("edits in place", fontsize=8)
         ax.set_ylabel(f"{metric} (%)", fontsize=8)
         ax.set_ylim(0, 100)
+        ax.set_xlim(left=0)
         ax.tick_params(labelsize=7)
     for j in range(len(metrics), axes.shape[0] * cols):  # empty cells of the last row
         axes[j // cols][j % cols].axis("off")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, loc="lower left")
     return save(fig, path, title)
 
 
