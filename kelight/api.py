@@ -1,4 +1,4 @@
-"""``kelight.edit``: edit a model in place from Python, with an exact undo handle."""
+"""``kelight.edit`` and ``kelight.EditSession``: edit a model in place from Python, with an exact undo handle."""
 
 from __future__ import annotations
 
@@ -77,6 +77,54 @@ def _editor(method: str, options: dict[str, object]):
     return FTEditor(hp, sadr_terms(gamma, hp.layer + 1, selective))
 
 
+class EditSession:
+    """Several edits of one model in turn: the editor is set up once (context templates, key statistics)
+    and every edit builds on the ones before, as in the sequential regime (AlphaEdit keeps the keys of
+    the earlier edits). One undo log returns the model to its weights before the session.
+
+    Args:
+        model: a causal LM of an adapted architecture (edited in place).
+        tokenizer: its tokenizer.
+        method: as :func:`edit`.
+        **options: method hyper-parameters, as :func:`edit`.
+
+    Example:
+        >>> session = EditSession(model, tok, method="alphaedit", layers=[2, 3, 4, 5, 6])  # doctest: +SKIP
+        >>> session.edit(request_a); session.edit([request_b, request_c])  # doctest: +SKIP
+        >>> session.restore()  # doctest: +SKIP
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, method: str = "rome",
+                 **options: object) -> None:
+        if method not in METHODS:
+            raise EditInputError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.editor = _editor(method, dict(options))
+        self.undo = UndoLog()
+        self.n_edits = 0  # requests applied so far
+        self.editor.setup(model, tokenizer)  # reads the model only; nothing to undo
+
+    def edit(self, request: EditRequest | Mapping | Sequence) -> None:
+        """Apply ``request`` (one or several; joint for MEMIT/PMET/AlphaEdit/PathEdit, in turn for ROME/FT)
+        on top of the earlier edits. On any error the model is left as it was before this call (the
+        earlier edits stay)."""
+        requests = _as_requests(request)
+        require_requests(requests)
+        change = UndoLog()
+        try:
+            self.editor.apply(self.model, self.tokenizer, requests, change)
+        except BaseException:
+            change.restore()
+            raise
+        self.undo.absorb(change)
+        self.n_edits += len(requests)
+
+    def restore(self) -> None:
+        """Every weight back to its bit-exact value before the session; the session can edit again."""
+        self.undo.restore()
+        self.n_edits = 0
+
+
 def edit(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -102,16 +150,8 @@ def edit(
         >>> model, undo = edit(model, tok, {"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower",
         ...                                 "target_new": "Rome"}, layer=4)  # doctest: +SKIP
     """
-    if method not in METHODS:
-        raise EditInputError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     requests = _as_requests(request)
     require_requests(requests)
-    editor = _editor(method, dict(options))
-    undo = UndoLog()
-    try:
-        editor.setup(model, tokenizer)
-        editor.apply(model, tokenizer, requests, undo)
-    except BaseException:
-        undo.restore()
-        raise
-    return model, undo
+    session = EditSession(model, tokenizer, method, **options)
+    session.edit(requests)
+    return model, session.undo

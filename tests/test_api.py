@@ -100,3 +100,55 @@ def test_layer_must_be_one_integer(method, layer):
 def test_layers_must_be_a_list_of_integers(layers):
     _refused("memit", REQ, r"expected layers to be a list of layer indices, integers ≥ 0 \(e.g. layers=\[2, 3, 4\]\)",
              layers=layers)
+
+
+def _alphaedit_session():
+    model, tok = tiny_model("llama")
+    return kelight.EditSession(model, tok, method="alphaedit", **OPTS["alphaedit"])
+
+
+def test_session_edits_build_on_each_other_and_restore_bit_exact():
+    """AlphaEdit through the API: the second edit keeps the first's keys (K_p K_pᵀ), as in the sequential
+    regime; restore returns every weight and forgets the keys."""
+    session = _alphaedit_session()
+    snap = {k: v.detach().clone() for k, v in session.model.state_dict().items()}
+    mount_fuji = EditRequest("Mount Fuji is located in", "Mount Fuji", "Peru", "Japan", case_id="fuji")
+    session.edit(REQ)
+    first = {layer: g.clone() for layer, g in session.editor.edited_gram.items()}
+    session.edit(mount_fuji)
+    assert session.n_edits == 2 and len(session.undo) == 2
+    for layer, gram in session.editor.edited_gram.items():
+        assert torch.linalg.matrix_rank(gram) == 2 and not torch.equal(gram, first[layer])
+    session.restore()
+    assert session.editor.edited_gram == {} and session.n_edits == 0
+    assert all(torch.equal(v, snap[k]) for k, v in session.model.state_dict().items())
+
+
+def test_a_failed_session_edit_leaves_the_earlier_edits_and_their_record(monkeypatch):
+    """The second edit fails after writing its first layer: the weights return to the state after the first
+    edit (bit-exact) and AlphaEdit's record of edited keys is the first edit's alone."""
+    session = _alphaedit_session()
+    session.edit(REQ)
+    after_first = {k: v.detach().clone() for k, v in session.model.state_dict().items()}
+    gram = {layer: g.clone() for layer, g in session.editor.edited_gram.items()}
+    solve = session.editor._solve
+    calls = []
+
+    def failing_second_layer(layer, keys, resid):
+        calls.append(layer)
+        if len(calls) == 2:
+            raise FloatingPointError("singular")
+        return solve(layer, keys, resid)
+
+    monkeypatch.setattr(session.editor, "_solve", failing_second_layer)
+    with pytest.raises(FloatingPointError, match="singular"):
+        session.edit(EditRequest("Mount Fuji is located in", "Mount Fuji", "Peru", "Japan"))
+    assert calls == [0, 1] and session.n_edits == 1
+    assert all(torch.equal(v, after_first[k]) for k, v in session.model.state_dict().items())
+    assert all(torch.equal(session.editor.edited_gram[layer], g) for layer, g in gram.items())
+
+
+def test_session_refuses_an_unknown_method_before_setup():
+    model, tok = tiny_model("llama")
+    with pytest.raises(EditInputError, match=r"unknown method 'alpha'; expected one of \['rome', 'memit'"):
+        kelight.EditSession(model, tok, method="alpha")

@@ -203,6 +203,7 @@ class MemitEditor:
             raise ValueError(f"expected one precomputed z per request, got {len(zs)} for {len(requests)} requests")
         zs = list(zs) if zs is not None else self.compute_zs(model, tok, requests)
         targets = torch.stack([z.v_init[0] + z.delta[0] for z in zs], dim=1).double()  # (D, n)
+        grams: dict[int, torch.Tensor] = {}  # AlphaEdit: this edit's K Kᵀ, recorded once every layer is written
         for i, layer in enumerate(self.hp.layers):
             keys = self._mean_keys(model, tok, layer, requests)  # (d_in, n)
             # one forward: this layer's MLP output where a norm follows it, then the target module's output
@@ -213,10 +214,13 @@ class MemitEditor:
                 resid = post_norm_preimage(self.adapter.module(model, "mlp_post_norm", layer), mlp_out[0], resid)
             delta = self._solve(layer, keys, resid)
             undo.add_(self.adapter.out_weight(model, layer), delta, transposed=self.adapter.mlp_conv1d)
-            if self.projectors:  # AlphaEdit: these keys now hold edits that later ones must keep
-                undo.on_restore(self.edited_gram.clear)
-                gram = keys.double() @ keys.double().T
+            if self.projectors:
+                grams[layer] = keys.double() @ keys.double().T
+        if self.projectors:  # AlphaEdit: these keys now hold edits that later ones must keep; a failed apply
+            # (whose weight changes its caller undoes) never gets here, so the record matches the weights
+            for layer, gram in grams.items():
                 self.edited_gram[layer] = self.edited_gram[layer] + gram if layer in self.edited_gram else gram
+            undo.on_restore(self.edited_gram.clear)
         return EditInfo(z=zs)
 
     def _solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:

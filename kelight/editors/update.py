@@ -129,6 +129,17 @@ class UndoLog:
         view = param.T if transposed else param
         view.add_(delta.to(device=param.device, dtype=param.dtype))
 
+    def absorb(self, other: UndoLog) -> None:
+        """Take over ``other``'s record (of changes made after this log's): a parameter this log already
+        remembers keeps its older original; ``other``'s restore callbacks become this log's. ``other`` is
+        left empty."""
+        for key, (param, original) in other._originals.items():
+            self._originals.setdefault(key, (param, original))
+        for callback in other._on_restore:
+            self.on_restore(callback)
+        other._originals.clear()
+        other._on_restore = []
+
     def on_restore(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` at the next :meth:`restore` (once, however often it is registered): for
         state that describes the edited weights, such as AlphaEdit's record of the keys edited so far."""

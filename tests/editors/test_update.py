@@ -174,3 +174,20 @@ def test_undo_log_runs_restore_callbacks_once():
     assert calls == [] and torch.equal(p, torch.zeros(2))
     undo.restore()  # callbacks are forgotten after they ran
     assert calls == []
+
+
+def test_undo_log_absorb_keeps_the_oldest_original_and_the_callbacks():
+    p = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    q = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    calls = []
+    session, change = UndoLog(), UndoLog()
+    session.add_(p, torch.ones(2))  # p: 0 → 1 in the session
+    change.add_(p, torch.ones(2))  # p: 1 → 2 and q: 0 → 3 in a later change
+    change.add_(q, torch.full((2,), 3.0))
+    change.on_restore(lambda: calls.append("forget"))
+    session.absorb(change)
+    assert len(change) == 0 and len(session) == 2
+    change.restore()  # emptied: touches nothing
+    assert torch.equal(p, torch.full((2,), 2.0)) and calls == []
+    session.restore()
+    assert torch.equal(p, torch.zeros(2)) and torch.equal(q, torch.zeros(2)) and calls == ["forget"]
