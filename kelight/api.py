@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.ft import FTEditor, FTHParams
-from kelight.editors.memit import MemitEditor, MemitHParams
+from kelight.editors.memit import ALPHAEDIT_THRESHOLD, MemitEditor, MemitHParams
 from kelight.editors.pathedit import PathEditor, PathHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
@@ -65,7 +65,7 @@ def _editor(method: str, options: dict[str, object]):
         if unused:
             raise EditInputError(f"alphaedit does not take {unused}: its update is weighed by the null-space "
                                  "projector (nullspace_threshold, nullspace_l2); drop them")
-        options.setdefault("nullspace_threshold", 2e-2)
+        options.setdefault("nullspace_threshold", ALPHAEDIT_THRESHOLD)
         hp = method_hparams(MemitHParams, method, **options)
         return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1, selective))
     if method in ("memit", "pmet"):

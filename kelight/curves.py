@@ -39,12 +39,15 @@ def read_curve(run_dir: str | Path) -> list[dict]:
     return sorted(points, key=lambda p: p["edits"])
 
 
+def _value(point: Mapping, metric: str) -> float | None:
+    """The point's finite value of ``metric``, else ``None`` (absent, or written as null for nan)."""
+    value = point.get(metric)
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def curve_metrics(curves: Mapping[str, Sequence[Mapping]]) -> list[str]:
     """The :data:`CURVE_METRICS` with a finite value in some point of some run."""
-    def finite(value: object) -> bool:
-        return isinstance(value, int | float) and math.isfinite(value)
-
-    return [m for m in CURVE_METRICS if any(finite(p.get(m)) for points in curves.values() for p in points)]
+    return [m for m in CURVE_METRICS if any(_value(p, m) is not None for points in curves.values() for p in points)]
 
 
 def curve_table(curves: Mapping[str, Sequence[Mapping]]) -> str:
@@ -53,8 +56,7 @@ def curve_table(curves: Mapping[str, Sequence[Mapping]]) -> str:
     lines = ["| run | edits | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, points in curves.items():
         for p in points:
-            cells = [f"{p[m]:.1f}" if isinstance(p.get(m), int | float) and math.isfinite(p[m]) else "–"
-                     for m in metrics]
+            cells = ["–" if (v := _value(p, m)) is None else f"{v:.1f}" for m in metrics]
             lines.append(f"| {name} | {p['edits']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -71,10 +73,9 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping]], path: str | Path, title
     for i, metric in enumerate(metrics):
         ax = axes[i // cols][i % cols]
         for name, points in curves.items():
-            xs = [p["edits"] for p in points if isinstance(p.get(metric), int | float)]
-            ys = [p[metric] for p in points if isinstance(p.get(metric), int | float)]
-            if xs:
-                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+            xy = [(p["edits"], v) for p in points if (v := _value(p, metric)) is not None]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), marker="o", markersize=3, label=name)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("edits in place", fontsize=8)
         ax.set_ylabel(f"{metric} (%)", fontsize=8)

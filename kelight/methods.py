@@ -11,7 +11,7 @@ from typing import Literal
 
 from kelight.editors.checks import check_context_templates, check_layer, check_layers, check_number
 from kelight.editors.ft import FTEditor, FTHParams
-from kelight.editors.memit import MemitEditor, MemitHParams
+from kelight.editors.memit import ALPHAEDIT_THRESHOLD, MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.zopt import CompileMode, StopOn, ZConfig
 from kelight.module import EditModule
@@ -112,7 +112,7 @@ class ROME(LocateEditModule):
 
     def build_editor(self) -> RomeEditor:
         h = self.hparams
-        if h.z_batch > 1 and h.regime in ("batch", "consecutive"):
+        if h.z_batch > 1 and self.joint_batches:
             raise ValueError(f"z_batch={h.z_batch}: ROME's {h.regime} regime applies the requests in turn, each z on "
                              "the weights edited before it; use the single regime with --data.batch_size to "
                              "optimise independent edits together")
@@ -154,7 +154,7 @@ class SpreadEditModule(LocateEditModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.hparams.regime in ("batch", "consecutive"):  # a joint update per loader batch: refuse conflicts first
+        if self.joint_batches:  # a joint update per loader batch: refuse conflicts before the first edit
             for batch in self.trainer.train_dataloader:
                 if batch:
                     check_joint_requests([case.request for case in batch])
@@ -197,7 +197,8 @@ class AlphaEdit(SpreadEditModule):
             :class:`EditModule` arguments.
     """
 
-    def __init__(self, nullspace_threshold: float = 2e-2, nullspace_l2: float = 10.0, **kwargs) -> None:
+    def __init__(self, nullspace_threshold: float = ALPHAEDIT_THRESHOLD, nullspace_l2: float = 10.0,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         check_number("nullspace_threshold", nullspace_threshold, positive=True)

@@ -163,6 +163,11 @@ class EditModule(L.LightningModule):
                  left)
 
     @property
+    def joint_batches(self) -> bool:
+        """The batch and consecutive regimes: each loader batch is one joint edit."""
+        return self.hparams.regime in ("batch", "consecutive")
+
+    @property
     def keeps_edits(self) -> bool:
         """The sequential and consecutive regimes: every edit stays until all cases are evaluated."""
         return self.hparams.regime in ("sequential", "consecutive")
@@ -187,7 +192,7 @@ class EditModule(L.LightningModule):
     def _edit_groups(self, batch: list[EditCase]) -> list[list[EditCase]]:
         """The edits one loader batch makes: jointly in the batch and consecutive regimes, else one case at
         a time."""
-        return [batch] if self.hparams.regime in ("batch", "consecutive") else [[case] for case in batch]
+        return [batch] if self.joint_batches else [[case] for case in batch]
 
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if not batch:

@@ -26,16 +26,22 @@ def _clean(value: object) -> object:
 PARTIAL = "cases.partial.jsonl"
 
 
+def _rank_file(out_dir: str | Path, stem: str, rank: int) -> Path:
+    """``out_dir/<stem>.jsonl`` for rank 0 (or a single process), ``<stem>.rank{rank}.jsonl`` otherwise, so
+    that processes never interleave writes."""
+    return Path(out_dir) / (f"{stem}.jsonl" if rank == 0 else f"{stem}.rank{rank}.jsonl")
+
+
 def partial_path(out_dir: str | Path, rank: int = 0) -> Path:
     """The partial log of process ``rank``: ``cases.partial.jsonl`` (rank 0 or a single process),
-    ``cases.partial.rank{rank}.jsonl`` otherwise, so that processes never interleave writes."""
-    return Path(out_dir) / (PARTIAL if rank == 0 else f"cases.partial.rank{rank}.jsonl")
+    ``cases.partial.rank{rank}.jsonl`` otherwise."""
+    return _rank_file(out_dir, PARTIAL.removesuffix(".jsonl"), rank)
 
 
 def sequential_path(out_dir: str | Path, rank: int = 0) -> Path:
     """The sequential regime's curve of process ``rank`` (``eval_every``): ``sequential.jsonl`` (rank 0 or a
     single process), ``sequential.rank{rank}.jsonl`` otherwise (each process edits its own sequence)."""
-    return Path(out_dir) / ("sequential.jsonl" if rank == 0 else f"sequential.rank{rank}.jsonl")
+    return _rank_file(out_dir, "sequential", rank)
 
 
 def _append_jsonl(path: Path, row: Mapping) -> None:

@@ -34,6 +34,7 @@ from kelight.tokens import pad_batch, pad_id, subject_last_index
 from kelight.types import EditInputError, EditRequest, check_joint_requests
 
 log = logging.getLogger(__name__)
+ALPHAEDIT_THRESHOLD = 2e-2  # the AlphaEdit paper's null-space threshold on C's eigenvalues
 
 
 @torch.no_grad()
