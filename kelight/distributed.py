@@ -24,8 +24,9 @@ class EditDDPStrategy(DDPStrategy):
     """Lightning's ``ddp`` for edit runs: one process per device, no gradient synchronisation.
 
     Each process edits and evaluates its own cases, every case exactly once (training:
-    :class:`~kelight.data.datamodule.PaddedShardSampler`, shorter shards padded with an empty slot so
-    all processes run the same number of steps; evaluation: ``UnrepeatedDistributedSampler``, shards
+    :class:`~kelight.data.datamodule.BatchShardSampler`, the one-process loader's batches dealt out
+    in turn, shorter shares padded with empty batches so all processes run the same number of
+    steps; evaluation: ``UnrepeatedDistributedSampler``, shards
     may differ by one); :class:`~kelight.module.EditModule` sums the metric states and gathers the
     case rows at the end. Not for methods that train shared parameters on
     gradients of several processes' cases (they need the ``DistributedDataParallel`` wrapper).
@@ -50,15 +51,21 @@ def gather_objects(obj: T) -> list[T]:
     return out  # type: ignore[return-value]
 
 
-def interleave(shards: Sequence[Sequence[T]]) -> list[T]:
-    """Per-rank items back in dataset order: rank r's k-th item is item ``r + k·world_size``.
+def interleave(shards: Sequence[Sequence[T]], block: int = 1) -> list[T]:
+    """Per-rank items back in dataset order, when rank r holds blocks r, r + N, ... of ``block`` items.
 
-    That is how ``UnrepeatedDistributedSampler(shuffle=False)`` deals the cases out, and each rank
-    records its cases in the order its loader yields them.
+    ``block`` 1 is how ``UnrepeatedDistributedSampler(shuffle=False)`` deals out cases; ``block`` B is
+    how :class:`~kelight.data.datamodule.BatchShardSampler` deals out training batches of B cases
+    (only the very last block may be shorter). Each rank records its items in the order its loader
+    yields them.
 
     Example:
         >>> interleave([[0, 2, 4], [1, 3]])
         [0, 1, 2, 3, 4]
+        >>> interleave([[0, 1, 4], [2, 3]], block=2)
+        [0, 1, 2, 3, 4]
     """
-    longest = max((len(shard) for shard in shards), default=0)
-    return [shard[k] for k in range(longest) for shard in shards if k < len(shard)]
+    if block < 1:
+        raise ValueError(f"expected block >= 1, got {block}")
+    rounds = max((-(-len(shard) // block) for shard in shards), default=0)
+    return [item for k in range(rounds) for shard in shards for item in shard[k * block:(k + 1) * block]]

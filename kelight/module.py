@@ -4,13 +4,15 @@ The z optimisation is a manual inner loop (``automatic_optimization = False``); 
 optimiser per edit. Regimes: ``single`` restores the weights (bit-exact) after evaluating each
 case; ``batch`` edits a loader batch jointly (MEMIT/PMET; ROME applies them in turn), evaluates
 and restores; ``sequential`` keeps every edit and evaluates all cases at the end (optionally every N
-edits), then restores the model when the fit ends. Locality always compares against the unedited
+edits), then restores the model when the fit ends; ``consecutive`` keeps every edit too, each loader
+batch one joint edit. Locality always compares against the unedited
 model's predictions (recorded before the first edit in the sequential regime), as EasyEdit and PAC do.
 
 Several processes (``--trainer.devices N --trainer.strategy ddp``, :mod:`kelight.distributed`) each
-edit their own shard of the cases; the metrics, ``n_cases``, ``seconds_per_edit`` and ``cases.jsonl``
-cover every case exactly once. The sequential regime is then sequential per shard: each process
-keeps only its own edits (N independent edit sequences, not one).
+edit their own share of the loader batches (the one-process run's batches, so joint edits are
+the same); the metrics, ``n_cases``, ``seconds_per_edit`` and ``cases.jsonl``
+cover every case exactly once. The sequential and consecutive regimes are then sequential per share:
+each process keeps only its own edits (N independent edit sequences, not one; the run warns).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
+from kelight.data.datamodule import BatchShardSampler
 from kelight.distributed import gather_objects, interleave
 from kelight.editors.update import UndoLog
 from kelight.evaluation import case_summary, evaluate_case, load_ppl_texts, locality_reference, perplexity_stats
@@ -173,6 +177,13 @@ class EditModule(L.LightningModule):
         return self.hparams.regime in ("sequential", "consecutive")
 
     def on_train_start(self) -> None:
+        if self.keeps_edits and self.trainer.world_size > 1:
+            rank_zero_warn(
+                f"the {self.hparams.regime} regime over {self.trainer.world_size} processes makes "
+                f"{self.trainer.world_size} independent edit sequences, each process keeping only the edits "
+                f"of its own share of the cases; for one sequence of all edits run one process "
+                f"(--trainer.devices 1)"
+            )
         if self.keeps_edits:
             self._record_unedited_locality(case for batch in self.trainer.train_dataloader for case in batch if case)
 
@@ -196,7 +207,7 @@ class EditModule(L.LightningModule):
 
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if not batch:
-            return  # the padding slot of a shorter shard under DDP (PaddedShardSampler)
+            return  # a padding batch of a shorter share under DDP (BatchShardSampler)
         if self.hparams.regime == "single" and self.hparams.get("z_batch", 1) > 1 and len(batch) > 1:
             t0 = time.perf_counter()  # independent edits: their z's together, on the unedited weights
             zs = self.editor.compute_zs(self.lm, self.tok, [case.request for case in batch])
@@ -308,10 +319,16 @@ class EditModule(L.LightningModule):
             self._finish("validate")
 
     # ---- output contract --------------------------------------------------------------
+    def _shard_block(self, stage: str) -> int:
+        """Cases per unit the stage's loader deals out to the processes: training batches for fit
+        (:class:`~kelight.data.datamodule.BatchShardSampler`), single cases for validate."""
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None) if stage == "fit" else None
+        return sampler.batch_size if isinstance(sampler, BatchShardSampler) else 1
+
     def _finish(self, stage: str) -> None:
         """Report every case of every process (all ranks call this: metrics sync on compute)."""
         shards = gather_objects((self.case_rows, self.edit_seconds, sorted(self.source_metrics)))
-        rows = interleave([shard[0] for shard in shards])  # dataset order, each case once
+        rows = interleave([shard[0] for shard in shards], self._shard_block(stage))  # dataset order, each once
         seconds = [s for shard in shards for s in shard[1]]
         sources = sorted({name for shard in shards for name in shard[2]})
         values = self.metrics.compute()

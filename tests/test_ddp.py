@@ -19,6 +19,7 @@ from kelight.distributed import EditDDPStrategy, gather_objects, interleave
 from kelight.results import append_partial, partial_path, write_results
 from tests.test_cli import COMMON, ROOT, _case_file
 
+BATCH = ["--model.regime", "batch", "--data.batch_size", "2"]  # joint groups {0, 1}, {2, 3}, {4}
 DDP_SCRIPT = textwrap.dedent('''
     """Rank 0 is started by test_ddp; Lightning starts rank 1 with the same arguments."""
     import json, sys
@@ -26,10 +27,11 @@ DDP_SCRIPT = textwrap.dedent('''
     from kelight.cli import run
     from kelight.models.tiny import tiny_model
 
-    base, out = json.loads(sys.argv[1]), sys.argv[2]
+    base, out, BATCH = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
     run(["fit", *base, *ddp, "--trainer.default_root_dir", f"{out}/fit"])
     run(["validate", *base, *ddp, "--trainer.default_root_dir", f"{out}/validate"])
+    run(["fit", *base, *ddp, *BATCH, "--trainer.default_root_dir", f"{out}/batch"])
     cli = run(["fit", *base, *ddp, "--model.regime", "sequential", "--trainer.default_root_dir", f"{out}/sequential"])
     fresh, _ = tiny_model("llama")
     pairs = zip(cli.model.lm.state_dict().values(), fresh.state_dict().values(), strict=True)
@@ -90,13 +92,15 @@ def test_ddp_equals_single_process(tmp_path: Path) -> None:
             "--data.path", str(_five_distinct_cases(tmp_path))]
     for stage in ("fit", "validate"):  # references; also fills the covariance cache the ranks share
         run([stage, *base, "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / stage)])
+    run(["fit", *base, *BATCH, "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "batch")])
     script = tmp_path / "ddp_runs.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    done = subprocess.run([sys.executable, str(script), json.dumps(base), str(tmp_path / "ddp")], env=env,
+    done = subprocess.run([sys.executable, str(script), json.dumps(base), str(tmp_path / "ddp"),
+                           json.dumps(BATCH)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("fit", "validate"):
+    for stage in ("fit", "validate", "batch"):  # batch: each process makes the one-process run's joint edits
         (ddp, ddp_rows), (single, single_rows) = _results(tmp_path / "ddp" / stage), _results(tmp_path / stage)
         assert ddp["n_cases"] == 5 and "counterfact/ES" in ddp and "wikidata/RS" in ddp
         _assert_same(ddp, single)

@@ -85,39 +85,51 @@ def collate_cases(batch: Sequence[EditCase | None]) -> list[EditCase]:
     return [case for case in batch if case is not None]
 
 
-class PaddedShardSampler(DistributedSampler):
-    """Process r's cases r, r + N, r + 2N, ..., then the padding slot ``n_cases`` up to ``ceil(n / N)``.
+class BatchShardSampler(DistributedSampler):
+    """Process r's share of the one-process loader's batches: batches r, r + N, r + 2N, ... of
+    ``batch_size`` cases each, then padding slots (index ``n_cases``) up to ``ceil(n_batches / N)`` batches.
 
-    Lightning's training loop broadcasts once per step (SIGTERM propagation), so every process must
-    run the same number of steps. Shards of unequal length are padded with a slot that is no case
-    (the loader's dataset holds ``None`` there and :func:`collate_cases` drops it), never with a
-    duplicate, so each case is still edited exactly once.
+    Dealing out whole batches, not cases, keeps every joint edit (MEMIT/PMET's ``batch`` and
+    ``consecutive`` regimes, ``z_batch``) the one a single process makes, so the metrics equal a
+    one-process run's. Lightning's training loop broadcasts once per step (SIGTERM propagation), so
+    every process must run the same number of steps: a shorter share is padded with batches of slots
+    that are no case (the loader's dataset holds ``None`` there and :func:`collate_cases` drops them),
+    never with duplicates, so each case is still edited exactly once. Only the last batch of all can
+    hold fewer than ``batch_size`` cases, and it is the last batch of a longest share.
 
     Example:
-        >>> list(PaddedShardSampler(5, num_replicas=2, rank=1))
+        >>> list(BatchShardSampler(5, num_replicas=2, rank=1))
         [1, 3, 5]
+        >>> list(BatchShardSampler(5, num_replicas=2, rank=1, batch_size=2))  # batches [2, 3] and padding
+        [2, 3, 5, 5]
     """
 
-    def __init__(self, n_cases: int, num_replicas: int, rank: int) -> None:
+    def __init__(self, n_cases: int, num_replicas: int, rank: int, batch_size: int = 1) -> None:
         super().__init__(range(n_cases), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.n_cases = n_cases
+        self.n_cases, self.batch_size = n_cases, batch_size
+        n_batches = -(-n_cases // batch_size)
+        self.steps = -(-n_batches // num_replicas)
+        own = [i for b in range(rank, n_batches, num_replicas)
+               for i in range(b * batch_size, min((b + 1) * batch_size, n_cases))]
+        self.indices = own + [n_cases] * (batch_size * (self.steps - len(range(rank, n_batches, num_replicas))))
+        self.num_samples = len(self.indices)
 
     def __iter__(self) -> Iterator[int]:
-        own = list(range(self.rank, self.n_cases, self.num_replicas))
-        return iter(own + [self.n_cases] * (self.num_samples - len(own)))
+        return iter(self.indices)
 
 
 class EditDataModule(L.LightningDataModule):
     """Edit cases for ``kelight fit``/``validate``: one batch = a list of :class:`EditCase`.
 
     Train, validation and test loaders iterate the same cases in the same order. With several
-    processes (``trainer.world_size > 1``) every loader shards the cases: process r gets cases
-    r, r + N, r + 2N, ... so every case is edited and evaluated exactly once (Lightning's default
-    sampler pads shards with duplicates; it leaves a distributed sampler it finds in place). The
-    evaluation loaders use ``UnrepeatedDistributedSampler`` (shards may differ by one case); the
-    train loader pads a shorter shard with an empty slot (:class:`PaddedShardSampler`), because
-    Lightning's training loop needs the same number of steps on every process; such a batch holds
-    fewer cases, possibly none.
+    processes (``trainer.world_size > 1``) every loader shards the cases so that every case is edited
+    and evaluated exactly once (Lightning's default sampler pads shards with duplicates; it leaves a
+    distributed sampler it finds in place). The train loader deals out the one-process loader's
+    batches, process r getting batches r, r + N, ... (:class:`BatchShardSampler`), so joint edits are
+    the same as in one process, and pads a shorter share with empty batches, because Lightning's
+    training loop needs the same number of steps on every process. The evaluation loaders (the
+    unedited model, case by case) use ``UnrepeatedDistributedSampler``: process r gets cases
+    r, r + N, ... (shares may differ by one case).
 
     Args:
         path: JSON or JSON-lines file of records; ``None`` uses the built-in demo set.
@@ -210,7 +222,7 @@ class EditDataModule(L.LightningDataModule):
         sampler: Sampler[int] | None = None
         if world > 1 and padded:
             dataset.append(None)  # the padding slot, index len(cases)
-            sampler = PaddedShardSampler(len(self.cases), num_replicas=world, rank=rank)
+            sampler = BatchShardSampler(len(self.cases), num_replicas=world, rank=rank, batch_size=self.batch_size)
         elif world > 1:
             sampler = UnrepeatedDistributedSampler(self.cases, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler, collate_fn=collate_cases)

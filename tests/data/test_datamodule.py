@@ -8,10 +8,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
 from kelight.data import EditDataModule, builtin_cases, default_data_root, load_records, select_indices
-from kelight.data.datamodule import PaddedShardSampler
+from kelight.data.datamodule import BatchShardSampler, collate_cases
+from kelight.distributed import interleave
 from kelight.types import EditCase, EditInputError
 
 
@@ -106,7 +108,7 @@ def test_distributed_eval_loaders_do_not_repeat(edit_file: Path) -> None:
             assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
         seen.append([c.case_id for b in dm.test_dataloader() for c in b])
         train = [[c.case_id for c in b] for b in dm.train_dataloader()]
-        assert isinstance(dm.train_dataloader().sampler, PaddedShardSampler)  # Lightning keeps it
+        assert isinstance(dm.train_dataloader().sampler, BatchShardSampler)  # Lightning keeps it
         assert train == [[c] for c in seen[-1]] + [[]] * (4 - len(seen[-1]))  # 4 steps each, padded
     assert sorted(seen[0] + seen[1]) == ids(dm)  # 7 cases: 4 + 3, no duplicate
     dm.trainer = SimpleNamespace(world_size=8, global_rank=0)
@@ -115,10 +117,22 @@ def test_distributed_eval_loaders_do_not_repeat(edit_file: Path) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_padded_train_shards_cover_each_case_once(world: int) -> None:
-    shards = [list(PaddedShardSampler(7, num_replicas=world, rank=r)) for r in range(world)]
-    assert len({len(s) for s in shards}) == 1  # the same number of steps on every process
-    assert sorted(i for s in shards for i in s if i < 7) == list(range(7))  # index 7 = padding slot
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_train_shards_deal_out_the_one_process_batches(world: int, batch_size: int) -> None:
+    one_process = [list(range(i, min(i + batch_size, 7))) for i in range(0, 7, batch_size)]
+    shares = []
+    for rank in range(world):
+        sampler = BatchShardSampler(7, num_replicas=world, rank=rank, batch_size=batch_size)
+        loader = torch.utils.data.DataLoader([*range(7), None], batch_size=batch_size, sampler=sampler,
+                                             collate_fn=collate_cases)
+        shares.append(list(loader))
+        assert len(sampler) == len(list(sampler))
+    assert len({len(share) for share in shares}) == 1  # the same number of steps on every process
+    assert sorted(b for share in shares for b in share if b) == one_process  # the same batches, each once
+    assert [b for share in shares for b in share if not b] == [[]] * (len(shares[0]) * world - len(one_process))
+    assert interleave([sum(share, []) for share in shares], batch_size) == list(range(7))  # dataset order
+    with pytest.raises(ValueError, match=r"expected block >= 1"):
+        interleave([[0]], 0)
 
 
 def test_errors(tmp_path: Path, edit_file: Path) -> None:
