@@ -207,7 +207,7 @@ class PathEditor:
             local.restore()
             deltas.discard()  # a later apply would fold this edit's deltas at its first tracing
             raise
-        norm = torch.stack([p.detach().norm() for p in deltas.parameters()]).norm()
+        norm = local.change_norm()  # of every write of this edit (folds at re-tracing included)
         return EditInfo(z=[ZResult(norm[None], norm.new_zeros(1), losses, len(losses))])
 
     def _train(self, model: PreTrainedModel, batch: RewriteBatch, reference: torch.Tensor,

@@ -129,6 +129,14 @@ class UndoLog:
         view = param.T if transposed else param
         view.add_(delta.to(device=param.device, dtype=param.dtype))
 
+    @torch.no_grad()
+    def change_norm(self) -> torch.Tensor:
+        """Frobenius norm of every remembered parameter's change since it was remembered (float32, 0-d;
+        0 when nothing was remembered)."""
+        squares = [(param.detach().float() - original.float()).square().sum()
+                   for param, original in self._originals.values()]
+        return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
     def absorb(self, other: UndoLog) -> None:
         """Take over ``other``'s record (of changes made after this log's): a parameter this log already
         remembers keeps its older original; ``other``'s restore callbacks become this log's. ``other`` is

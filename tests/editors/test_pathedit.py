@@ -154,6 +154,9 @@ def test_restore_is_bit_exact_and_hooks_are_gone(tiny):
     info = editor.apply(model, tok, REQS, undo)
     after = path_nll(model, build_path_batch(tok, REQS, "cpu")).item()
     assert after < before and info.z[0].steps_run == 3 and len(editor.traces) == 1
+    change = torch.stack([(v - snap[k]).square().sum() for k, v in model.state_dict().items()]).sum().sqrt()
+    assert change > 0  # the reported norm is the weights' whole change (it was the folded, zeroed deltas')
+    torch.testing.assert_close(info.z[0].delta, change[None], rtol=1e-5, atol=0)
     assert all(not m._forward_hooks for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
     undo.restore()

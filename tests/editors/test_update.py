@@ -191,3 +191,15 @@ def test_undo_log_absorb_keeps_the_oldest_original_and_the_callbacks():
     assert torch.equal(p, torch.full((2,), 2.0)) and calls == []
     session.restore()
     assert torch.equal(p, torch.zeros(2)) and torch.equal(q, torch.zeros(2)) and calls == ["forget"]
+
+
+def test_undo_log_change_norm_is_the_frobenius_norm_of_every_change():
+    a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.zeros(4))
+    undo = UndoLog()
+    assert undo.change_norm() == 0
+    undo.add_(a, torch.full((2, 3), 2.0))
+    undo.add_(b, torch.tensor([0.0, 3.0, 0.0, 4.0]))
+    undo.add_(a, -torch.ones(2, 3))  # the net change of a counts, not each write
+    torch.testing.assert_close(undo.change_norm(), torch.tensor((6 * 1.0 + 25.0) ** 0.5))
+    undo.restore()
+    assert undo.change_norm() == 0
