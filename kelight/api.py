@@ -66,6 +66,9 @@ def _editor(method: str, options: dict[str, object]):
             raise EditInputError(f"alphaedit does not take {unused}: its update is weighed by the null-space "
                                  "projector (nullspace_threshold, nullspace_l2); drop them")
         options.setdefault("nullspace_threshold", ALPHAEDIT_THRESHOLD)
+        if options["nullspace_threshold"] is None:  # None is MEMIT's solve (λ C), not AlphaEdit's
+            raise EditInputError(f"expected nullspace_threshold to be a finite number > 0 for alphaedit, got None; "
+                                 f"leave it out for the paper's {ALPHAEDIT_THRESHOLD:g}, or use method='memit'")
         hp = method_hparams(MemitHParams, method, **options)
         return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1, selective))
     if method in ("memit", "pmet"):

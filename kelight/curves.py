@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kelight.files import read_jsonl
+from kelight.results import run_names
 
 # the scores drawn, in this order, where a run has them (CounterFact-style, then EasyEdit-style)
 CURVE_METRICS = ("ES", "PS", "NS", "RS", "DNS", "Avg.S", "Efficacy", "Generality", "Locality", "Score")
@@ -89,8 +90,10 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping]], path: str | Path, title
 
 
 def curve_report(out_png: str | Path, run_dirs: Sequence[str | Path]) -> str:
-    """Read the runs' curves (row name = the run directory's name), plot them into ``out_png`` and return
-    the Markdown table."""
-    curves = {Path(d).name: read_curve(d) for d in run_dirs}
+    """Read the runs' curves (row name = the run directory's name, :func:`~kelight.results.run_names`), plot them into
+    ``out_png`` and return the Markdown table."""
+    if Path(out_png).is_dir():  # matplotlib would write OUT.png beside it, and the run would not be drawn
+        raise ValueError(f"{out_png} is a directory; expected the plot file first: kelight curve OUT.png RUN_DIR...")
+    curves = {name: read_curve(d) for name, d in zip(run_names(run_dirs), run_dirs, strict=True)}
     path = plot_curves(curves, out_png)
     return f"{curve_table(curves)}\n\nwrote {path}"

@@ -69,7 +69,8 @@ class EditModule(L.LightningModule):
             ``--data.batch_size`` cases jointly, then restore), ``sequential`` (keep all edits, one case
             after another) or ``consecutive`` (keep all edits, each loader batch one joint edit: the
             sequential batch editing of MEMIT/AlphaEdit's papers; methods without a joint form (ROME,
-            FT) apply a batch's cases in turn, as ``sequential``).
+            FT) apply a batch's cases in turn: ROME exactly as ``sequential``; FT's L∞ bound then holds for
+            the batch's total change, not each case's).
         eval_every: in the sequential/consecutive regimes, also evaluate the cases edited so far every N
             edits (``seq/*`` in the logger, one line each in ``sequential.jsonl`` of the run directory).
         fluency: generate from the case's generation prompts and report n-gram entropy (FL).
@@ -96,6 +97,12 @@ class EditModule(L.LightningModule):
         super().__init__()
         if regime not in ("single", "batch", "sequential", "consecutive"):
             raise ValueError(f"expected regime 'single', 'batch', 'sequential' or 'consecutive', got {regime!r}")
+        if eval_every < 0:
+            raise ValueError(f"expected eval_every >= 0 (0: evaluate once, after all edits), got {eval_every}")
+        if eval_every and regime not in ("sequential", "consecutive"):
+            raise ValueError(f"eval_every evaluates the edits kept so far, but the {regime} regime restores each "
+                             f"edit after evaluating it; use --model.regime sequential or consecutive, or drop "
+                             f"--model.eval_every")
         self.ppl_texts = load_ppl_texts(ppl_corpus, ppl_field)  # read (and checked) now, before any model loads
         self.save_hyperparameters()
         self.automatic_optimization = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -100,14 +101,33 @@ def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
+    """Each run's directory name, or its shortest path suffix no other run ends with (``memit/seq`` and
+    ``alphaedit/seq``), so that runs in same-named directories all get their own row and line.
+
+    Example:
+        >>> run_names(["runs/memit/seq", "runs/alphaedit/seq", "runs/none"])
+        ['memit/seq', 'alphaedit/seq', 'none']
+    """
+    parts = [Path(os.path.abspath(d)).parts for d in run_dirs]
+    names = []
+    for mine in parts:
+        k = 1
+        while k < len(mine) and sum(p[-k:] == mine[-k:] for p in parts) > 1:
+            k += 1
+        names.append(str(Path(*mine[-k:])))
+    return names
+
+
 def report(run_dirs: Sequence[str | Path]) -> str:
-    """The Markdown table of several runs' ``metrics.json`` (row name = the run directory's name)."""
+    """The Markdown table of several runs' ``metrics.json`` (row name = the run directory's name, or as
+    much of its path as tells it apart: :func:`run_names`)."""
     rows = {}
-    for d in run_dirs:
+    for name, d in zip(run_names(run_dirs), run_dirs, strict=True):
         path = Path(d) / "metrics.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; run `kelight fit/validate` with this directory first")
-        rows[Path(d).name] = read_json(path, "rerun `kelight fit/validate` with this directory (for a merged run, "
+        rows[name] = read_json(path, "rerun `kelight fit/validate` with this directory (for a merged run, "
                                              "run `kelight merge` of its parts again)")
     return format_table(rows)
 

@@ -62,6 +62,7 @@ def test_conflicting_targets_in_one_joint_edit_are_refused(method):
     ({"mom2_update_weight": 1400.0}, r"alphaedit does not take \['mom2_update_weight'\]"),
     ({"pmet": True}, r"alphaedit does not take \['pmet'\]"),
     ({"nullspace_threshold": 1e-30}, "leaves no null space at layer 0"),
+    ({"nullspace_threshold": None}, r"expected nullspace_threshold to be a finite number > 0 for alphaedit, got None"),
     ({"nullspace_l2": 0.0}, "nullspace_l2 to be a finite number > 0"),
 ])
 def test_alphaedit_options_are_checked(overrides, match):

@@ -52,3 +52,24 @@ def test_kelight_curve_errors_name_the_file_and_fix(tmp_path, content, match):
     with pytest.raises(SystemExit, match=match):
         main(["curve", str(tmp_path / "c.png"), str(run)])
     assert not (tmp_path / "c.png").exists()
+
+
+def test_kelight_curve_keeps_runs_whose_directories_share_a_name(tmp_path, capsys):
+    """runs/memit/seq and runs/alphaedit/seq: both are tabulated (and drawn), neither replaces the other."""
+    (tmp_path / "memit").mkdir()
+    (tmp_path / "alphaedit").mkdir()
+    a = _run(tmp_path / "memit", "seq", [{"edits": 2, "ES": 50.0}])
+    b = _run(tmp_path / "alphaedit", "seq", [{"edits": 2, "ES": 90.0}])
+    main(["curve", str(tmp_path / "c.png"), str(a), str(b)])
+    printed = capsys.readouterr().out
+    assert "| memit/seq | 2 | 50.0 |" in printed and "| alphaedit/seq | 2 | 90.0 |" in printed
+
+
+def test_kelight_curve_refuses_a_directory_as_the_plot_file(tmp_path):
+    """`kelight curve RUN_DIR RUN_DIR` (the plot file forgotten): one line naming the fix, rather than a plot of
+    the second run alone written beside the first as memit.png."""
+    a = _run(tmp_path, "memit", [{"edits": 2, "ES": 50.0}])
+    b = _run(tmp_path, "alphaedit", [{"edits": 2, "ES": 90.0}])
+    with pytest.raises(SystemExit, match=r"memit is a directory; expected the plot file first: kelight curve "
+                                         r"OUT.png RUN_DIR"):
+        main(["curve", str(a), str(b)])

@@ -209,3 +209,18 @@ def test_ppl_corpus_errors_name_the_option():
 
     with pytest.raises(FileNotFoundError, match="expected ppl_corpus to be one of \\['corpus50'\\] or an existing"):
         ROME(ppl_corpus="corpus5O")
+
+
+def test_eval_every_outside_the_regimes_that_keep_edits_is_refused():
+    import pytest
+
+    from kelight.methods import MEMIT, ROME
+
+    with pytest.raises(ValueError, match=r"the single regime restores each edit .* --model.regime sequential or "
+                                         r"consecutive, or drop --model.eval_every"):
+        ROME(eval_every=10)  # silently ignored before
+    with pytest.raises(ValueError, match=r"the batch regime restores"):
+        MEMIT(regime="batch", eval_every=10)
+    with pytest.raises(ValueError, match=r"expected eval_every >= 0"):
+        ROME(regime="sequential", eval_every=-1)
+    assert MEMIT(regime="consecutive", eval_every=10).hparams.eval_every == 10

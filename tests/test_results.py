@@ -28,6 +28,13 @@ def test_report_names_a_missing_run(tmp_path):
         report([tmp_path / "nope"])
 
 
+def test_report_keeps_runs_whose_directories_share_a_name(tmp_path):
+    for method, es in (("memit", 50.0), ("alphaedit", 90.0)):
+        write_results(tmp_path / method / "seq", {"ES": es, "n_cases": 2.0}, [])
+    table = report([tmp_path / "memit" / "seq", tmp_path / "alphaedit" / "seq"])
+    assert "| memit/seq | 50.0 | 2 |" in table and "| alphaedit/seq | 90.0 | 2 |" in table
+
+
 def test_metrics_from_rows_pools_over_prompts_per_source_and_counts():
     import math
 

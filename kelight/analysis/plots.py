@@ -20,8 +20,11 @@ def figure(rows: int, cols: int, size: tuple[float, float] = (4.0, 3.0)):
 
 
 def save(fig, path: str | Path, title: str = "") -> Path:
-    """Title, write PNG (150 dpi), close; returns the path."""
+    """Title, write PNG (150 dpi), close; returns the path written (``.png`` added to a path without a
+    suffix, as matplotlib does, so the returned path is the file)."""
     path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     if title:
         fig.suptitle(title, fontsize=11)

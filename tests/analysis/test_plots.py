@@ -69,3 +69,10 @@ def test_every_panel_has_labelled_axes(figures, tmp_path, name):
             assert ax.get_ylabel(), f"{name}: a colour bar without its quantity"
             continue
         assert ax.get_xlabel() and ax.get_ylabel(), f"{name}: panel {ax.get_title()!r} has an unlabelled axis"
+
+
+def test_save_returns_the_file_it_wrote(tmp_path):
+    from kelight.analysis.plots import figure, save
+
+    fig, _ = figure(1, 1)
+    assert save(fig, tmp_path / "out") == tmp_path / "out.png" and (tmp_path / "out.png").is_file()
