@@ -16,20 +16,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kelight.files import read_jsonl
-from kelight.results import run_names
+from kelight.results import run_names, sequential_path
 
 # the scores drawn, in this order, where a run has them (CounterFact-style, then EasyEdit-style)
 CURVE_METRICS = ("ES", "PS", "NS", "RS", "DNS", "Avg.S", "Efficacy", "Generality", "Locality", "Score")
 
 
-def read_curve(run_dir: str | Path) -> list[dict]:
-    """The points of ``run_dir/sequential.jsonl`` in edit order.
+def read_curve(run_dir: str | Path, rank: int = 0) -> list[dict]:
+    """The points of ``run_dir/sequential.jsonl`` (process ``rank``'s file under DDP) in edit order.
 
     Raises:
         FileNotFoundError: without the file (the run did not set ``--model.eval_every``).
         ValueError: a point without ``edits`` or a corrupt line (the file and line are named).
     """
-    path = Path(run_dir) / "sequential.jsonl"
+    path = sequential_path(run_dir, rank)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `kelight fit` with --model.regime sequential (or "
                                 f"consecutive) and --model.eval_every N into {run_dir}")
@@ -38,6 +38,16 @@ def read_curve(run_dir: str | Path) -> list[dict]:
         if not isinstance(point, Mapping) or not isinstance(point.get("edits"), int):
             raise ValueError(f"{path}, line {i}: expected an object with an integer 'edits', got {point!r}")
     return sorted(points, key=lambda p: p["edits"])
+
+
+def run_curves(name: str, run_dir: str | Path) -> dict[str, list[dict]]:
+    """``{name: points}`` of a run; a run over N processes made N independent sequences, one file each:
+    ``{"name (process 0)": .., "name (process 1)": ..}``."""
+    ranks = [0, *sorted(int(p.name.split(".")[1].removeprefix("rank"))
+                        for p in Path(run_dir).glob("sequential.rank*.jsonl"))]
+    if len(ranks) == 1:
+        return {name: read_curve(run_dir)}
+    return {f"{name} (process {rank})": read_curve(run_dir, rank) for rank in ranks}
 
 
 def _value(point: Mapping, metric: str) -> float | None:
@@ -90,10 +100,12 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping]], path: str | Path, title
 
 
 def curve_report(out_png: str | Path, run_dirs: Sequence[str | Path]) -> str:
-    """Read the runs' curves (row name = the run directory's name, :func:`~kelight.results.run_names`), plot them into
-    ``out_png`` and return the Markdown table."""
+    """Read the runs' curves (row name = the run directory's name, :func:`~kelight.results.run_names`; one
+    row per process for a run over several, :func:`run_curves`), plot them into ``out_png`` and return
+    the Markdown table."""
     if Path(out_png).is_dir():  # matplotlib would write OUT.png beside it, and the run would not be drawn
         raise ValueError(f"{out_png} is a directory; expected the plot file first: kelight curve OUT.png RUN_DIR...")
-    curves = {name: read_curve(d) for name, d in zip(run_names(run_dirs), run_dirs, strict=True)}
+    curves = {key: points for name, d in zip(run_names(run_dirs), run_dirs, strict=True)
+              for key, points in run_curves(name, d).items()}
     path = plot_curves(curves, out_png)
     return f"{curve_table(curves)}\n\nwrote {path}"

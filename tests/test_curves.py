@@ -73,3 +73,13 @@ def test_kelight_curve_refuses_a_directory_as_the_plot_file(tmp_path):
     with pytest.raises(SystemExit, match=r"memit is a directory; expected the plot file first: kelight curve "
                                          r"OUT.png RUN_DIR"):
         main(["curve", str(a), str(b)])
+
+
+def test_kelight_curve_draws_each_process_sequence_of_a_ddp_run(tmp_path, capsys):
+    """Under DDP each process keeps only its own edits (N sequences, one sequential.rankR.jsonl each): every
+    sequence gets its own row, none is left out."""
+    run = _run(tmp_path, "seq", [{"edits": 2, "ES": 50.0}])
+    (run / "sequential.rank1.jsonl").write_text(json.dumps({"edits": 2, "ES": 70.0}) + "\n")
+    main(["curve", str(tmp_path / "c.png"), str(run)])
+    printed = capsys.readouterr().out
+    assert "| seq (process 0) | 2 | 50.0 |" in printed and "| seq (process 1) | 2 | 70.0 |" in printed
