@@ -110,6 +110,23 @@ _FILE_TOOLS = {
 }
 
 
+_OVERVIEW = """usage: kelight SUBCOMMAND ...
+
+  fit       --config C [--data.path P] [--data.limit N] [--trainer.default_root_dir D] [--model.KEY V ...]
+            edit the cases and evaluate each edit; writes D/metrics.json and D/cases.jsonl
+            (`kelight fit --model.help ROME` lists every key of a method: ROME, MEMIT, PMET, AlphaEdit,
+            PathEdit, FT)
+  validate  the same arguments: evaluate the unedited model with the same output contract
+  report    {report}
+  merge     {merge}
+  curve     {curve}
+  sweep     SPEC --count N [-- FIT ARGS]   (a W&B sweep, offline by default; `kelight sweep --help`)
+  analyze   drift|substitution|patching|heads --config C --out DIR   (plots; `kelight analyze drift --help`)
+
+Configs: configs/smollm2/*.yaml, configs/gemma3/*.yaml (one per method, e.g. rome_sadr.yaml).
+""".format(**{name: usage for name, (usage, _) in _FILE_TOOLS.items()})
+
+
 def _file_tool(name: str, args: list[str]) -> None:
     """``kelight report`` / ``merge`` / ``curve``: read run directories; errors are one line, not tracebacks."""
     usage, n_min = _FILE_TOOLS[name]
@@ -154,6 +171,11 @@ def run(args: list[str] | None = None) -> KelightCLI | None:
         return None
     if argv[:1] and argv[0] in _FILE_TOOLS:
         _file_tool(argv[0], argv[1:])
+        return None
+    if not argv or argv[0] in ("-h", "--help"):  # LightningCLI's own help knows only fit/validate/test/predict
+        sys.stdout.write(_OVERVIEW)
+        if not argv:
+            raise SystemExit(2)
         return None
     _environment_defaults()
     _quiet_expected_warnings()

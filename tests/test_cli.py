@@ -130,6 +130,25 @@ def test_report_help_and_missing_run_are_messages_not_tracebacks(tmp_path, capsy
         run(["report", str(tmp_path / "nope")])
 
 
+def test_top_level_help_lists_every_subcommand(capsys):
+    """LightningCLI's own help names only fit/validate/test/predict; `kelight --help` lists the tools too."""
+    import re
+
+    import kelight
+    from kelight.cli import _FILE_TOOLS, _TOOLS
+
+    run(["--help"])
+    text = capsys.readouterr().out
+    listed = re.findall(r"^  (\w+) ", text, flags=re.M)
+    assert listed == ["fit", "validate", *_FILE_TOOLS, *_TOOLS]
+    methods = re.search(r"method: (.*?)\)", text, flags=re.S).group(1).replace("\n", " ")
+    for name in methods.split(", "):  # the names `--model.help NAME` takes
+        assert isinstance(getattr(kelight, name.strip()), type)
+    with pytest.raises(SystemExit) as exit_info:
+        run([])
+    assert exit_info.value.code == 2 and capsys.readouterr().out.startswith("usage: kelight SUBCOMMAND")
+
+
 def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
     out = tmp_path / name
     run(["fit", "--config", str(ROOT / "configs/smollm2/rome.yaml"), *COMMON, "--model.layer", "1",
