@@ -8,7 +8,7 @@ Example:
     >>> undo.restore()  # doctest: +SKIP
 """
 
-from kelight.api import EditSession, edit
+from kelight.api import EditSession, edit, evaluate, load_cases, unedited_predictions
 from kelight.methods import FT, MEMIT, PMET, ROME, AlphaEdit
 from kelight.models.loading import load
 from kelight.module import EditModule
@@ -16,5 +16,5 @@ from kelight.path_module import PathEdit
 from kelight.types import EditCase, EditInputError, EditRequest
 
 __all__ = ["FT", "MEMIT", "PMET", "ROME", "AlphaEdit", "EditCase", "EditInputError", "EditModule", "EditRequest",
-           "EditSession", "PathEdit", "edit", "load"]
+           "EditSession", "PathEdit", "edit", "evaluate", "load", "load_cases", "unedited_predictions"]
 __version__ = "0.1.0"

@@ -1,9 +1,12 @@
-"""``kelight.edit`` and ``kelight.EditSession``: edit a model in place from Python, with an exact undo handle."""
+"""``kelight.edit`` and ``kelight.EditSession``: edit a model in place from Python, with an exact undo handle;
+``kelight.load_cases``, ``kelight.unedited_predictions`` and ``kelight.evaluate``: score it as ``kelight fit`` does."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -13,8 +16,10 @@ from kelight.editors.pathedit import PathEditor, PathHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
+from kelight.evaluation import LOCALITY, evaluate_case, load_ppl_texts, locality_reference, perplexity_stats
+from kelight.metrics import EditMetrics
 from kelight.objectives.sadr import sadr_terms
-from kelight.types import EditInputError, EditRequest, require_requests
+from kelight.types import EditCase, EditInputError, EditRequest, require_requests
 
 METHODS = ("rome", "memit", "pmet", "alphaedit", "ft", "pathedit")
 
@@ -158,3 +163,91 @@ def edit(
     session = EditSession(model, tokenizer, method, **options)
     session.edit(requests)
     return model, session.undo
+
+
+def load_cases(
+    path: str | os.PathLike[str] | None = None,
+    format: Literal["auto", "counterfact_mix", "counterfact_edit"] = "auto",
+    limit: int | None = None,
+    skip: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_conflicting: bool = False,
+) -> list[EditCase]:
+    """The edit cases of a data file (or the built-in demo set for ``None``), selected and checked as
+    ``--data.*`` selects them for ``kelight fit`` (same arguments, same cases, same errors).
+
+    Example:
+        >>> [case.request.subject for case in load_cases(limit=2)]
+        ['Eiffel Tower', 'Colosseum']
+    """
+    from kelight.data.datamodule import EditDataModule  # noqa: PLC0415 (datasets only when reading files)
+
+    data = EditDataModule(path=None if path is None else str(path), format=format, limit=limit, skip=skip,
+                          shuffle=shuffle, seed=seed, drop_conflicting=drop_conflicting)
+    data.setup()
+    return list(data.cases)
+
+
+def unedited_predictions(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cases: Sequence[EditCase]
+) -> list[dict]:
+    """What EasyEdit-style Locality compares with: each case's predictions on its locality prompts by the
+    model as it is now. Call it before editing and pass the result to :func:`evaluate` as ``unedited``."""
+    return [locality_reference(model, tokenizer, case) for case in _as_cases(cases)]
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cases: Sequence[EditCase],
+    unedited: Sequence[Mapping] | None = None,
+    fluency: bool = False,
+    ppl_corpus: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """Score ``cases`` on the model as it is now, as ``kelight fit``/``validate`` score them: the keys of
+    ``metrics.json`` (percent, with 95% CIs; pooled over all cases), and ``n_cases``.
+
+    Args:
+        model: the (edited) model.
+        tokenizer: its tokenizer.
+        cases: from :func:`load_cases`, or :class:`~kelight.types.EditCase` objects.
+        unedited: :func:`unedited_predictions` of the unedited model, one per case; required when a case
+            has locality prompts (counterfact_edit's Locality compares with the unedited model).
+        fluency: also sample the generation prompts and report FL (slow on CPU).
+        ppl_corpus: also report PPL on this corpus (``"corpus50"`` or a JSON file, as ``--model.ppl_corpus``).
+
+    Example:
+        >>> cases = load_cases("counterfact_edit.json", limit=20)  # doctest: +SKIP
+        >>> before = unedited_predictions(model, tok, cases)  # doctest: +SKIP
+        >>> session.edit([case.request for case in cases])  # doctest: +SKIP
+        >>> evaluate(model, tok, cases, unedited=before)["Locality"]  # doctest: +SKIP
+    """
+    cases = _as_cases(cases)
+    if unedited is None:
+        missing = [case.case_id for case in cases if case.token_probes.get(LOCALITY)]
+        if missing:
+            raise EditInputError(
+                f"cases {missing[:5]}{' ...' if len(missing) > 5 else ''} have locality prompts, whose score "
+                f"compares with the unedited model: call kelight.unedited_predictions(model, tok, cases) before "
+                f"editing and pass it as unedited=...")
+        unedited = [{}] * len(cases)
+    elif len(unedited) != len(cases):
+        raise EditInputError(f"expected one unedited prediction per case, got {len(unedited)} for {len(cases)} "
+                             f"cases; pass kelight.unedited_predictions(model, tok, cases) of these cases")
+    texts = load_ppl_texts(ppl_corpus)
+    ppl = perplexity_stats(model, tokenizer, texts) if texts else None  # one model, one perplexity
+    metrics = EditMetrics(sync_on_compute=False)
+    for case, before in zip(cases, unedited, strict=True):
+        result = evaluate_case(model, tokenizer, case, fluency=fluency, pre_locality=before)
+        metrics.update(dataclasses.replace(result, perplexity=ppl))
+    return {**metrics.compute(), "n_cases": float(len(cases))}
+
+
+def _as_cases(cases: Sequence[EditCase]) -> list[EditCase]:
+    if isinstance(cases, EditCase):
+        return [cases]
+    cases = list(cases)
+    if not cases or not all(isinstance(case, EditCase) for case in cases):
+        raise EditInputError(f"expected a non-empty list of EditCase (kelight.load_cases(path)), got {cases!r:.200}")
+    return cases

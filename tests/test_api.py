@@ -153,3 +153,55 @@ def test_session_refuses_an_unknown_method_before_setup():
     model, tok = tiny_model("llama")
     with pytest.raises(EditInputError, match=r"unknown method 'alpha'; expected one of \['rome', 'memit'"):
         kelight.EditSession(model, tok, method="alpha")
+
+
+def _counterfact_edit_file(tmp_path):
+    import json
+
+    from tests.conftest import COUNTERFACT_EDIT_CASES
+
+    path = tmp_path / "edit.json"
+    path.write_text(json.dumps(COUNTERFACT_EDIT_CASES))
+    return path
+
+
+@pytest.mark.parametrize("data", ["mix", "edit"])
+def test_evaluate_scores_as_kelight_validate(tmp_path, data):
+    """The Python scorer gives the CLI's numbers for the same cases on the same (unedited) model."""
+    import json
+
+    from kelight.cli import run
+    from tests.test_cli import COMMON, ROOT, _case_file
+
+    path = _case_file(tmp_path) if data == "mix" else _counterfact_edit_file(tmp_path)
+    run(["validate", "--config", str(ROOT / "configs/smollm2/rome.yaml"), *COMMON, "--data.path", str(path),
+         "--trainer.default_root_dir", str(tmp_path / "cli")])
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    model, tok = kelight.load("tiny:llama")
+    cases = kelight.load_cases(path)
+    scores = kelight.evaluate(model, tok, cases, unedited=kelight.unedited_predictions(model, tok, cases))
+    pooled = {k for k in cli if "/" not in k and k not in ("seconds_per_edit", "z_steps_per_edit")}
+    assert set(scores) == pooled and scores["n_cases"] == len(cases)
+    for key, value in scores.items():
+        assert value == pytest.approx(cli[key], rel=1e-9, abs=1e-9), key
+    if data == "edit":
+        assert scores["Locality"] == 100.0  # the unedited model agrees with itself
+
+
+def test_evaluate_after_an_edit_compares_locality_with_the_unedited_model(tmp_path):
+    model, tok = tiny_model("llama")
+    cases = kelight.load_cases(_counterfact_edit_file(tmp_path))
+    before = kelight.unedited_predictions(model, tok, cases)
+    with pytest.raises(EditInputError, match=r"have locality prompts.*call kelight.unedited_predictions\(model, "
+                                             r"tok, cases\) before editing"):
+        kelight.evaluate(model, tok, cases)
+    with pytest.raises(EditInputError, match=r"expected one unedited prediction per case, got 1 for 3"):
+        kelight.evaluate(model, tok, cases, unedited=before[:1])
+    with pytest.raises(EditInputError, match=r"expected a non-empty list of EditCase"):
+        kelight.evaluate(model, tok, [c.request for c in cases], unedited=before)
+    with torch.no_grad():  # a stand-in for a damaging edit: the predictions on the locality prompts move
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    after = kelight.evaluate(model, tok, cases, unedited=before)
+    fresh = kelight.evaluate(model, tok, cases, unedited=kelight.unedited_predictions(model, tok, cases))
+    assert after["Locality"] < 100.0 == fresh["Locality"]
