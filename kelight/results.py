@@ -153,13 +153,15 @@ def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
             value, n = got
             out[score] = value
             out[f"{score}_ci"] = 100.0 * F.ci_half_width(min(max(value / 100.0, 0.0), 1.0), n)
-            out[magnitude] = _pooled(rows, magnitude, f"n_{score}")[0]
+            # a row with the score but a null magnitude had NaN read-outs: NaN, as EditMetrics
+            nan_rows = any(r.get(magnitude) is None for r in rows if r.get(score) is not None)
+            out[magnitude] = math.nan if nan_rows else _pooled(rows, magnitude, f"n_{score}")[0]
     fluency = np.array([float(r["FL"]) for r in rows if r.get("FL") is not None])
     if fluency.size:  # a case scores its texts' mean entropy; cases are averaged (Fluency metric)
         out["FL"] = float(fluency.mean())
         out["FL_ci"] = F.mean_ci_half_width(out["FL"], float(np.square(fluency).mean()), fluency.size)
     ppl = [r for r in rows if r.get("PPL") is not None]
-    if ppl:
+    if ppl and not any(r.get("PPL") is None and r.get("n_PPL") for r in rows):  # null PPL (NaN/inf): as EditMetrics
         nll = _pooled([{**r, "PPL": math.log(r["PPL"])} for r in ppl], "PPL", "n_PPL")  # mean NLL per token
         if nll is not None:
             out["PPL"] = math.exp(nll[0])

@@ -135,3 +135,29 @@ def test_merge_names_a_corrupt_config_or_cases_file(tmp_path):
     with pytest.raises(ValueError, match=r"bad_cases/cases\.jsonl is not valid JSON at line 2, column \d+"):
         merge_runs(tmp_path / "out", [good, bad_cases])
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_reproduces_the_metrics_of_cases_with_nan_read_outs(tmp_path):
+    """A case whose logits are NaN (a collapsed edit) has no magnitude or perplexity (``null`` in cases.jsonl):
+    the recomputed metrics must not silently drop it from EM/PPL while metrics.json has no number."""
+    import torch
+
+    from kelight.evaluation import CaseResult, case_summary
+    from kelight.files import read_json, read_jsonl
+    from kelight.metrics import EditMetrics
+    from kelight.results import metrics_from_rows
+
+    nan = float("nan")
+    cases = [CaseResult(0, {"rewrite": (torch.tensor([0.5]), torch.tensor([1.0]))}, perplexity=(20.0, 10)),
+             CaseResult(1, {"rewrite": (torch.tensor([nan]), torch.tensor([nan]))}, perplexity=(nan, 10))]
+    metrics = EditMetrics(sync_on_compute=False)
+    for case in cases:
+        metrics.update(case)
+    write_results(tmp_path / "run", {**metrics.compute(), "n_cases": 2.0},
+                  [{"id": c.case_id, **case_summary(c)} for c in cases])
+    rows = read_jsonl(tmp_path / "run" / "cases.jsonl", "")
+    write_results(tmp_path / "merged", metrics_from_rows(rows), rows)
+    expected = read_json(tmp_path / "run" / "metrics.json", "")
+    assert expected["EM"] is None and "PPL" not in expected  # what EditMetrics reports
+    assert read_json(tmp_path / "merged" / "metrics.json", "") == expected
+    assert metrics_from_rows(rows[1:])["ES"] == 0.0  # every case NaN: no crash

@@ -190,6 +190,10 @@ class EditDataModule(L.LightningDataModule):
         skipped: Counter[str] = Counter()
         rows = records.select(order).to_list()
         self.cases = [parse_record(row, i, self.format, skipped) for i, row in zip(order, rows, strict=True)]
+        twice = sorted((i for i, n in Counter(case.case_id for case in self.cases).items() if n > 1), key=str)
+        if twice:  # ids key the unedited Locality references, PathEdit's batch caches and `kelight merge`
+            raise EditInputError(f"{path}: case ids {twice[:5]} occur more than once among the selected records; "
+                                 f"give every record a unique case_id")
         if self.drop_conflicting:
             drop = {j for _, j in conflicting_pairs([case.request for case in self.cases])}
             if drop:

@@ -23,13 +23,13 @@ Two record formats are understood (see ``../shared/data/README.md``):
     ======================  =====================  =========================  ==================
 
     Choices: PS is the ``p-paraphrase`` prompts only and RES pools the ``p-reasoning`` and
-    ``p-subject_alias`` prompts, as the reference's summary does (its "portability" keys; the SADR
+    ``p-subject_alias`` prompts, the reference's two "portability" keys (its summary lists them apart; the SADR
     paper's RES cites the portability of Yao et al. 2023, which includes subject aliases, and its
     PS of the unedited GPT-J, 17.70, is the reference's ``p-paraphrase`` number). Until session 15
     kelight pooled the alias prompts into PS instead; ``benchmarks/regroup_alias.py`` recomputes a
     run made then under this grouping, exactly. Alias prompts are scored against ``target_new``,
-    like the rewrite and paraphrase prompts, whatever their own ``targets`` say (in the dev split 9
-    of 1700 alias targets differ from target_new: synonyms such as "cisgender female" for
+    like the rewrite and paraphrase prompts, whatever their own ``targets`` say (in the dev split 19
+    of 1700 alias targets, in 9 records, differ from target_new: synonyms such as "cisgender female" for
     "cisgender woman", or data errors). A relation, neighbour or
     reasoning prompt whose right target equals its wrong target (compared after ``strip`` and
     ``casefold``) cannot be scored; it is skipped and counted in the optional ``skipped``

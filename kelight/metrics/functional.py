@@ -143,10 +143,15 @@ def n_gram_entropy(texts: Sequence[str]) -> float:
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:
-    """``exp(nll_sum / n_tokens)``; ``nan`` for zero tokens."""
+    """``exp(nll_sum / n_tokens)`` (``inf`` past float range); ``nan`` for zero tokens."""
     if n_tokens < 0:
         raise ValueError(f"expected a token count >= 0, got {n_tokens}")
-    return math.exp(nll_sum / n_tokens) if n_tokens else math.nan
+    if not n_tokens:
+        return math.nan
+    try:
+        return math.exp(nll_sum / n_tokens)
+    except OverflowError:  # mean NLL above ~709 nats: a collapsed model
+        return math.inf
 
 
 def token_accuracy(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

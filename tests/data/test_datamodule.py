@@ -216,3 +216,15 @@ def test_drop_conflicting_keeps_the_first_of_each_prompt_and_subject(tmp_path: P
     assert [c.case_id for c in everything.cases] == [100, 101, 102, 103]
     with pytest.raises(EditInputError, match="expected drop_conflicting to be true or false, got 'yes'"):
         EditDataModule(path=str(path), drop_conflicting="yes")  # type: ignore[arg-type]
+
+
+def test_duplicate_case_ids_are_refused(tmp_path: Path) -> None:
+    """Case ids key the unedited Locality references (sequential/consecutive regimes), PathEdit's
+    batch caches and ``kelight merge``: two records with one id would silently share them."""
+    records = edit_records(3)
+    records[2] = {**records[2], "case_id": 100}  # a different fact under case 0's id
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(EditInputError, match=r"case ids \[100\] occur more than once.*give every record"):
+        EditDataModule(path=str(path)).setup()
+    EditDataModule(path=str(path), limit=2).setup()  # the selected cases alone must be unique

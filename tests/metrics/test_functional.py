@@ -96,6 +96,11 @@ def test_perplexity() -> None:
         F.perplexity(1.0, -1)
 
 
+def test_perplexity_of_a_collapsed_model_is_infinite_not_an_error() -> None:
+    # mean NLL above ~709 nats overflows math.exp; a destroyed model must still get a report
+    assert F.perplexity(800.0 * 10, 10) == math.inf
+
+
 def test_token_accuracy_and_locality() -> None:
     assert math.isclose(float(F.token_accuracy(torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3]))), 2 / 3)
     preds, targets = [torch.tensor([1, 2]), torch.tensor([5])], [torch.tensor([1, 2]), torch.tensor([4])]
