@@ -16,7 +16,7 @@ def test_configs_exist_for_every_method():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
     for model in ("smollm2", "gemma3"):
         for method in ("rome", "rome_sadr", "memit", "memit_sadr", "pmet", "pmet_sadr", "ft", "pathedit",
-                       "pathedit_sadr"):
+                       "pathedit_sadr", "alphaedit"):
             assert f"{model}/{method}.yaml" in names
 
 
