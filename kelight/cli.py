@@ -105,30 +105,30 @@ _FILE_TOOLS = {
     "report": ("RUN_DIR [RUN_DIR ...]   (one Markdown row per run's metrics.json)", 1),
     "merge": ("OUT_DIR RUN_DIR RUN_DIR [...]   (join runs of one config on disjoint cases, e.g. --data.skip; "
               "metrics recomputed from cases.jsonl)", 3),
+    "compare": ("BASE_DIR RUN_DIR [RUN_DIR ...]   (each run − the base per score over their common cases, with "
+                "paired case-bootstrap 95% intervals)", 2),
     "curve": ("OUT.png RUN_DIR [RUN_DIR ...]   (scores against edits in place from each run's sequential.jsonl, "
               "written by --model.eval_every N)", 2),
 }
 
 
-_OVERVIEW = """usage: kelight SUBCOMMAND ...
-
-  fit       --config C [--data.path P] [--data.limit N] [--trainer.default_root_dir D] [--model.KEY V ...]
-            edit the cases and evaluate each edit; writes D/metrics.json and D/cases.jsonl
-            (`kelight fit --model.help ROME` lists every key of a method: ROME, MEMIT, PMET, AlphaEdit,
-            PathEdit, FT)
-  validate  the same arguments: evaluate the unedited model with the same output contract
-  report    {report}
-  merge     {merge}
-  curve     {curve}
-  sweep     SPEC --count N [-- FIT ARGS]   (a W&B sweep, offline by default; `kelight sweep --help`)
-  analyze   drift|substitution|patching|heads --config C --out DIR   (plots; `kelight analyze drift --help`)
-
-Configs: configs/smollm2/*.yaml, configs/gemma3/*.yaml (one per method, e.g. rome_sadr.yaml).
-""".format(**{name: usage for name, (usage, _) in _FILE_TOOLS.items()})
+_OVERVIEW = "".join([
+    "usage: kelight SUBCOMMAND ...\n\n",
+    "  fit       --config C [--data.path P] [--data.limit N] [--trainer.default_root_dir D] [--model.KEY V ...]\n",
+    "            edit the cases and evaluate each edit; writes D/metrics.json and D/cases.jsonl\n",
+    "            (`kelight fit --model.help ROME` lists every key of a method: ROME, MEMIT, PMET, AlphaEdit,\n",
+    "            PathEdit, FT)\n",
+    "  validate  the same arguments: evaluate the unedited model with the same output contract\n",
+    *(f"  {name:<9} {usage}\n" for name, (usage, _) in _FILE_TOOLS.items()),
+    "  sweep     SPEC --count N [-- FIT ARGS]   (a W&B sweep, offline by default; `kelight sweep --help`)\n",
+    "  analyze   drift|substitution|patching|heads --config C --out DIR   (plots; `kelight analyze drift --help`)\n",
+    "\nConfigs: configs/smollm2/*.yaml, configs/gemma3/*.yaml (one per method, e.g. rome_sadr.yaml).\n",
+])
 
 
 def _file_tool(name: str, args: list[str]) -> None:
-    """``kelight report`` / ``merge`` / ``curve``: read run directories; errors are one line, not tracebacks."""
+    """``kelight report`` / ``merge`` / ``compare`` / ``curve``: read run directories; errors are one line, not
+    tracebacks."""
     usage, n_min = _FILE_TOOLS[name]
     usage = f"usage: kelight {name} {usage}"
     if any(a in ("-h", "--help") for a in args):
@@ -139,6 +139,10 @@ def _file_tool(name: str, args: list[str]) -> None:
     try:
         if name == "report":
             sys.stdout.write(report(args) + "\n")
+        elif name == "compare":
+            from kelight.compare import compare_report  # noqa: PLC0415
+
+            sys.stdout.write(compare_report(args) + "\n")
         elif name == "curve":
             from kelight.curves import curve_report  # noqa: PLC0415 (matplotlib only for this tool)
 

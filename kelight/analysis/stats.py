@@ -83,22 +83,53 @@ def won_back_interval(
         >>> round(won_back_interval(p, np.array([1, 1]))[0], 4)
         0.3333
     """
+    return _paired_bootstrap(percents, counts, 3, lambda rows: damage_won_back(*rows), n_resamples, seed, level)
+
+
+def paired_difference_interval(
+    percents: np.ndarray, counts: np.ndarray, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Pooled ``B − A`` of one score of two runs on the same cases, with its paired case-bootstrap
+    percentile interval (the same resampled cases in both runs).
+
+    Args:
+        percents: ``(2, C)`` per-case percentages, rows A and B (``nan`` where a case has no value).
+        counts: ``(C,)`` prompts of that score per case (the weights of the pooled mean).
+        n_resamples: bootstrap resamples of the cases.
+        seed: seed of the resampling.
+        level: coverage of the interval.
+
+    Returns:
+        ``(difference, low, high)`` in percentage points.
+
+    Example:
+        >>> p = np.array([[100.0, 0.0, 50.0], [100.0, 100.0, 50.0]])  # pooled: 50, 83.3
+        >>> round(paired_difference_interval(p, np.array([1, 1, 1]))[0], 4)
+        33.3333
+    """
+    return _paired_bootstrap(percents, counts, 2, lambda rows: rows[1] - rows[0], n_resamples, seed, level)
+
+
+def _paired_bootstrap(percents: np.ndarray, counts: np.ndarray, n_rows: int, statistic, n_resamples: int,
+                      seed: int, level: float) -> tuple[float, float, float]:
+    """``statistic`` of the rows' pooled values over the cases every row has, and its percentile interval
+    over resamples of those cases (the same cases for every row; non-finite resamples dropped)."""
     percents, counts = np.asarray(percents, dtype=float), np.asarray(counts, dtype=float)
-    if percents.ndim != 2 or percents.shape[0] != 3 or percents.shape[1] != counts.shape[0]:
-        raise ValueError(f"expected percents (3, C) and counts (C,), got {percents.shape} and {counts.shape}")
+    if percents.ndim != 2 or percents.shape[0] != n_rows or percents.shape[1] != counts.shape[0]:
+        raise ValueError(f"expected percents ({n_rows}, C) and counts (C,), got {percents.shape} and {counts.shape}")
     has = np.isfinite(percents).all(0) & (counts > 0)
     p, n = percents[:, has], counts[has]
-    share = damage_won_back(*pooled(p, n))
+    value = statistic(pooled(p, n))
     if p.shape[1] == 0:
-        return share, math.nan, math.nan
+        return value, math.nan, math.nan
     idx = np.random.default_rng(seed).integers(0, p.shape[1], size=(n_resamples, p.shape[1]))  # (B, C) cases
-    shares = damage_won_back(*pooled(p[:, idx], n[idx]))  # (B,): rows pooled per resample
-    shares = shares[np.isfinite(shares)]
-    if shares.size == 0:
-        return share, math.nan, math.nan
+    values = np.asarray(statistic(pooled(p[:, idx], n[idx])))  # (B,): rows pooled per resample
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return value, math.nan, math.nan
     tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(shares, [tail, 100.0 - tail])
-    return share, float(low), float(high)
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(value), float(low), float(high)
 
 
 def block_means(values: list[float], block: int) -> list[float]:
