@@ -5,7 +5,9 @@ Each run directory's ``cases.jsonl`` holds every case's per-prompt scores and pr
 id), this reports the pooled value of each (as ``metrics.json`` computes it) and the difference
 ``RUN − BASE`` in percentage points with a 95% paired case-bootstrap interval (the same resampled
 cases in both runs; :func:`~kelight.analysis.stats.paired_difference_interval`). An interval that
-excludes 0 is a difference the cases support; one that contains 0 is not.
+excludes 0 is a difference the cases support; one that contains 0 is not. Compared: the pairwise
+scores and magnitudes (ES, EM, ..., DOS, DOM) and the token accuracies (Efficacy, Generality, Locality);
+not FL or PPL, which are not pooled percentages of prompts.
 
 Example:
     kelight compare runs/memit_seq runs/alphaedit_seq
