@@ -6,8 +6,9 @@ id), this reports the pooled value of each (as ``metrics.json`` computes it) and
 ``RUN − BASE`` in percentage points with a 95% paired case-bootstrap interval (the same resampled
 cases in both runs; :func:`~kelight.analysis.stats.paired_difference_interval`). An interval that
 excludes 0 is a difference the cases support; one that contains 0 is not. Compared: the pairwise
-scores and magnitudes (ES, EM, ..., DOS, DOM) and the token accuracies (Efficacy, Generality, Locality);
-not FL or PPL, which are not pooled percentages of prompts.
+scores and magnitudes (ES, EM, ..., DOS, DOM), the token accuracies (Efficacy, Generality, Locality)
+and FL (a mean over cases, as ``metrics.json``'s); not PPL, a perplexity of the models rather than
+a score per case.
 
 Example:
     kelight compare runs/memit_seq runs/alphaedit_seq
@@ -31,6 +32,7 @@ SCORES: dict[str, str] = {
     **{score: f"n_{score}" for score, _ in PROBE_GROUPS.values()},
     **{magnitude: f"n_{score}" for score, magnitude in PROBE_GROUPS.values()},
     **{name: f"n_{name}" for name in TOKEN_GROUPS.values()},
+    "FL": "",  # every case weighs the same (its generations' mean entropy)
 }
 
 
@@ -76,6 +78,9 @@ def compare_pair(base: Mapping[object, Mapping], run: Mapping[object, Mapping], 
         if not any(score in base[i] for i in ids) or not any(score in run[i] for i in ids):
             continue
         rows = [(base[i], run[i]) for i in ids if score in base[i] and score in run[i]]
+        if not count:  # a case mean: weight 1 per case
+            rows = [({**a, "_one": 1}, {**b, "_one": 1}) for a, b in rows]
+            count = "_one"
         missing = [a.get("id") for a, b in rows if count not in a or count not in b]
         if missing:
             raise ValueError(f"case {missing[0]!r} has {score} but no {count}: a run made before per-case counts "

@@ -70,3 +70,10 @@ def test_kelight_compare_prints_each_run_against_the_base(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| Efficacy | 50.0 | a/seq | 100.0 | +50.0 [" in printed and "] * | 20 |" in printed
     assert "| Efficacy | 50.0 | same | 50.0 | +0.0 [+0.0, +0.0] | 20 |" in printed  # no star: 0 is inside
+
+
+def test_fluency_is_compared_as_a_mean_over_cases(tmp_path):
+    base = _run(tmp_path, "base", [{"id": 0, "FL": 600.0}, {"id": 1, "FL": 620.0}])
+    run = _run(tmp_path, "run", [{"id": 0, "FL": 610.0}, {"id": 1, "FL": 640.0}])
+    out = compare_pair(read_cases(base), read_cases(run), n_resamples=200)
+    assert out["FL"][:3] == (610.0, 625.0, 15.0) and out["FL"][3] >= 10.0  # both cases rose: interval above 0
