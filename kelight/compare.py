@@ -24,7 +24,7 @@ import numpy as np
 
 from kelight.analysis.stats import paired_difference_interval, pooled
 from kelight.files import read_jsonl
-from kelight.results import run_names
+from kelight.results import finite_value, run_names
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS
 
 # score -> the key of its prompt count in a cases.jsonl row; magnitudes are weighted by their score's prompts
@@ -57,9 +57,25 @@ def read_cases(run_dir: str | Path) -> dict[object, Mapping]:
     return rows
 
 
-def _value(row: Mapping, key: str) -> float:
-    value = row.get(key)
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+def _finite(row: Mapping, key: str) -> float:
+    value = finite_value(row, key)
+    return math.nan if value is None else value
+
+
+def _counts(rows: Sequence[tuple[Mapping, Mapping]], score: str, count: str) -> np.ndarray:
+    """Each case's prompts behind ``score`` (``row[count]``), the same in both runs.
+
+    Raises:
+        ValueError: a row without the count, or two runs with different counts for one case.
+    """
+    missing = [a.get("id") for a, b in rows if count not in a or count not in b]
+    if missing:
+        raise ValueError(f"case {missing[0]!r} has {score} but no {count}: a run made before per-case counts "
+                         f"were recorded; rerun it")
+    if any(a[count] != b[count] for a, b in rows):
+        raise ValueError(f"the runs score {score} on different prompt counts for the same case id; they "
+                         f"were run on different data")
+    return np.array([a[count] for a, _ in rows], dtype=float)
 
 
 def compare_pair(base: Mapping[object, Mapping], run: Mapping[object, Mapping], n_resamples: int = 2000,
@@ -78,18 +94,8 @@ def compare_pair(base: Mapping[object, Mapping], run: Mapping[object, Mapping], 
         if not any(score in base[i] for i in ids) or not any(score in run[i] for i in ids):
             continue
         rows = [(base[i], run[i]) for i in ids if score in base[i] and score in run[i]]
-        if not count:  # a case mean: weight 1 per case
-            rows = [({**a, "_one": 1}, {**b, "_one": 1}) for a, b in rows]
-            count = "_one"
-        missing = [a.get("id") for a, b in rows if count not in a or count not in b]
-        if missing:
-            raise ValueError(f"case {missing[0]!r} has {score} but no {count}: a run made before per-case counts "
-                             f"were recorded; rerun it")
-        percents = np.array([[_value(a, score) for a, _ in rows], [_value(b, score) for _, b in rows]])
-        counts = np.array([a[count] if a[count] == b[count] else -1 for a, b in rows], dtype=float)
-        if (counts < 0).any():
-            raise ValueError(f"the runs score {score} on different prompt counts for the same case id; they "
-                             f"were run on different data")
+        percents = np.array([[_finite(a, score) for a, _ in rows], [_finite(b, score) for _, b in rows]])
+        counts = _counts(rows, score, count) if count else np.ones(len(rows))  # FL: one weight per case
         difference, low, high = paired_difference_interval(percents, counts, n_resamples, seed)
         has = np.isfinite(percents).all(0) & (counts > 0)  # the cases the difference is over
         values = pooled(percents[:, has], counts[has]) if has.any() else np.array([math.nan, math.nan])

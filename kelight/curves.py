@@ -11,12 +11,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kelight.files import read_jsonl
-from kelight.results import run_names, sequential_path
+from kelight.results import finite_value, run_names, sequential_path, sequential_ranks
 
 # the scores drawn, in this order, where a run has them (CounterFact-style, then EasyEdit-style)
 CURVE_METRICS = ("ES", "PS", "NS", "RS", "DNS", "Avg.S", "Efficacy", "Generality", "Locality", "Score")
@@ -43,22 +42,16 @@ def read_curve(run_dir: str | Path, rank: int = 0) -> list[dict]:
 def run_curves(name: str, run_dir: str | Path) -> dict[str, list[dict]]:
     """``{name: points}`` of a run; a run over N processes made N independent sequences, one file each:
     ``{"name (process 0)": .., "name (process 1)": ..}``."""
-    ranks = [0, *sorted(int(p.name.split(".")[1].removeprefix("rank"))
-                        for p in Path(run_dir).glob("sequential.rank*.jsonl"))]
+    ranks = sequential_ranks(run_dir)
     if len(ranks) == 1:
         return {name: read_curve(run_dir)}
     return {f"{name} (process {rank})": read_curve(run_dir, rank) for rank in ranks}
 
 
-def _value(point: Mapping, metric: str) -> float | None:
-    """The point's finite value of ``metric``, else ``None`` (absent, or written as null for nan)."""
-    value = point.get(metric)
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-
 def curve_metrics(curves: Mapping[str, Sequence[Mapping]]) -> list[str]:
     """The :data:`CURVE_METRICS` with a finite value in some point of some run."""
-    return [m for m in CURVE_METRICS if any(_value(p, m) is not None for points in curves.values() for p in points)]
+    return [m for m in CURVE_METRICS
+            if any(finite_value(p, m) is not None for points in curves.values() for p in points)]
 
 
 def curve_table(curves: Mapping[str, Sequence[Mapping]]) -> str:
@@ -67,7 +60,7 @@ def curve_table(curves: Mapping[str, Sequence[Mapping]]) -> str:
     lines = ["| run | edits | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, points in curves.items():
         for p in points:
-            cells = ["–" if (v := _value(p, m)) is None else f"{v:.1f}" for m in metrics]
+            cells = ["–" if (v := finite_value(p, m)) is None else f"{v:.1f}" for m in metrics]
             lines.append(f"| {name} | {p['edits']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -84,7 +77,7 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping]], path: str | Path, title
     for i, metric in enumerate(metrics):
         ax = axes[i // cols][i % cols]
         for name, points in curves.items():
-            xy = [(p["edits"], v) for p in points if (v := _value(p, metric)) is not None]
+            xy = [(p["edits"], v) for p in points if (v := finite_value(p, metric)) is not None]
             if xy:
                 ax.plot(*zip(*xy, strict=True), marker="o", markersize=3, label=name)
         ax.set_title(metric, fontsize=9)

@@ -44,7 +44,7 @@ from kelight.results import (
     write_results,
     z_steps_summary,
 )
-from kelight.types import EditCase
+from kelight.types import KEEPING_REGIMES, EditCase
 
 log = logging.getLogger(__name__)
 Regime = Literal["single", "batch", "sequential", "consecutive"]
@@ -99,7 +99,7 @@ class EditModule(L.LightningModule):
             raise ValueError(f"expected regime 'single', 'batch', 'sequential' or 'consecutive', got {regime!r}")
         if eval_every < 0:
             raise ValueError(f"expected eval_every >= 0 (0: evaluate once, after all edits), got {eval_every}")
-        if eval_every and regime not in ("sequential", "consecutive"):
+        if eval_every and regime not in KEEPING_REGIMES:
             raise ValueError(f"eval_every evaluates the edits kept so far, but the {regime} regime restores each "
                              f"edit after evaluating it; use --model.regime sequential or consecutive, or drop "
                              f"--model.eval_every")
@@ -181,7 +181,7 @@ class EditModule(L.LightningModule):
     @property
     def keeps_edits(self) -> bool:
         """The sequential and consecutive regimes: every edit stays until all cases are evaluated."""
-        return self.hparams.regime in ("sequential", "consecutive")
+        return self.hparams.regime in KEEPING_REGIMES
 
     def on_train_start(self) -> None:
         if self.keeps_edits and self.trainer.world_size > 1:

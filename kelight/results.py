@@ -15,7 +15,7 @@ from kelight.analysis.stats import pooled
 from kelight.files import read_json, read_jsonl, read_yaml
 from kelight.metrics import functional as F
 from kelight.metrics.classes import avg_s
-from kelight.types import PROBE_GROUPS, TOKEN_GROUPS
+from kelight.types import KEEPING_REGIMES, PROBE_GROUPS, TOKEN_GROUPS
 
 
 def _clean(value: object) -> object:
@@ -43,6 +43,20 @@ def sequential_path(out_dir: str | Path, rank: int = 0) -> Path:
     """The sequential regime's curve of process ``rank`` (``eval_every``): ``sequential.jsonl`` (rank 0 or a
     single process), ``sequential.rank{rank}.jsonl`` otherwise (each process edits its own sequence)."""
     return _rank_file(out_dir, "sequential", rank)
+
+
+def sequential_ranks(out_dir: str | Path) -> list[int]:
+    """The processes whose :func:`sequential_path` files a run directory holds besides rank 0's (a
+    multi-process run made one sequence per process), rank 0 first."""
+    stem = sequential_path(out_dir).stem
+    return [0, *sorted(int(p.name.removeprefix(f"{stem}.rank").removesuffix(".jsonl"))
+                       for p in Path(out_dir).glob(f"{stem}.rank*.jsonl"))]
+
+
+def finite_value(row: Mapping, key: str) -> float | None:
+    """``row[key]`` as a float when it is a finite number, else ``None`` (absent, or null: nan in the run)."""
+    value = row.get(key)
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def _append_jsonl(path: Path, row: Mapping) -> None:
@@ -234,7 +248,7 @@ def _check_parts_are_independent(config: Mapping[str, object]) -> None:
     """Refuse runs whose cases are not edited and evaluated independently of the cases around them."""
     regime = str(config.get("model.init_args.regime", "single"))
     joint = str(config.get("model.class_path", "")).endswith("PathEdit") and regime == "batch"
-    if regime in ("sequential", "consecutive") or joint:
+    if regime in KEEPING_REGIMES or joint:
         raise ValueError(f"{regime} runs of {config.get('model.class_path')} edit their cases together (the edits "
                          "accumulate or are trained jointly), so parts are not one run of all cases; rerun them in one")
     batch, skip = int(config.get("data.batch_size") or 1), int(config.get("data.skip") or 0)

@@ -153,6 +153,9 @@ PROBE_GROUPS: Mapping[str, tuple[str, str]] = MappingProxyType(
     }
 )
 
+# The regimes that keep every edit until all cases are evaluated (one edit sequence, not independent edits).
+KEEPING_REGIMES = ("sequential", "consecutive")
+
 # EasyEdit-style token-accuracy groups -> metric name.
 TOKEN_GROUPS: Mapping[str, str] = MappingProxyType(
     {"efficacy": "Efficacy", "generality": "Generality", "locality": "Locality"}

@@ -106,12 +106,12 @@ class BatchShardSampler(DistributedSampler):
 
     def __init__(self, n_cases: int, num_replicas: int, rank: int, batch_size: int = 1) -> None:
         super().__init__(range(n_cases), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.n_cases, self.batch_size = n_cases, batch_size
+        self.batch_size = batch_size  # read by EditModule to put the rows back in dataset order
         n_batches = -(-n_cases // batch_size)
-        self.steps = -(-n_batches // num_replicas)
-        own = [i for b in range(rank, n_batches, num_replicas)
-               for i in range(b * batch_size, min((b + 1) * batch_size, n_cases))]
-        self.indices = own + [n_cases] * (batch_size * (self.steps - len(range(rank, n_batches, num_replicas))))
+        mine = range(rank, n_batches, num_replicas)
+        steps = -(-n_batches // num_replicas)  # the longest share's batches
+        own = [i for b in mine for i in range(b * batch_size, min((b + 1) * batch_size, n_cases))]
+        self.indices = own + [n_cases] * (batch_size * (steps - len(mine)))
         self.num_samples = len(self.indices)
 
     def __iter__(self) -> Iterator[int]:
