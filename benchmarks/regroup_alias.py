@@ -1,6 +1,6 @@
-"""Runs made before session 15 under the paper's grouping: PS = paraphrases, RES = reasoning + aliases.
+"""Runs made before commit e2c9fa9 (2026-11-27) under the paper's grouping: PS = paraphrases, RES = reasoning + aliases.
 
-Until session 15 kelight scored counterfact_mix's ``p-subject_alias`` prompts in PS; the SADR paper's
+Until that commit kelight scored counterfact_mix's ``p-subject_alias`` prompts in PS; the SADR paper's
 reference scores them with ``p-reasoning`` as portability (RES), and its PS is ``p-paraphrase`` only
 (``kelight/data/formats.py``). The two halves of the mix never share a key: a WikiData case has alias
 prompts and no paraphrase, a CounterFact case the reverse. So in an old run every WikiData row's
@@ -35,7 +35,7 @@ def regroup(row: Mapping) -> dict:
         return out
     if "n_PS" not in row:
         raise SystemExit(f"case {row.get('id')!r} has PS but no n_PS: a run older than per-case counts "
-                         "(session 5); rerun it")
+                         "(commit dcf5823, 2026-11-26); rerun it")
     parts = [(row["PS"], row["PM"], int(row["n_PS"]))]
     if row.get("RES") is not None:
         parts.append((row["RES"], row["REM"], int(row["n_RES"])))

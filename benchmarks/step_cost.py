@@ -31,7 +31,8 @@ def read_rows(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("z_steps") is not None and r.get("edit_seconds") is not None]
     if len(rows) < 2:
-        raise SystemExit(f"{path}: fewer than 2 rows with z_steps and edit_seconds (runs since session 11 have them)")
+        raise SystemExit(f"{path}: fewer than 2 rows with z_steps and edit_seconds "
+                         "(runs since commit 9bcb3d1 have them)")
     return rows
 
 

@@ -4,7 +4,7 @@ Reads three runs on the same cases (unedited, editor, editor+SADR) and prints, p
 paper's Table 3 reading, the share for RS, DNS, NS and their magnitudes (RM, DNM, NM) with a 95%
 paired case-bootstrap interval (the same resampled cases in all three runs), plus the change in
 ES/PS/EM/PM. Pooled values are recomputed from ``cases.jsonl`` and checked against ``metrics.json``.
-Prompt counts per case come from the rows' ``n_<score>`` (runs since session 5) or, for older
+Prompt counts per case come from the rows' ``n_<score>`` (runs since commit dcf5823) or, for older
 runs, from the dataset (``--data``, the same file and ``--limit`` the runs used).
 
 Example:

@@ -14,7 +14,8 @@ from kelight.models.loading import load
 from kelight.module import EditModule
 from kelight.path_module import PathEdit
 from kelight.types import EditCase, EditInputError, EditRequest
+from kelight.ultraedit_module import UltraEdit
 
 __all__ = ["FT", "MEMIT", "PMET", "ROME", "AlphaEdit", "EditCase", "EditInputError", "EditModule", "EditRequest",
-           "EditSession", "PathEdit", "edit", "evaluate", "load", "load_cases", "unedited_predictions"]
+           "EditSession", "PathEdit", "UltraEdit", "edit", "evaluate", "load", "load_cases", "unedited_predictions"]
 __version__ = "0.1.0"

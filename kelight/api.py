@@ -14,14 +14,16 @@ from kelight.editors.ft import FTEditor, FTHParams
 from kelight.editors.memit import ALPHAEDIT_THRESHOLD, MemitEditor, MemitHParams
 from kelight.editors.pathedit import PathEditor, PathHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
+from kelight.editors.ultraedit import UltraEditHParams, UltraEditor
 from kelight.editors.update import UndoLog
 from kelight.editors.zopt import ZConfig
 from kelight.evaluation import LOCALITY, evaluate_case, load_ppl_texts, locality_reference, perplexity_stats
 from kelight.metrics import EditMetrics
 from kelight.objectives.sadr import sadr_terms
 from kelight.types import EditCase, EditInputError, EditRequest, require_requests
+from kelight.wild import EvalProtocol, check_eval_protocol, generate_answers, wild_probes
 
-METHODS = ("rome", "memit", "pmet", "alphaedit", "ft", "pathedit")
+METHODS = ("rome", "memit", "pmet", "alphaedit", "ft", "pathedit", "ultraedit")
 
 
 def _as_requests(request: EditRequest | Mapping | Sequence) -> list[EditRequest]:
@@ -60,6 +62,8 @@ def method_hparams(hparams_cls: type, method: str, **options: object):
 
 
 def _editor(method: str, options: dict[str, object]):
+    if method == "ultraedit":  # no objective for extra terms: sadr_* options are refused as unknown
+        return UltraEditor(method_hparams(UltraEditHParams, method, **options))
     gamma = options.pop("sadr_gamma", 0.0)  # checked by sadr_terms
     selective = options.pop("sadr_selective", True)
     if method == "rome":
@@ -113,9 +117,9 @@ class EditSession:
         self.editor.setup(model, tokenizer)  # reads the model only; nothing to undo
 
     def edit(self, request: EditRequest | Mapping | Sequence) -> None:
-        """Apply ``request`` (one or several; joint for MEMIT/PMET/AlphaEdit/PathEdit, in turn for ROME/FT)
-        on top of the earlier edits. On any error the model is left as it was before this call (the
-        earlier edits stay)."""
+        """Apply ``request`` (one or several; joint for MEMIT/PMET/AlphaEdit/PathEdit, in turn for ROME/FT; one
+        turn of UltraEdit, whose running statistics carry over to the next call) on top of the earlier edits.
+        On any error the model is left as it was before this call (the earlier edits stay)."""
         requests = _as_requests(request)
         require_requests(requests)
         change = UndoLog()
@@ -146,8 +150,8 @@ def edit(
         model: a causal LM of an adapted architecture.
         tokenizer: its tokenizer.
         request: an :class:`EditRequest`, a dict of its fields, or a list of them.
-        method: ``"rome"``, ``"memit"``, ``"pmet"``, ``"alphaedit"``, ``"ft"`` or ``"pathedit"`` (several
-            requests are edited jointly by MEMIT/PMET/AlphaEdit/PathEdit, in turn by ROME/FT).
+        method: ``"rome"``, ``"memit"``, ``"pmet"``, ``"alphaedit"``, ``"ft"``, ``"pathedit"`` or ``"ultraedit"``
+            (several requests are edited jointly by MEMIT/PMET/AlphaEdit/PathEdit/UltraEdit, in turn by ROME/FT).
         **options: method hyper-parameters, e.g. ``layer=4, steps=20, mom2_adjustment=False, sadr_gamma=1e-2``.
 
     Returns:
@@ -167,12 +171,13 @@ def edit(
 
 def load_cases(
     path: str | os.PathLike[str] | None = None,
-    format: Literal["auto", "counterfact_mix", "counterfact_edit"] = "auto",
+    format: Literal["auto", "counterfact_mix", "counterfact_edit", "zsre"] = "auto",
     limit: int | None = None,
     skip: int = 0,
     shuffle: bool = False,
     seed: int = 0,
     drop_conflicting: bool = False,
+    split: str | None = None,
 ) -> list[EditCase]:
     """The edit cases of a data file (or the built-in demo set for ``None``), selected and checked as
     ``--data.*`` selects them for ``kelight fit`` (same arguments, same cases, same errors).
@@ -184,17 +189,47 @@ def load_cases(
     from kelight.data.datamodule import EditDataModule  # noqa: PLC0415 (datasets only when reading files)
 
     data = EditDataModule(path=None if path is None else str(path), format=format, limit=limit, skip=skip,
-                          shuffle=shuffle, seed=seed, drop_conflicting=drop_conflicting)
+                          shuffle=shuffle, seed=seed, drop_conflicting=drop_conflicting, split=split)
     data.setup()
     return list(data.cases)
 
 
 def unedited_predictions(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cases: Sequence[EditCase]
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cases: Sequence[EditCase],
+    eval_protocol: EvalProtocol = "teacher_forced", wild_template: str = "bare", wild_max_new_tokens: int = 32,
 ) -> list[dict]:
-    """What EasyEdit-style Locality compares with: each case's predictions on its locality prompts by the
-    model as it is now. Call it before editing and pass the result to :func:`evaluate` as ``unedited``."""
-    return [locality_reference(model, tokenizer, case) for case in _as_cases(cases)]
+    """What the scores against the unedited model compare with: each case's predictions on its locality prompts
+    (EasyEdit-style Locality) and, with ``eval_protocol`` wild or both, the model's generated answers to its
+    neighbourhood/locality prompts (``wild_*_same``, ``wild_Locality``), by the model as it is now. Call it
+    before editing and pass the result to :func:`evaluate` as ``unedited``, with the same evaluation options.
+    """
+    cases = _as_cases(cases)
+    wild = check_eval_protocol(eval_protocol, wild_template, wild_max_new_tokens)
+    answers = None
+    if eval_protocol != "teacher_forced":  # generated across cases, in batches
+        answers = generate_answers(model, tokenizer, cases, wild, reference_only=True)
+    return [locality_reference(model, tokenizer, case, protocol=eval_protocol, wild=wild, answers=answers)
+            for case in cases]
+
+
+def _check_unedited(cases: list[EditCase], unedited: Sequence[Mapping] | None, eval_protocol: str) -> list:
+    """``unedited`` checked to hold one reference per case (``{}`` each where no case needs one)."""
+    if unedited is None:
+        missing = [case.case_id for case in cases if (eval_protocol != "wild" and case.token_probes.get(LOCALITY))
+                   or (eval_protocol != "teacher_forced" and wild_probes(case, reference_only=True))]
+        if missing:
+            what, options = "locality prompts, whose score compares", ""
+            if eval_protocol != "teacher_forced":
+                what = "locality or neighbourhood prompts, whose (wild) scores compare"
+                options = f", eval_protocol={eval_protocol!r}, wild_template=..."
+            raise EditInputError(
+                f"cases {missing[:5]}{' ...' if len(missing) > 5 else ''} have {what} with the unedited model: call "
+                f"kelight.unedited_predictions(model, tok, cases{options}) before editing and pass it as unedited=...")
+        return [{}] * len(cases)
+    if len(unedited) != len(cases):
+        raise EditInputError(f"expected one unedited prediction per case, got {len(unedited)} for {len(cases)} "
+                             f"cases; pass kelight.unedited_predictions(model, tok, cases) of these cases")
+    return list(unedited)
 
 
 def evaluate(
@@ -204,6 +239,9 @@ def evaluate(
     unedited: Sequence[Mapping] | None = None,
     fluency: bool = False,
     ppl_corpus: str | os.PathLike[str] | None = None,
+    eval_protocol: EvalProtocol = "teacher_forced",
+    wild_template: str = "bare",
+    wild_max_new_tokens: int = 32,
 ) -> dict[str, float]:
     """Score ``cases`` on the model as it is now, as ``kelight fit``/``validate`` score them: the keys of
     ``metrics.json`` (percent, with 95% CIs; pooled over all cases), and ``n_cases``.
@@ -212,10 +250,15 @@ def evaluate(
         model: the (edited) model.
         tokenizer: its tokenizer.
         cases: from :func:`load_cases`, or :class:`~kelight.types.EditCase` objects.
-        unedited: :func:`unedited_predictions` of the unedited model, one per case; required when a case
-            has locality prompts (counterfact_edit's Locality compares with the unedited model).
+        unedited: :func:`unedited_predictions` of the unedited model, one per case, made with the same
+            evaluation options; required when a case has locality prompts (counterfact_edit's Locality compares
+            with the unedited model), or, evaluated wild, neighbourhood or locality prompts.
         fluency: also sample the generation prompts and report FL (slow on CPU).
         ppl_corpus: also report PPL on this corpus (``"corpus50"`` or a JSON file, as ``--model.ppl_corpus``).
+        eval_protocol: ``teacher_forced``, ``wild`` (generated answers: ``wild_ES``, ...) or ``both``, as
+            ``--model.eval_protocol``.
+        wild_template: ``bare`` or ``qa``, as ``--model.wild_template``.
+        wild_max_new_tokens: the cap on a generated answer's tokens, as ``--model.wild_max_new_tokens``.
 
     Example:
         >>> cases = load_cases("counterfact_edit.json", limit=20)  # doctest: +SKIP
@@ -224,22 +267,15 @@ def evaluate(
         >>> evaluate(model, tok, cases, unedited=before)["Locality"]  # doctest: +SKIP
     """
     cases = _as_cases(cases)
-    if unedited is None:
-        missing = [case.case_id for case in cases if case.token_probes.get(LOCALITY)]
-        if missing:
-            raise EditInputError(
-                f"cases {missing[:5]}{' ...' if len(missing) > 5 else ''} have locality prompts, whose score "
-                f"compares with the unedited model: call kelight.unedited_predictions(model, tok, cases) before "
-                f"editing and pass it as unedited=...")
-        unedited = [{}] * len(cases)
-    elif len(unedited) != len(cases):
-        raise EditInputError(f"expected one unedited prediction per case, got {len(unedited)} for {len(cases)} "
-                             f"cases; pass kelight.unedited_predictions(model, tok, cases) of these cases")
+    wild = check_eval_protocol(eval_protocol, wild_template, wild_max_new_tokens)
+    unedited = _check_unedited(cases, unedited, eval_protocol)
     texts = load_ppl_texts(ppl_corpus)
     ppl = perplexity_stats(model, tokenizer, texts) if texts else None  # one model, one perplexity
+    answers = generate_answers(model, tokenizer, cases, wild) if eval_protocol != "teacher_forced" else None
     metrics = EditMetrics(sync_on_compute=False)
     for case, before in zip(cases, unedited, strict=True):
-        result = evaluate_case(model, tokenizer, case, fluency=fluency, pre_locality=before)
+        result = evaluate_case(model, tokenizer, case, fluency=fluency, pre_locality=before, protocol=eval_protocol,
+                               wild=wild, answers=answers)
         metrics.update(dataclasses.replace(result, perplexity=ppl))
     return {**metrics.compute(), "n_cases": float(len(cases))}
 

@@ -6,20 +6,25 @@ W&B logs offline by default (``WANDB_MODE=offline`` unless the user set it); eac
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
+import re
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kelight.data import EditDataModule
 from kelight.distributed import EditDDPStrategy
 from kelight.module import EditModule
 from kelight.results import merge_runs, report
+from kelight.types import EditInputError
 
 _TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -81,12 +86,19 @@ _EXPECTED_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",
     r".*does not have many workers.*",
     r".*smaller than the logging interval.*",
+    r".*LightningCLI's args parameter is intended to run from within Python.*",  # main() passes argv on
 )
 
 
 def _quiet_expected_warnings() -> None:
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
+
+
+def _no_tips(record: logging.LogRecord) -> bool:
+    """Drop Lightning's advertisements ("Tip: ... try installing ...") from the run's output."""
+    return "Tip:" not in record.getMessage()
 
 
 def _environment_defaults() -> None:
@@ -159,9 +171,57 @@ def main(args: list[str] | None = None) -> None:
     ``curve OUT.png DIR...``,
     ``sweep SPEC --count N``, ``analyze drift|substitution|patching|heads ...``).
 
-    Returns ``None`` so that the console script exits with status 0 (``sys.exit(main())``).
+    Returns ``None`` so that the console script exits with status 0 (``sys.exit(main())``); a run stopped by
+    SIGTERM exits with 143 (128 + 15) after the run's last line says what it kept (Lightning's own handler would
+    exit 0), one stopped by Ctrl-C with Lightning's 1.
     """
-    run(args)
+    argv = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in argv or os.environ.get("KELIGHT_DEBUG", "0") not in ("", "0")
+    try:
+        run([a for a in argv if a != "--debug"])
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except Exception as err:
+        problem = user_error(err, argv)
+        if problem is None or debug:
+            raise
+        sys.stderr.write(f"kelight: error: {problem}\n(for the traceback: add --debug or set KELIGHT_DEBUG=1)\n")
+        raise SystemExit(2) from None
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from, outermost first."""
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def user_error(err: BaseException, argv: list[str] = ()) -> str | None:
+    """The one-line message of a user's mistake behind ``err`` (wrapped by the argument parser or Lightning), or
+    ``None`` for anything else (a bug, whose traceback is shown).
+
+    A user's mistake is an :class:`~kelight.types.EditInputError` (a bad option, record, request or model name),
+    a path that does not exist, or an argument the parser refused (an unknown key, a value of the wrong type, a
+    ``--config`` file that is not YAML; ``argv`` names that file).
+    """
+    chain = _chain(err)
+    for cause in chain:
+        if isinstance(cause, EditInputError | FileNotFoundError):
+            return str(cause)
+    if not any(isinstance(cause, argparse.ArgumentError) for cause in chain):
+        return None
+    deepest = str(chain[-1]).strip().splitlines()[0]
+    if "Problems parsing config" in str(err):
+        configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+        detail = " ".join(line.strip() for line in str(chain[-1]).splitlines()).replace('in "<unicode string>", ', "")
+        return f"--config {' '.join(configs)}: not valid YAML ({detail}); fix the file"
+    keys = list(dict.fromkeys(m.group(1) for c in chain if (m := re.match(r'Parser key "([\w.]+)"', str(c).strip()))))
+    method = next((m.group(1) for c in chain if (m := re.search(r"class_path '([\w.]+)'", str(c)))), None)
+    where = f"--{keys[0]}.{keys[-1]}" if len(keys) > 1 else (f"--{keys[0]}" if keys else None)
+    hint = f" (the options of {method}: kelight fit --model.help {method})" if method else ""
+    return f"{where or method or 'arguments'}: {deepest}{hint}"
 
 
 def run(args: list[str] | None = None) -> KelightCLI | None:
@@ -190,7 +250,8 @@ def run(args: list[str] | None = None) -> KelightCLI | None:
         subclass_mode_model=True,
         trainer_defaults=_TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        parser_kwargs={"exit_on_error": False},  # errors reach main(), which prints them as one line
+        args=argv,
         auto_configure_optimizers=False,
     )
 

@@ -6,9 +6,9 @@ id), this reports the pooled value of each (as ``metrics.json`` computes it) and
 ``RUN − BASE`` in percentage points with a 95% paired case-bootstrap interval (the same resampled
 cases in both runs; :func:`~kelight.analysis.stats.paired_difference_interval`). An interval that
 excludes 0 is a difference the cases support; one that contains 0 is not. Compared: the pairwise
-scores and magnitudes (ES, EM, ..., DOS, DOM), the token accuracies (Efficacy, Generality, Locality)
-and FL (a mean over cases, as ``metrics.json``'s); not PPL, a perplexity of the models rather than
-a score per case.
+scores and magnitudes (ES, EM, ..., DOS, DOM), the token accuracies (Efficacy, Generality, Locality),
+the wild scores (``wild_ES``, ``wild_ES_f1``, ..., ``wild_NS_same``, ...) and FL (a mean over cases, as
+``metrics.json``'s); not PPL, a perplexity of the models rather than a score per case.
 
 Example:
     kelight compare runs/memit_seq runs/alphaedit_seq
@@ -24,6 +24,7 @@ import numpy as np
 
 from kelight.analysis.stats import paired_difference_interval, pooled
 from kelight.files import read_jsonl
+from kelight.metrics.wild import WILD_METRICS, count_key
 from kelight.results import finite_value, run_names
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS
 
@@ -32,6 +33,7 @@ SCORES: dict[str, str] = {
     **{score: f"n_{score}" for score, _ in PROBE_GROUPS.values()},
     **{magnitude: f"n_{score}" for score, magnitude in PROBE_GROUPS.values()},
     **{name: f"n_{name}" for name in TOKEN_GROUPS.values()},
+    **{name: count_key(name) for name in WILD_METRICS},
     "FL": "",  # every case weighs the same (its generations' mean entropy)
 }
 

@@ -15,10 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kelight.files import read_jsonl
+from kelight.metrics.wild import WILD_SCORES
 from kelight.results import finite_value, run_names, sequential_path, sequential_ranks
 
-# the scores drawn, in this order, where a run has them (CounterFact-style, then EasyEdit-style)
-CURVE_METRICS = ("ES", "PS", "NS", "RS", "DNS", "Avg.S", "Efficacy", "Generality", "Locality", "Score")
+# the scores drawn, in this order, where a run has them (CounterFact-style, EasyEdit-style, then generated answers)
+CURVE_METRICS = ("ES", "PS", "NS", "RS", "DNS", "Avg.S", "Efficacy", "Generality", "Locality", "Score", *WILD_SCORES)
 
 
 def read_curve(run_dir: str | Path, rank: int = 0) -> list[dict]:

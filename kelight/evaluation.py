@@ -1,10 +1,16 @@
-"""Model-side evaluation of an edit case: teacher-forced scoring, token argmax, sampling, perplexity.
+"""Model-side evaluation of an edit case: teacher-forced scoring, token argmax, generated answers, sampling,
+perplexity.
 
-Every read-out is batched and runs the LM head only on the positions that are scored
+Two protocols (``eval_protocol``): ``teacher_forced`` (the default) feeds each target after its prompt and
+reads its likelihood; ``wild`` lets the model answer each probe prompt greedily, with no target tokens fed
+and no cut to the target's length, and judges the answer (:mod:`kelight.metrics.wild`); ``both`` does both.
+
+Every teacher-forced read-out is batched and runs the LM head only on the positions that are scored
 (:mod:`kelight.readouts`). Targets follow the prompt after one space (:func:`kelight.tokens.
 target_ids`), and the logits at position ``t`` predict token ``t + 1``.
 A prompt's score is the *mean per-token* NLL of a target (see :mod:`kelight.metrics.functional`).
-The math that turns these read-outs into scores lives in :mod:`kelight.metrics`.
+Generated answers come from :mod:`kelight.wild` (prompts framed by ``wild_template``, greedy decoding to the
+answer's natural end). The math that turns these read-outs into scores lives in :mod:`kelight.metrics`.
 """
 
 from __future__ import annotations
@@ -20,10 +26,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kelight.editors.corpus import read_corpus_file
 from kelight.generation import generate
 from kelight.metrics import functional as F
+from kelight.metrics.wild import WildAnswer, count_key, wild_items
 from kelight.paths import default_data_root
 from kelight.readouts import Readout, readouts, shared_prompt_readouts
 from kelight.tokens import pad_id, target_ids
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS, EditCase, EditInputError, ScoredPrompt, TokenProbe
+from kelight.wild import (
+    WILD,
+    EvalProtocol,
+    WildConfig,
+    check_eval_protocol,
+    generate_answers,
+    judge_case,
+    wild_probes,
+)
 
 # probe group -> (nll_right, nll_wrong); token group -> (per-prompt predictions, references).
 GroupScores = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -42,6 +58,7 @@ class CaseResult:
             references are the target ids, or the pre-edit predictions for ``"locality"``.
         texts: generated texts for fluency (prompt included, as in ROME); empty if not generated.
         perplexity: ``(summed NLL, token count)`` on a reference corpus, or ``None``.
+        wild: the generated answers of the wild protocol, judged; empty under ``teacher_forced``.
     """
 
     case_id: str | int
@@ -49,6 +66,7 @@ class CaseResult:
     tokens: GroupTokens = field(default_factory=dict)
     texts: tuple[str, ...] = ()
     perplexity: tuple[float, int] | None = None
+    wild: tuple[WildAnswer, ...] = ()
 
 
 def _check_positive(value: int, what: str) -> None:
@@ -199,21 +217,41 @@ def perplexity_stats(
 
 @torch.no_grad()
 def locality_reference(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: EditCase, batch_size: int = 64
-) -> dict[str, list[torch.Tensor]]:
-    """Pre-edit argmax predictions on the case's locality token probes; call it before the edit.
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: EditCase, batch_size: int = 64,
+    protocol: EvalProtocol = "teacher_forced", wild: WildConfig | None = None, answers: dict[str, str] | None = None,
+) -> dict[str, object]:
+    """The pre-edit reference of a case; call it before the edit (on the unedited model).
+
+    Args:
+        model: the unedited model.
+        tok: its tokenizer.
+        case: the case.
+        batch_size: token probes per forward.
+        protocol: ``teacher_forced`` records the locality predictions, ``wild`` the unedited answers, ``both``
+            both.
+        wild: how answers are generated (default :class:`WildConfig`).
+        answers: answers of this unedited model already generated (:func:`generate_answers`), reused.
 
     Returns:
-        ``{"locality": predictions}`` (one ``(T_i,)`` tensor per probe), or ``{}`` without probes.
+        ``{"locality": predictions}`` (one ``(T_i,)`` tensor per locality probe) under the teacher-forced
+        protocol, and ``{"wild": {framed prompt: answer}}`` for the prompts whose answers are compared with
+        the unedited model's (neighbourhood, relation, distracted neighbourhood, locality) under the wild one;
+        keys without probes are left out (``{}`` when there is nothing to record).
     """
+    out: dict[str, object] = {}
     probes = case.token_probes.get(LOCALITY, ())
-    if not probes:
-        return {}
-    preds, _ = token_argmax(model, tok, probes, batch_size)
-    return {LOCALITY: preds}
+    if protocol != "wild" and probes:
+        out[LOCALITY] = token_argmax(model, tok, probes, batch_size)[0]
+    if protocol != "teacher_forced":
+        wild = wild or WildConfig()
+        prompts = [wild.frame(p) for _, p, _ in wild_probes(case, reference_only=True)]
+        if prompts:
+            answers = generate_answers(model, tok, [case], wild, answers, reference_only=True)
+            out[WILD] = {p: answers[p] for p in prompts}
+    return out
 
 
-def _check_locality(case: EditCase, pre_locality: Mapping[str, Sequence[torch.Tensor]] | None) -> None:
+def _check_locality(case: EditCase, pre_locality: Mapping[str, object] | None) -> None:
     probes = case.token_probes.get(LOCALITY, ())
     if not probes:
         return
@@ -228,7 +266,7 @@ def _check_locality(case: EditCase, pre_locality: Mapping[str, Sequence[torch.Te
 
 
 def _split_readouts(
-    readouts: Sequence[Readout], case: EditCase, pre_locality: Mapping[str, Sequence[torch.Tensor]] | None
+    readouts: Sequence[Readout], case: EditCase, pre_locality: Mapping[str, object] | None
 ) -> tuple[GroupScores, GroupTokens]:
     """Undo the concatenation of :func:`evaluate_case`: scored groups first, then token groups."""
     pos, scores, tokens = 0, GroupScores(), GroupTokens()
@@ -248,45 +286,59 @@ def _split_readouts(
 @torch.no_grad()
 def evaluate_case(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: EditCase, *, fluency: bool,
-    pre_locality: Mapping[str, Sequence[torch.Tensor]] | None = None, ppl_texts: Sequence[str] = (),
-    batch_size: int = 64, max_new_tokens: int = 100, seed: int = 0,
+    pre_locality: Mapping[str, object] | None = None, ppl_texts: Sequence[str] = (),
+    batch_size: int = 64, max_new_tokens: int = 100, seed: int = 0, protocol: EvalProtocol = "teacher_forced",
+    wild: WildConfig | None = None, answers: dict[str, str] | None = None,
 ) -> CaseResult:
     """Evaluate every probe of ``case`` on the (edited) model.
 
-    All probe groups' targets and all token probes go through one teacher-forced pass, chunked at
+    Teacher-forced: all probe groups' targets and all token probes go through one pass, chunked at
     ``2 * batch_size`` targets; each distinct prompt runs once and its targets run on its KV cache
-    (:func:`kelight.readouts.shared_prompt_readouts`).
+    (:func:`kelight.readouts.shared_prompt_readouts`). Wild: every probe prompt of a group with a wild
+    score is answered greedily, all in one left-padded, KV-cached batch (:func:`generate_answers`).
 
     Args:
         model: the model to evaluate (usually just edited).
         tok: its tokenizer.
         case: the case whose probes are scored.
         fluency: also sample the generation prompts (``max_new_tokens``, top-5, ``seed``).
-        pre_locality: :func:`locality_reference` of the unedited model; required with locality probes.
+        pre_locality: :func:`locality_reference` of the unedited model (same ``protocol`` and ``wild``);
+            required with locality probes (teacher-forced) or neighbourhood/locality prompts (wild).
         ppl_texts: corpus for perplexity (:func:`perplexity_stats`); empty skips it.
         batch_size: probes per forward (see :func:`score_prompts`).
         max_new_tokens: generation length for fluency.
         seed: generation seed.
+        protocol: ``teacher_forced`` (no generation besides fluency), ``wild`` (generated answers only) or
+            ``both``.
+        wild: how answers are generated (default :class:`WildConfig`).
+        answers: answers of this model as it is now, already generated for these prompts across cases
+            (:func:`generate_answers`); reused, and extended in place.
 
     Raises:
-        ValueError: if the case has locality probes and ``pre_locality`` does not match them.
+        ValueError: if ``pre_locality`` does not cover the probes the protocol compares with the unedited model.
     """
     _check_positive(batch_size, "batch_size")
-    _check_locality(case, pre_locality)
-    pairs = [pair for probes in case.probes.values() for pair in _scored_pairs(probes)]
-    pairs += [(p.prompt, p.target) for probes in case.token_probes.values() for p in probes]
-    scores, tokens = _split_readouts(_teacher_forced(model, tok, pairs, 2 * batch_size), case, pre_locality)
+    check_eval_protocol(protocol)
+    judged: tuple[WildAnswer, ...] = ()
+    if protocol != "teacher_forced":
+        judged = judge_case(model, tok, case, pre_locality, wild or WildConfig(), answers)
+    scores, tokens = GroupScores(), GroupTokens()
+    if protocol != "wild":
+        _check_locality(case, pre_locality)
+        pairs = [pair for probes in case.probes.values() for pair in _scored_pairs(probes)]
+        pairs += [(p.prompt, p.target) for probes in case.token_probes.values() for p in probes]
+        scores, tokens = _split_readouts(_teacher_forced(model, tok, pairs, 2 * batch_size), case, pre_locality)
     texts: tuple[str, ...] = ()
     if fluency and case.generation_prompts:
         texts = tuple(generate(model, tok, case.generation_prompts, max_new_tokens, seed=seed))
     ppl = perplexity_stats(model, tok, ppl_texts) if ppl_texts else None
-    return CaseResult(case.case_id, scores, tokens, texts, ppl)
+    return CaseResult(case.case_id, scores, tokens, texts, ppl, judged)
 
 
 def case_summary(result: CaseResult) -> dict[str, float]:
     """Per-case values for ``cases.jsonl``: success fraction and magnitude per probe group, token
-    accuracies (all in percent; ``<name>_sq``: the mean squared per-prompt accuracy, for the pooled
-    CI), ``FL`` (×100) and ``PPL`` where measured; empty groups omitted.
+    accuracies and wild scores (all in percent; ``<name>_sq``: the mean squared per-prompt value, for the
+    pooled CI), ``FL`` (×100) and ``PPL`` where measured; empty groups omitted.
     ``n_<score>`` (e.g. ``n_RS``, ``n_Efficacy``; ``n_PPL`` counts tokens) is the number of prompts
     behind each score, so that pooled values (:func:`kelight.results.metrics_from_rows`, ``kelight
     merge``) and case-bootstrap intervals (:func:`kelight.analysis.stats.won_back_interval`) can be
@@ -310,4 +362,15 @@ def case_summary(result: CaseResult) -> dict[str, float]:
     if result.perplexity is not None and result.perplexity[1] > 0:
         out["PPL"] = F.perplexity(*result.perplexity)
         out["n_PPL"] = int(result.perplexity[1])  # tokens
+    for name, values in wild_items(result.wild).items():
+        items = torch.tensor(values, dtype=torch.float64)
+        out[name] = 100.0 * float(items.mean())
+        out[f"{name}_sq"] = 100.0 * float(items.square().mean())  # for the pooled CI, as the token accuracies
+        out[count_key(name)] = len(values)
     return out
+
+
+def wild_rows(result: CaseResult) -> list[dict[str, object]]:
+    """The case's generated answers for ``cases.jsonl`` (its ``"wild"`` list): group, prompt, target, answer,
+    ``match``/``f1`` against the target and, where compared, ``unedited``/``same``/``same_f1``."""
+    return [answer.as_row() for answer in result.wild]

@@ -15,8 +15,9 @@ from kelight.editors.memit import ALPHAEDIT_THRESHOLD, MemitEditor, MemitHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.zopt import CompileMode, StopOn, ZConfig
 from kelight.module import EditModule
+from kelight.objectives.relations import check_relation_kl_factor, check_relation_prompts
 from kelight.objectives.sadr import check_sadr_gamma, sadr_terms
-from kelight.types import check_joint_requests
+from kelight.types import EditInputError, check_joint_requests
 
 
 class LocateEditModule(EditModule):
@@ -26,6 +27,10 @@ class LocateEditModule(EditModule):
         steps: z optimisation steps (ROME paper: 20; the SADR reference used 80 with SADR).
         lr: Adam learning rate of z.
         kl_factor: ω of the essence KL.
+        relation_kl_factor: λ of the relation KL: keeps the next-token distribution on questions about the
+            subject's other relations (generic templates filled with the subject, the edited relation left
+            out; never a case's evaluation prompts) as the unedited model had it (0 = off).
+        relation_prompts: N, how many relation prompts the relation KL averages over.
         weight_decay: weight of ‖δ‖/‖v‖².
         clamp_norm_factor: ‖δ‖ ≤ factor·‖v‖.
         context_templates: ``[length, count]`` pairs of model-sampled prefixes.
@@ -44,7 +49,8 @@ class LocateEditModule(EditModule):
         early_stop_loss: stop an edit's z optimisation once its loss is below this (the reference: 0.05).
         early_stop_on: which loss the early stop tests: ``total`` (the reference; with SADR on, SADR's
             term is in it, so SADR edits rarely stop early) or ``edit`` (without SADR's term; SADR
-            still slows the edit loss, so its edits still run most steps). The same when γ = 0.
+            still slows the edit loss, so its edits still run most steps). The same when γ = 0. Both
+            include the essence and relation KL.
         compile: ``off`` (eager), or the ``torch.compile`` mode of each z-step's forward (``default``,
             ``reduce-overhead`` = CUDA graphs, ``max-autotune``); compiled once per process with
             dynamic shapes. On CPU it pays only after some 200–500 edits (docs/performance.md).
@@ -56,6 +62,8 @@ class LocateEditModule(EditModule):
         steps: int = 20,
         lr: float = 0.5,
         kl_factor: float = 0.0625,
+        relation_kl_factor: float = 0.0,
+        relation_prompts: int = 8,
         weight_decay: float = 1e-3,
         clamp_norm_factor: float = 4.0,
         context_templates: list[list[int]] = [[5, 10], [10, 10]],  # noqa: B006 (CLI default)
@@ -73,9 +81,10 @@ class LocateEditModule(EditModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         check_sadr_gamma(sadr_gamma)
+        check_relation_prompts(relation_prompts, check_relation_kl_factor(relation_kl_factor))
         check_context_templates(context_templates)
         if z_batch > 1 and self.hparams.regime == "sequential":
-            raise ValueError(f"z_batch={z_batch} optimises independent edits together, but in the sequential "
+            raise EditInputError(f"z_batch={z_batch} optimises independent edits together, but in the sequential "
                              "regime each edit's z must see the edits before it; use z_batch 1")
 
     def sadr(self, edit_layer: int) -> tuple:
@@ -84,7 +93,8 @@ class LocateEditModule(EditModule):
 
     def z_config(self) -> ZConfig:
         h = self.hparams
-        return ZConfig(steps=h.steps, lr=h.lr, kl_factor=h.kl_factor, weight_decay=h.weight_decay,
+        return ZConfig(steps=h.steps, lr=h.lr, kl_factor=h.kl_factor, relation_kl_factor=h.relation_kl_factor,
+                       relation_prompts=h.relation_prompts, weight_decay=h.weight_decay,
                        clamp_norm_factor=h.clamp_norm_factor, z_batch=h.z_batch,
                        cache_prefix=h.cache_prefix, early_stop_loss=h.early_stop_loss,
                        early_stop_on=h.early_stop_on, compile=h.compile)
@@ -113,9 +123,9 @@ class ROME(LocateEditModule):
     def build_editor(self) -> RomeEditor:
         h = self.hparams
         if h.z_batch > 1 and self.joint_batches:
-            raise ValueError(f"z_batch={h.z_batch}: ROME's {h.regime} regime applies the requests in turn, each z on "
-                             "the weights edited before it; use the single regime with --data.batch_size to "
-                             "optimise independent edits together")
+            raise EditInputError(f"z_batch={h.z_batch}: ROME's {h.regime} regime applies the requests in turn, each z "
+                                 "on the weights edited before it; use the single regime with --data.batch_size to "
+                                 "optimise independent edits together")
         hp = RomeHParams(layer=h.layer, z=self.z_config(), context_templates=self.templates(),
                          mom2_adjustment=h.mom2_adjustment, mom2_n_tokens=h.mom2_n_tokens,
                          mom2_corpus=h.mom2_corpus, mean_key_insertion=h.mean_key_insertion)

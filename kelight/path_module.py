@@ -38,7 +38,7 @@ from kelight.analysis.path_importance import save_path_importance
 from kelight.editors.pathedit import PathEditor, PathHParams, build_path_batch
 from kelight.module import EditModule
 from kelight.objectives.sadr import check_sadr_gamma, sadr_terms
-from kelight.types import EditCase, check_joint_requests
+from kelight.types import EditCase, EditInputError, check_joint_requests
 
 log = logging.getLogger(__name__)
 PathRegime = Literal["batch", "consecutive", "sequential", "single"]
@@ -60,7 +60,7 @@ def epoch_batches(n_cases: int, batch_size: int, epochs: int, seed: int | None) 
     [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
     """
     if n_cases < 1 or batch_size < 1 or epochs < 1:
-        raise ValueError(f"expected positive n_cases, batch_size and epochs, got {n_cases}, {batch_size}, {epochs}")
+        raise EditInputError(f"expected positive n_cases, batch_size and epochs, got {n_cases}, {batch_size}, {epochs}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out = []
     for _ in range(epochs):
@@ -116,9 +116,9 @@ class PathEdit(EditModule):
                                         layer_weighting=layer_weighting)
         check_sadr_gamma(sadr_gamma)
         if not isinstance(reshuffle, bool):
-            raise ValueError(f"expected reshuffle to be true or false, got {reshuffle!r}")
+            raise EditInputError(f"expected reshuffle to be true or false, got {reshuffle!r}")
         if not isinstance(shuffle_seed, int) or isinstance(shuffle_seed, bool) or shuffle_seed < 0:
-            raise ValueError(f"expected shuffle_seed to be a non-negative integer, got {shuffle_seed!r}")
+            raise EditInputError(f"expected shuffle_seed to be a non-negative integer, got {shuffle_seed!r}")
         self.automatic_optimization = self.hparams.regime == "batch"
         self.path_deltas = None  # the only trainable parameters, registered in configure_model
         self._stack = ExitStack()
@@ -140,7 +140,7 @@ class PathEdit(EditModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.batch_regime and self.trainer.world_size > 1:
-            raise ValueError(
+            raise EditInputError(
                 f"PathEdit's batch regime trains one set of path deltas on the whole edit set, but "
                 f"{self.trainer.world_size} processes would each train on their own shard (the edit "
                 f"strategy shares no gradients); run it on one device (--trainer.devices 1), or use "
@@ -228,8 +228,9 @@ class PathEdit(EditModule):
         seconds = (time.perf_counter() - self._t0) / len(self._cases)  # tracing + training, per edit
         self.edit_seconds = [seconds] * len(self._cases)
         ppl = self._perplexity()
-        for case in self._cases:
-            self._record(case, self._evaluate(case, self._unedited_locality[case.case_id], ppl), seconds)
+        with self._answers_for(self._cases):
+            for case in self._cases:
+                self._record(case, self._evaluate(case, self._unedited_locality[case.case_id], ppl), seconds)
         self._finish("fit")
         self._save_importance()
 

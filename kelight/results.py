@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kelight.analysis.stats import pooled
-from kelight.files import read_json, read_jsonl, read_yaml
-from kelight.metrics import functional as F
+from kelight.analysis.stats import pooled, score_sums
+from kelight.files import parse_json, read_json, read_jsonl, read_yaml
+from kelight.metrics import intervals
 from kelight.metrics.classes import avg_s
+from kelight.metrics.wild import WILD_METRICS, WILD_SCORES, count_key
 from kelight.types import KEEPING_REGIMES, PROBE_GROUPS, TOKEN_GROUPS
+
+log = logging.getLogger(__name__)
 
 
 def _clean(value: object) -> object:
@@ -70,6 +74,35 @@ def append_partial(out_dir: str | Path, row: Mapping, rank: int = 0) -> None:
     _append_jsonl(partial_path(out_dir, rank), row)
 
 
+def read_partial_rows(out_dir: str | Path) -> dict[object, dict]:
+    """``{case id: row}`` of every process's partial log in ``out_dir`` (the cases a stopped run finished).
+
+    A last line cut short by the stop is dropped with a warning; any other line that does not parse names the
+    file and line.
+
+    Raises:
+        ValueError: a damaged line before the last, or a row without an id.
+    """
+    rows: dict[object, dict] = {}
+    for path in sorted(Path(out_dir).glob(f"{PARTIAL.removesuffix('.jsonl')}*.jsonl")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = parse_json(text, path, "delete the line (its case is edited again) or the file", number)
+            except ValueError:
+                if number == len(lines):  # the write the stop interrupted
+                    log.warning("%s: line %d was cut short by the stop; its case is edited again", path, number)
+                    continue
+                raise
+            if not isinstance(row, dict) or "id" not in row:
+                raise ValueError(f"{path} line {number}: expected a case row with an 'id', got {text[:80]!r}; "
+                                 f"delete the line (its case is edited again) or the file")
+            rows[row["id"]] = row
+    return rows
+
+
 def append_sequential(out_dir: str | Path, row: Mapping, rank: int = 0) -> None:
     """Append one point of the sequential curve (``{"edits": N, <metric>: ...}``) to this process's file."""
     _append_jsonl(sequential_path(out_dir, rank), row)
@@ -90,29 +123,42 @@ def write_results(out_dir: str | Path, metrics: Mapping[str, float], cases: Sequ
 
 
 TABLE_COLUMNS = ("ES", "PS", "NS", "RS", "DNS", "EM", "PM", "NM", "RM", "DNM", "RES", "OS", "DOS", "FL", "PPL",
-                 "Efficacy", "Generality", "Locality", "Score", "Avg.S", "n_cases", "seconds_per_edit",
-                 "z_steps_per_edit")
+                 "Efficacy", "Generality", "Locality", "Score", "Avg.S", *WILD_SCORES, "n_cases",
+                 "seconds_per_edit", "z_steps_per_edit")
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """A Markdown table: one row per run name, the contract's columns that any run has."""
+    """A Markdown table: one row per run name, the contract's columns that any run has. A score with an interval
+    shows it as ``value [low, high]`` (``_lo``/``_hi``: the case-clustered Wilson interval, not symmetric about the
+    value), else as ``value ± half-width`` (``_ci``: FL, and runs older than ``_lo``/``_hi``).
+
+    Example:
+        >>> print(format_table({"rome": {"ES": 100.0, "ES_ci": 5.4, "ES_lo": 89.3, "ES_hi": 100.0, "FL": 621.2,
+        ...                             "FL_ci": 11.4, "n_cases": 32.0}}))
+        | run | ES | FL | n_cases |
+        |---|---|---|---|
+        | rome | 100.0 [89.3, 100.0] | 621.2 ± 11.4 | 32 |
+    """
     cols = [c for c in TABLE_COLUMNS if any(c in r for r in rows.values())]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            ci = r.get(f"{c}_ci")
-            if v is None:
-                cells.append("–")
-            elif c == "n_cases":
-                cells.append(str(int(v)))
-            elif ci is not None:
-                cells.append(f"{v:.1f} ± {ci:.1f}")
-            else:
-                cells.append(f"{v:.2f}" if c == "seconds_per_edit" else f"{v:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(r, c) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def _cell(row: Mapping[str, float], column: str) -> str:
+    """One table cell: the value with its interval (``[lo, hi]``, else ``± ci``), ``–`` where absent."""
+    value = row.get(column)
+    low, high, ci = (finite_value(row, f"{column}_{end}") for end in ("lo", "hi", "ci"))
+    if value is None:
+        return "–"
+    if column == "n_cases":
+        return str(int(value))
+    if low is not None and high is not None:
+        return f"{value:.1f} [{low:.1f}, {high:.1f}]"
+    if ci is not None:
+        return f"{value:.1f} ± {ci:.1f}"
+    return f"{value:.2f}" if column == "seconds_per_edit" else f"{value:.1f}"
 
 
 def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
@@ -164,39 +210,77 @@ def _metrics_of(rows: Sequence[Mapping]) -> dict[str, float]:
     for score, magnitude in PROBE_GROUPS.values():
         got = _pooled(rows, score, f"n_{score}")
         if got is not None:
-            value, n = got
-            out[score] = value
-            out[f"{score}_ci"] = 100.0 * F.ci_half_width(min(max(value / 100.0, 0.0), 1.0), n)
+            out[score] = got[0]
+            out.update(score_interval(rows, score, f"n_{score}"))
             # a row with the score but a null magnitude had NaN read-outs: NaN, as EditMetrics
             nan_rows = any(r.get(magnitude) is None for r in rows if r.get(score) is not None)
             out[magnitude] = math.nan if nan_rows else _pooled(rows, magnitude, f"n_{score}")[0]
     fluency = np.array([float(r["FL"]) for r in rows if r.get("FL") is not None])
     if fluency.size:  # a case scores its texts' mean entropy; cases are averaged (Fluency metric)
         out["FL"] = float(fluency.mean())
-        out["FL_ci"] = F.mean_ci_half_width(out["FL"], float(np.square(fluency).mean()), fluency.size)
+        sums = intervals.sum_cases(intervals.case_sums([value]) for value in fluency)  # one value per case
+        low, high = intervals.clustered_normal_interval(sums)
+        out["FL_ci"] = (high - low) / 2.0  # normal over cases; nan for one case
     ppl = [r for r in rows if r.get("PPL") is not None]
     if ppl and not any(r.get("PPL") is None and r.get("n_PPL") for r in rows):  # null PPL (NaN/inf): as EditMetrics
         nll = _pooled([{**r, "PPL": math.log(r["PPL"])} for r in ppl], "PPL", "n_PPL")  # mean NLL per token
         if nll is not None:
             out["PPL"] = math.exp(nll[0])
-    tokens = {}
-    for name in TOKEN_GROUPS.values():
-        got = _pooled(rows, name, f"n_{name}")
-        if got is not None:
-            tokens[name] = got[0]
-            if all(r.get(f"{name}_sq") is not None for r in rows if r.get(name) is not None):  # since session 15
-                mean_sq = _pooled(rows, f"{name}_sq", f"n_{name}")[0] / 100.0
-                out[f"{name}_ci"] = 100.0 * F.mean_ci_half_width(got[0] / 100.0, mean_sq, got[1])
-    if tokens:
-        out.update(tokens)
-        out["Score"] = sum(tokens.values()) / len(tokens)
+    out.update(_tokens_of(rows))
     out.update(avg_s(out))
+    for name in WILD_METRICS:
+        got = _mean_of_items(rows, name, count_key(name))
+        if got is not None:
+            out[name] = got[0]
+            out.update(got[1])
     return out
 
 
+def _tokens_of(rows: Sequence[Mapping]) -> dict[str, float]:
+    """The token accuracies (with their CIs) and their mean, ``Score``."""
+    out, tokens = {}, {}
+    for name in TOKEN_GROUPS.values():
+        got = _mean_of_items(rows, name, f"n_{name}")
+        if got is not None:
+            tokens[name] = got[0]
+            out.update(got[1])
+    if tokens:
+        out.update(tokens)
+        out["Score"] = sum(tokens.values()) / len(tokens)
+    return out
+
+
+def _mean_of_items(rows: Sequence[Mapping], name: str, count: str) -> tuple[float, dict[str, float]] | None:
+    """A mean over per-prompt values pooled across the rows (token accuracies, wild scores) and its 95% interval
+    keys (:func:`score_interval`) from the rows' ``<name>_sq`` (none where a row lacks it: older runs)."""
+    got = _pooled(rows, name, count)
+    if got is None:
+        return None
+    if not all(r.get(f"{name}_sq") is not None for r in rows if r.get(name) is not None):
+        return got[0], {}
+    return got[0], score_interval(rows, name, count, f"{name}_sq")
+
+
+def score_interval(rows: Sequence[Mapping], name: str, count: str, squares: str | None = None) -> dict[str, float]:
+    """``<name>_ci``, ``<name>_lo``, ``<name>_hi`` (percent) of a score pooled over the rows: the case-clustered
+    Wilson interval that :class:`~kelight.metrics.EditMetrics` reports (:mod:`kelight.metrics.intervals`), from
+    each row's score (percent), its prompt count ``row[count]`` and, for fractional per-prompt values, their
+    mean square ``row[squares]`` (``None``: 0/1 values). Empty when no row has the score."""
+    have = [r for r in rows if r.get(name) is not None and r.get(count)]
+    if not have:
+        return {}
+
+    def column(key: str) -> np.ndarray:
+        return np.array([float(r[key]) for r in have])
+
+    sums = score_sums(column(name), column(count), None if squares is None else column(squares))
+    return intervals.percent_interval(name, *intervals.clustered_wilson_interval(sums))
+
+
 def metrics_from_rows(rows: Sequence[Mapping]) -> dict[str, float]:
-    """``metrics.json`` recomputed from ``cases.jsonl`` rows: pooled over prompts (and the CI from the
-    pooled count) as :class:`~kelight.metrics.EditMetrics` does, per source when there are several,
+    """``metrics.json`` recomputed from ``cases.jsonl`` rows: pooled over prompts, with the case-clustered
+    intervals from each row's score and prompt count (:func:`score_interval`), as
+    :class:`~kelight.metrics.EditMetrics` does, per source when there are several,
     ``n_cases`` and ``seconds_per_edit``.
 
     Raises:
@@ -227,7 +311,8 @@ def z_steps_summary(rows: Sequence[Mapping]) -> dict[str, float]:
 
 
 #: Config keys that may differ between runs that are merged (which cases, where the output went).
-MERGE_FREE_KEYS = ("data.skip", "data.limit", "trainer.default_root_dir", "trainer.logger", "ckpt_path")
+MERGE_FREE_KEYS = ("data.skip", "data.limit", "trainer.default_root_dir", "trainer.logger", "ckpt_path",
+                   "model.init_args.resume")
 
 
 def _flat(tree: object, prefix: str = "") -> dict[str, object]:

@@ -11,8 +11,8 @@ Two additions: ``EXTRA`` fit arguments go just before ``${args}`` (the swept val
 
 The metric (``spec.metric.name``, e.g. ``fit/Avg.S``; a ``fit/`` prefix — the key W&B sees — is
 dropped) is read from the trial's ``metrics.json`` and fed to the next ``next_run``. A trial that
-exits non-zero or writes no metrics is recorded as crashed (exit code, stderr tail) and the sweep
-goes on. ``OUT`` gets ``summary.json``, ``summary.md`` and ``tradeoff.png``.
+exits non-zero or writes no metrics is recorded as crashed (exit code, stderr tail), one stopped by
+SIGTERM or Ctrl-C as failed, and the sweep goes on. ``OUT`` gets ``summary.json``, ``summary.md`` and ``tradeoff.png``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Trial:
     params: dict
     command: list[str]
     directory: str
-    state: str = "running"  # finished | crashed
+    state: str = "running"  # finished | failed (stopped by a signal) | crashed
     returncode: int | None = None
     metric: float | None = None
     metrics: dict = field(default_factory=dict)
@@ -131,6 +131,11 @@ def _trial_env(sweep_id: str, trial: Trial, param_file: Path, wandb_mode: str) -
     return env
 
 
+# Exit statuses of a trial stopped by SIGTERM or SIGINT: kelight's own (128 + signal, Lightning's 1 is a crash),
+# or the signal itself as subprocess reports it (negative).
+STOPPED = frozenset({128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT})
+
+
 def run_trial(spec: dict, trial: Trial, sweep_id: str, wandb_mode: str = "offline",
               timeout: float | None = None) -> Trial:
     """Launch one trial (blocking), then read its ``metrics.json``; crashes are recorded, not raised."""
@@ -163,7 +168,7 @@ def run_trial(spec: dict, trial: Trial, sweep_id: str, wandb_mode: str = "offlin
             return trial
         except ValueError as error:
             problem = str(error)
-    trial.state = "crashed"
+    trial.state = "failed" if trial.returncode in STOPPED else "crashed"
     lines = (directory / "stderr.log").read_text(errors="replace").splitlines() + ([problem] if problem else [])
     trial.stderr_tail = "\n".join(lines[-20:])
     return trial
@@ -172,7 +177,8 @@ def run_trial(spec: dict, trial: Trial, sweep_id: str, wandb_mode: str = "offlin
 def _as_sweep_run(trial: Trial, metric_name: str):
     engine = _engine()
     metrics = {} if trial.metric is None else {metric_name: trial.metric}
-    state = engine.RunState.finished if trial.state == "finished" else engine.RunState.crashed
+    state = {"finished": engine.RunState.finished, "failed": engine.RunState.failed}.get(trial.state,
+                                                                                        engine.RunState.crashed)
     return engine.SweepRun(name=trial.run_id, state=state, config={k: {"value": v} for k, v in trial.params.items()},
                     summary_metrics=metrics, history=[metrics] if metrics else [])
 
@@ -227,7 +233,7 @@ def markdown_table(summary: dict) -> str:
     lines = ["| trial | state | " + " | ".join([*names, summary["metric"]["name"], *cols]) + " |",
              "|---" * (3 + len(names) + len(cols)) + "|"]
     for t in trials:
-        state = t["state"] if t["state"] == "finished" else f"crashed (exit {t['returncode']})"
+        state = t["state"] if t["state"] == "finished" else f"{t['state']} (exit {t['returncode']})"
         metric = "–" if t["metric"] is None else f"{t['metric']:.2f}"
         cells = [f"{t['params'].get(n, '–')}" for n in names] + [metric]
         cells += [f"{t['metrics'][c]:.2f}" if isinstance(t["metrics"].get(c), int | float) else "–" for c in cols]

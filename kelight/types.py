@@ -29,6 +29,9 @@ def _require_text(value: object, what: str, case_id: object) -> str:
 class EditRequest:
     """One fact to rewrite: ``prompt`` (containing ``subject`` literally) → ``target_new``.
 
+    ``relation_id`` (optional) names the edited relation by its WikiData id (e.g. ``"P27"``); the
+    relation-preserving objective (:mod:`kelight.objectives.relations`) leaves that relation out.
+
     Example:
         >>> r = EditRequest("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
         >>> r.subject_span()
@@ -40,9 +43,12 @@ class EditRequest:
     target_new: str
     target_true: str | None = None
     case_id: str | int = 0
+    relation_id: str | None = None
 
     def __post_init__(self) -> None:
         _require_text(self.prompt, "the prompt", self.case_id)
+        if self.relation_id is not None:
+            _require_text(self.relation_id, "relation_id (a WikiData id such as 'P27', or None)", self.case_id)
         _require_text(self.subject, "the subject", self.case_id)
         _require_text(self.target_new, "target_new", self.case_id)
         if self.target_true is not None:
@@ -159,6 +165,23 @@ KEEPING_REGIMES = ("sequential", "consecutive")
 # EasyEdit-style token-accuracy groups -> metric name.
 TOKEN_GROUPS: Mapping[str, str] = MappingProxyType(
     {"efficacy": "Efficacy", "generality": "Generality", "locality": "Locality"}
+)
+
+# Generated-answer ("wild") scores: probe or token group -> (metric name, what a good answer does):
+# "gives" its right target, "avoids" o_edit (the group's wrong target; also scored as unchanged from the
+# unedited model's answer, ``<name>_same``), or is "unchanged" from the unedited model's answer.
+WILD_GROUPS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "rewrite": ("wild_ES", "gives"),
+        "paraphrase": ("wild_PS", "gives"),
+        "neighbor": ("wild_NS", "avoids"),
+        "relation": ("wild_RS", "avoids"),
+        "distracted_neighbor": ("wild_DNS", "avoids"),
+        "reasoning": ("wild_RES", "gives"),
+        "efficacy": ("wild_Efficacy", "gives"),
+        "generality": ("wild_Generality", "gives"),
+        "locality": ("wild_Locality", "unchanged"),
+    }
 )
 
 

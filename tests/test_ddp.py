@@ -32,6 +32,7 @@ DDP_SCRIPT = textwrap.dedent('''
     run(["fit", *base, *ddp, "--trainer.default_root_dir", f"{out}/fit"])
     run(["validate", *base, *ddp, "--trainer.default_root_dir", f"{out}/validate"])
     run(["fit", *base, *ddp, *BATCH, "--trainer.default_root_dir", f"{out}/batch"])
+    run(["fit", *base, *ddp, "--model.resume", "true", "--trainer.default_root_dir", f"{out}/resumed"])
     cli = run(["fit", *base, *ddp, "--model.regime", "sequential", "--trainer.default_root_dir", f"{out}/sequential"])
     fresh, _ = tiny_model("llama")
     pairs = zip(cli.model.lm.state_dict().values(), fresh.state_dict().values(), strict=True)
@@ -93,6 +94,11 @@ def test_ddp_equals_single_process(tmp_path: Path) -> None:
     for stage in ("fit", "validate"):  # references; also fills the covariance cache the ranks share
         run([stage, *base, "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / stage)])
     run(["fit", *base, *BATCH, "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "batch")])
+    kept = tmp_path / "ddp" / "resumed"  # a run stopped with case 0 done by rank 0 and case 3 by rank 1
+    kept.mkdir(parents=True)
+    fit_rows = _results(tmp_path / "fit")[1]
+    (kept / "cases.partial.jsonl").write_text(json.dumps(fit_rows[0]) + "\n")
+    (kept / "cases.partial.rank1.jsonl").write_text(json.dumps(fit_rows[3]) + "\n")
     script = tmp_path / "ddp_runs.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -100,8 +106,9 @@ def test_ddp_equals_single_process(tmp_path: Path) -> None:
                            json.dumps(BATCH)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("fit", "validate", "batch"):  # batch: each process makes the one-process run's joint edits
-        (ddp, ddp_rows), (single, single_rows) = _results(tmp_path / "ddp" / stage), _results(tmp_path / stage)
+    for stage in ("fit", "validate", "batch", "resumed"):  # batch: each process makes the one-process joint edits
+        reference = tmp_path / ("fit" if stage == "resumed" else stage)
+        (ddp, ddp_rows), (single, single_rows) = _results(tmp_path / "ddp" / stage), _results(reference)
         assert ddp["n_cases"] == 5 and "counterfact/ES" in ddp and "wikidata/RS" in ddp
         _assert_same(ddp, single)
         assert [r["id"] for r in ddp_rows] == [0, 1, 2, 3, 4]  # each case once, dataset order

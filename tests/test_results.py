@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from kelight.metrics.functional import ngram_entropy as ngram
 from kelight.results import PARTIAL, append_partial, format_table, report, write_results
+from tests.metrics.interval_reference import reference_interval, reference_normal
 
 
 def test_partial_rows_are_replaced_by_the_final_files(tmp_path):
@@ -21,6 +23,8 @@ def test_partial_rows_are_replaced_by_the_final_files(tmp_path):
 def test_table_shows_ci_and_missing_columns():
     table = format_table({"a": {"ES": 94.0, "ES_ci": 6.61, "n_cases": 50.0}, "b": {"NS": 63.1}})
     assert "| a | 94.0 ± 6.6 | – | 50 |" in table and "| b | – | 63.1 | – |" in table
+    bounds = {"ES": 100.0, "ES_ci": 5.36, "ES_lo": 89.28, "ES_hi": 100.0, "FL": 600.0, "FL_ci": float("nan")}
+    assert "| c | 100.0 [89.3, 100.0] | 600.0 |" in format_table({"c": bounds})  # asymmetric: the bounds
 
 
 def test_report_names_a_missing_run(tmp_path):
@@ -49,7 +53,8 @@ def test_metrics_from_rows_pools_over_prompts_per_source_and_counts():
              "z_steps": 41}]
     m = metrics_from_rows(rows)
     assert m["RS"] == 25.0 and m["RM"] == (3 * 2.0 + 50.0) / 4  # 1 of 4 prompts, not the mean of 0 and 100
-    assert m["RS_ci"] == pytest.approx(100 * F.ci_half_width(0.25, 4))
+    low, high = reference_interval([[0.0, 0.0, 0.0], [1.0]])  # case-clustered: 2 cases, not 4 prompts
+    assert (m["RS_lo"], m["RS_hi"], m["RS_ci"]) == pytest.approx((100 * low, 100 * high, 50 * (high - low)))
     assert m["ES"] == 50.0 and m["FL"] == 550.0 and m["PPL"] == pytest.approx(math.exp((10 + 90) / 40))
     assert m["Efficacy"] == 75.0 and m["Score"] == 75.0 and m["Avg.S"] == pytest.approx(F.harmonic_mean([50.0, 25.0]))
     assert m["a/RS"] == 0.0 and m["b/ES"] == 0.0 and m["n_cases"] == 2.0 and m["seconds_per_edit"] == 3.0
@@ -61,7 +66,7 @@ def test_metrics_from_rows_pools_over_prompts_per_source_and_counts():
 
 def test_token_and_fluency_intervals_recomputed_from_rows_equal_the_metrics():
     """Efficacy/Locality CIs pool per-prompt accuracies (``_sq``: their mean square per case); FL's is over
-    cases. Rows without ``_sq`` (runs before session 15) give no token CI rather than a wrong one."""
+    cases. Rows without ``_sq`` (runs before commit e8b5678) give no token CI rather than a wrong one."""
     import torch
 
     from kelight.evaluation import CaseResult, case_summary
@@ -78,13 +83,16 @@ def test_token_and_fluency_intervals_recomputed_from_rows_equal_the_metrics():
         metrics.update(case)
     expected, rows = metrics.compute(), [case_summary(c) for c in cases]
     got = metrics_from_rows(rows)
-    for key in ("Efficacy", "Efficacy_ci", "Locality", "Locality_ci", "FL", "FL_ci", "Score"):
+    for key in ("Efficacy", "Efficacy_ci", "Efficacy_lo", "Efficacy_hi", "Locality", "Locality_ci", "Locality_lo",
+                "Locality_hi", "FL", "FL_ci", "Score"):
         assert got[key] == pytest.approx(expected[key], rel=1e-12), key
-    accs = [2 / 3, 1.0, 0.0]  # per prompt, pooled over cases
-    mean = sum(accs) / 3
-    sd = (sum((a - mean) ** 2 for a in accs) / 3) ** 0.5
-    assert expected["Efficacy_ci"] == pytest.approx(100 * 1.96 * sd / 3 ** 0.5)
-    assert expected["Locality_ci"] == 0.0  # one prompt, no spread
+    low, high = reference_interval([[2 / 3, 1.0], [0.0]])  # per-prompt accuracies, clustered by case
+    assert (expected["Efficacy_lo"], expected["Efficacy_hi"]) == pytest.approx((100 * low, 100 * high))
+    low, high = reference_interval([[1.0]])  # one prompt of one case: counted once, never zero width
+    assert expected["Locality_hi"] == 100.0 and expected["Locality_lo"] == pytest.approx(100 * low)
+    assert expected["Locality_lo"] < 30.0
+    assert expected["FL_ci"] == pytest.approx(100 * reference_normal([ngram(t) for t in cases[0].texts] + [
+        (ngram(cases[1].texts[0]) + ngram(cases[1].texts[1])) / 2]))
     assert "Efficacy_ci" not in metrics_from_rows([{k: v for k, v in r.items() if not k.endswith("_sq")} for r in rows])
 
 
@@ -161,3 +169,46 @@ def test_merge_reproduces_the_metrics_of_cases_with_nan_read_outs(tmp_path):
     assert expected["EM"] is None and "PPL" not in expected  # what EditMetrics reports
     assert read_json(tmp_path / "merged" / "metrics.json", "") == expected
     assert metrics_from_rows(rows[1:])["ES"] == 0.0  # every case NaN: no crash
+
+
+def test_merge_of_two_halves_equals_the_whole_run(tmp_path):
+    """``kelight merge`` recomputes every score and its case-clustered interval from cases.jsonl alone: the merged
+    halves give the whole run's metrics.json (to 1e-9; through JSON, as on disk)."""
+    import numpy as np
+    import torch
+
+    from kelight.evaluation import CaseResult, case_summary
+    from kelight.files import read_json
+    from kelight.metrics import EditMetrics
+    from kelight.results import merge_runs
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for i in range(13):
+        n = int(rng.integers(1, 5))
+        right, wrong = (torch.from_numpy(x) for x in rng.gamma(2.0, 1.0, size=(2, n)))
+        tokens = [torch.from_numpy(rng.integers(0, 2, size=int(t))) for t in rng.integers(1, 4, size=n)]
+        refs = [torch.zeros_like(t) for t in tokens]
+        cases.append(CaseResult(i, {"neighbor": (right, wrong), "rewrite": (right[:1], wrong[:1])},
+                                {"efficacy": (tokens, refs)}, texts=(f"a b c {'a ' * i}b",)))
+    metrics = EditMetrics(sync_on_compute=False)
+    for case in cases:
+        metrics.update(case)
+    config = "model: {class_path: kelight.ROME}\n"
+    for name, part in (("first", cases[:6]), ("second", cases[6:]), ("whole", cases)):
+        rows = [{"id": c.case_id, **case_summary(c)} for c in part]
+        write_results(tmp_path / name, {**metrics.compute(), "n_cases": float(len(cases))}, rows)
+        (tmp_path / name / "config.yaml").write_text(config)
+    merge_runs(tmp_path / "merged", [tmp_path / "first", tmp_path / "second"])
+    whole, merged = (read_json(tmp_path / name / "metrics.json", "") for name in ("whole", "merged"))
+    assert set(merged) == set(whole) and {"NS_lo", "NS_hi", "Efficacy_lo", "FL_ci"} <= set(whole)
+    for key, value in whole.items():
+        assert merged[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_doctests():
+    import doctest
+
+    import kelight.results
+
+    assert doctest.testmod(kelight.results, raise_on_error=True).failed == 0

@@ -178,3 +178,18 @@ def test_a_truncated_metrics_file_crashes_its_trial_not_the_sweep(tmp_path):
                       "sweep0", wandb_mode="disabled")
     assert trial.returncode == 0 and trial.state == "crashed" and trial.metric is None and trial.metrics == {}
     assert "metrics.json is not valid JSON at line 1" in trial.stderr_tail
+
+
+@pytest.mark.parametrize("code", ["raise SystemExit(143)", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+def test_a_trial_stopped_by_sigterm_is_recorded_as_failed(tmp_path, code):
+    import sys
+
+    from kelight.sweep import Trial, _as_sweep_run, markdown_table, run_trial
+
+    spec = {"metric": {"name": "Avg.S", "goal": "maximize"}}
+    trial = run_trial(spec, Trial(0, "r0", {"x": 1}, [sys.executable, "-c", code], str(tmp_path / "trial")),
+                      "sweep0", wandb_mode="disabled")
+    assert trial.returncode in (143, -15) and trial.state == "failed" and trial.metric is None
+    assert _as_sweep_run(trial, "Avg.S").state == "failed"
+    table = markdown_table({"metric": spec["metric"], "trials": [{**trial.__dict__}]})
+    assert f"failed (exit {trial.returncode})" in table

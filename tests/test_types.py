@@ -22,7 +22,7 @@ def test_from_dict_builds_the_request():
 ])
 def test_from_dict_names_the_expected_and_the_bad_keys(record, match):
     expected = r"expected an edit request with keys \['prompt', 'subject', 'target_new'\] \(optional: " \
-               r"\['target_true', 'case_id'\]\)"
+               r"\['target_true', 'case_id', 'relation_id'\]\)"
     with pytest.raises(EditInputError, match=expected):
         EditRequest.from_dict(record)
     with pytest.raises(EditInputError, match=match):
@@ -49,3 +49,10 @@ def test_conflicting_targets_in_one_joint_batch_are_refused():
 def test_duplicates_and_other_subjects_pass():
     check_joint_requests([REQ, REQ, EditRequest(REQ.prompt, REQ.subject, " Rome")])  # the same target
     check_joint_requests([REQ, EditRequest("The Eiffel Tower is in", "Tower", "Berlin")])  # another subject
+
+
+def test_relation_id_is_optional_and_must_be_text():
+    assert EditRequest.from_dict({"prompt": REQ.prompt, "subject": REQ.subject, "target_new": "Rome",
+                                  "relation_id": "P131"}).relation_id == "P131"
+    with pytest.raises(EditInputError, match="expected a non-empty string for relation_id"):
+        EditRequest(REQ.prompt, REQ.subject, "Rome", relation_id="")

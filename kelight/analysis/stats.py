@@ -1,4 +1,5 @@
-"""Pearson correlation with its two-sided p-value (the statistic of the paper's Figure 4/Table 2)."""
+"""Statistics over cases: Pearson correlation (the paper's Figure 4/Table 2), pooled scores and the sums of
+their case-clustered intervals, and paired case-bootstrap intervals (won-back shares, run differences)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from kelight.metrics.intervals import CaseSums
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
@@ -45,6 +48,27 @@ def pooled(percents: np.ndarray, counts: np.ndarray) -> float | np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(total > 0, (percents * counts).sum(-1) / total, math.nan)
     return float(out) if out.ndim == 0 else out
+
+
+def score_sums(percents: np.ndarray, counts: np.ndarray, mean_squares: np.ndarray | None = None) -> CaseSums:
+    """The :class:`~kelight.metrics.intervals.CaseSums` of one score from ``cases.jsonl`` columns, so that
+    its case-clustered interval is recomputed from the rows alone: case ``i`` has ``y_i = percent_i/100 · n_i``.
+
+    Args:
+        percents: ``(C,)`` per-case scores in percent (the mean of the case's per-prompt values).
+        counts: ``(C,)`` prompts behind each (``n_<score>``).
+        mean_squares: ``(C,)`` per-case mean squares of the per-prompt values in percent (``<score>_sq``),
+            for fractional values (token accuracies, F1); ``None`` for 0/1 values, whose square is themselves.
+
+    Example:
+        >>> score_sums(np.array([100.0, 0.0]), np.array([2, 1]))
+        CaseSums(total=2.0, total_sq=2.0, n=3.0, case_sq=4.0, case_cross=4.0, case_n_sq=5.0, cases=2.0)
+    """
+    n = np.asarray(counts, dtype=float)
+    y = np.asarray(percents, dtype=float) / 100.0 * n
+    squares = y if mean_squares is None else np.asarray(mean_squares, dtype=float) / 100.0 * n
+    return CaseSums(float(y.sum()), float(squares.sum()), float(n.sum()), float((y * y).sum()),
+                    float((y * n).sum()), float((n * n).sum()), float((n > 0).sum()))
 
 
 def damage_won_back(none: float | np.ndarray, without: float | np.ndarray,

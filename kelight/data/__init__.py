@@ -12,6 +12,8 @@ from kelight.data.formats import (
     parse_counterfact_edit,
     parse_counterfact_mix,
     parse_record,
+    parse_records,
+    parse_zsre,
 )
 from kelight.paths import default_data_root
 
@@ -26,5 +28,7 @@ __all__ = [
     "parse_counterfact_edit",
     "parse_counterfact_mix",
     "parse_record",
+    "parse_records",
+    "parse_zsre",
     "select_indices",
 ]

@@ -13,6 +13,7 @@ Data are never copied into the repository; :func:`default_data_root` finds the s
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,33 +27,87 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from kelight.data.builtin import builtin_path
-from kelight.data.formats import parse_record
+from kelight.data.formats import FORMATS, describe_dropped, parse_records
 from kelight.types import EditCase, EditInputError, conflicting_pairs
 
-DataFormat = Literal["auto", "counterfact_mix", "counterfact_edit"]
+DataFormat = Literal["auto", "counterfact_mix", "counterfact_edit", "zsre"]
 
 
-def load_records(path: str | os.PathLike[str]) -> datasets.Dataset:
-    """Read a JSON (list of objects) or JSON-lines file of records with ``datasets``.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")  # "name", "user/name", "user/name:config"
+_FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_EXPECTED_SOURCE = ("a .json/.jsonl/.parquet file, a folder written by datasets' save_to_disk or holding such "
+                    "files, or a Hugging Face dataset id such as 'user/name' or 'user/name:config'")
+
+
+def load_records(path: str | os.PathLike[str], split: str | None = None) -> datasets.Dataset:
+    """The records of a data file, a local ``datasets`` folder, or a Hugging Face hub dataset.
+
+    Routes: a JSON (list of objects) or JSON-lines file, a Parquet file, a folder written by
+    ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, a folder of such data files (read with
+    ``datasets.load_dataset(folder)``), else a hub id ``"user/name"`` or ``"user/name:config"`` (needs the
+    internet or a ``datasets`` cache that holds it). A source with several splits needs ``split``.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        EditInputError: the file is not JSON records, or holds none.
+        FileNotFoundError: a path that does not exist and is no hub id.
+        EditInputError: a file that is not records, an empty one, an unknown or missing split, or a hub id
+            that cannot be loaded (the message says why and what is accepted).
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
+    source = Path(path).expanduser()
+    if source.is_file():
+        return _one_split(_read_file(source), split, str(source))
+    if source.is_dir():
+        saved = any((source / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+        loaded = datasets.load_from_disk(str(source)) if saved else _load_dataset(str(source), None, str(source))
+        return _one_split(loaded, split, str(source))
+    text = os.fspath(path)
+    if source.suffix in _FILE_LOADERS or not _HUB_ID.match(text):
         raise FileNotFoundError(
-            f"edit dataset {str(file)!r} not found (working directory {str(Path.cwd())!r}); pass an "
-            f"existing JSON file, e.g. --data.path ../shared/data/counterfact_mix/dev.json, or leave "
-            f"the path unset for the built-in demo set"
-        )
-    expected = "expected a JSON list of objects or one JSON object per line"
+            f"edit dataset {text!r} not found (working directory {str(Path.cwd())!r}); expected {_EXPECTED_SOURCE}, "
+            f"e.g. --data.path ../shared/data/counterfact_mix/dev.json, or leave the path unset for the built-in "
+            f"demo set")
+    name, _, config = text.partition(":")
+    return _one_split(_load_dataset(name, config or None, text), split, text)
+
+
+def _read_file(file: Path) -> datasets.Dataset | datasets.DatasetDict:
+    loader = _FILE_LOADERS.get(file.suffix)
+    if loader is None:
+        raise EditInputError(f"could not read {str(file)!r}: expected {_EXPECTED_SOURCE}, got a "
+                             f"{file.suffix or 'suffix-less'} file; convert it to JSON lines or Parquet")
+    expected = "expected a JSON list of objects or one JSON object per line" if loader == "json" else \
+        "expected a Parquet table of records"
     if file.stat().st_size == 0:  # `datasets` would raise a bare StopIteration
-        raise EditInputError(f"could not read {str(file)!r} as JSON records (the file is empty); {expected}")
+        raise EditInputError(f"could not read {str(file)!r} as records (the file is empty); {expected}")
     try:
-        return datasets.load_dataset("json", data_files=str(file), split="train")
+        return datasets.load_dataset(loader, data_files=str(file), split="train")
     except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
-        raise EditInputError(f"could not read {str(file)!r} as JSON records ({err}); {expected}") from err
+        raise EditInputError(f"could not read {str(file)!r} as records ({err}); {expected}") from err
+
+
+def _load_dataset(name: str, config: str | None, shown: str) -> datasets.Dataset | datasets.DatasetDict:
+    """``datasets.load_dataset(name, config)``; a failure (offline, unknown id or config) names the id."""
+    try:
+        return datasets.load_dataset(name, config)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:  # incl. ConnectionError
+        raise EditInputError(
+            f"could not load the edit dataset {shown!r} with datasets ({type(err).__name__}: {err}); expected "
+            f"{_EXPECTED_SOURCE}. A hub id needs internet access (or a datasets cache that holds it); on a machine "
+            f"without it, download the file elsewhere and pass its path") from err
+
+
+def _one_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str | None, shown: str) -> datasets.Dataset:
+    """The split ``split`` of ``loaded`` (a source with one split needs none)."""
+    if isinstance(loaded, datasets.Dataset):
+        if split not in (None, str(loaded.split or "train")):
+            raise EditInputError(f"{shown} has no split {split!r} (it is one table); drop --data.split")
+        return loaded
+    names = list(loaded)
+    if split is None and len(names) == 1:
+        return loaded[names[0]]
+    if split not in names:
+        given = "no split was given" if split is None else f"got split {split!r}"
+        raise EditInputError(f"{shown} has the splits {names}; {given}: choose one with --data.split NAME")
+    return loaded[split]
 
 
 def select_indices(n: int, limit: int | None = None, seed: int = 0, shuffle: bool = False, skip: int = 0) -> list[int]:
@@ -132,8 +187,11 @@ class EditDataModule(L.LightningDataModule):
     r, r + N, ... (shares may differ by one case).
 
     Args:
-        path: JSON or JSON-lines file of records; ``None`` uses the built-in demo set.
-        format: record format; ``"auto"`` detects it per record.
+        path: the records (:func:`load_records`: a .json/.jsonl/.parquet file, a local ``datasets`` folder,
+            or a Hugging Face dataset id ``user/name[:config]``); ``None`` uses the built-in demo set.
+        format: record format (``counterfact_mix``, ``counterfact_edit``, ``zsre``; :mod:`kelight.data.formats`);
+            ``"auto"`` detects it per record. Records that hold no edit (zsre's empty ``alt``) are left out,
+            counted in ``dropped`` and logged; ``limit`` and ``skip`` count file records, kept or not.
         limit: use only the first ``limit`` records (after shuffling, if ``shuffle``, and ``skip``).
         seed: seed of the shuffling permutation.
         shuffle: take a seeded random permutation of the records before ``limit``.
@@ -143,6 +201,7 @@ class EditDataModule(L.LightningDataModule):
         drop_conflicting: leave out every selected case that rewrites the prompt and subject of an
             earlier selected case to another target (the dev split has 8 such cases, counterfact_edit
             79 of 10,000); joint edits (MEMIT/PMET's batch regime, PathEdit) refuse such pairs.
+        split: the split of a source that has several (a hub dataset or a ``datasets`` folder).
 
     Example:
         >>> dm = EditDataModule(limit=2)
@@ -161,10 +220,11 @@ class EditDataModule(L.LightningDataModule):
         batch_size: int = 1,
         skip: int = 0,
         drop_conflicting: bool = False,
+        split: str | None = None,
     ) -> None:
         super().__init__()
-        if format not in ("auto", "counterfact_mix", "counterfact_edit"):
-            raise EditInputError(f"expected format 'auto', 'counterfact_mix' or 'counterfact_edit', got {format!r}")
+        if format not in FORMATS:
+            raise EditInputError(f"expected format {' or '.join(map(repr, FORMATS))}, got {format!r}")
         if limit is not None and limit <= 0:
             raise EditInputError(f"expected limit > 0 (or None for all records), got {limit}")
         if skip < 0:
@@ -176,20 +236,23 @@ class EditDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.path, self.format, self.limit = path, format, limit
         self.seed, self.shuffle, self.batch_size, self.skip = seed, shuffle, batch_size, skip
-        self.drop_conflicting = drop_conflicting
+        self.drop_conflicting, self.split = drop_conflicting, split
         self.cases: list[EditCase] = []
         self.skipped: dict[str, int] = {}
+        self.dropped: dict[str, list[int]] = {}  # reason -> file positions of records left out (no edit)
 
     def setup(self, stage: str | None = None) -> None:
         """Read and parse every selected record (once; later calls keep the parsed cases)."""
         if self.cases:
             return
         path = builtin_path() if self.path is None else Path(self.path)
-        records = load_records(path)
+        records = load_records(path, self.split)
         order = select_indices(len(records), self.limit, self.seed, self.shuffle, self.skip)
         skipped: Counter[str] = Counter()
         rows = records.select(order).to_list()
-        self.cases = [parse_record(row, i, self.format, skipped) for i, row in zip(order, rows, strict=True)]
+        self.cases = parse_records(rows, order, self.format, skipped, self.dropped)
+        if self.dropped:
+            rank_zero_info(f"{path}: {describe_dropped(self.dropped)}")
         twice = sorted((i for i, n in Counter(case.case_id for case in self.cases).items() if n > 1), key=str)
         if twice:  # ids key the unedited Locality references, PathEdit's batch caches and `kelight merge`
             raise EditInputError(f"{path}: case ids {twice[:5]} occur more than once among the selected records; "

@@ -86,3 +86,15 @@ def read_pairs(record: Mapping[str, Any], key: str, index: int) -> list[tuple[st
         (read_text(p, index, record, f"{key}.prompts[{i}]"), read_text(t, index, record, f"{key}.targets[{i}]"))
         for i, (p, t) in enumerate(zip(prompts, targets, strict=True))
     ]
+
+
+def read_texts(record: Mapping[str, Any], key: str, index: int) -> list[str]:
+    """The non-empty list of non-empty strings under ``key`` (``None`` counts as missing)."""
+    if record.get(key) is None:
+        raise field_error(index, record, key, "missing", f"add {key!r}: a list of strings (keys present: "
+                          f"{sorted(record)})")
+    values = record[key]
+    if not is_list(values) or not values:
+        raise field_error(index, record, key, f"expected a non-empty list of strings, got {values!r}",
+                          "give a list with at least one string")
+    return [read_text(v, index, record, f"{key}[{i}]") for i, v in enumerate(values)]

@@ -25,8 +25,8 @@ Two record formats are understood (see ``../shared/data/README.md``):
     Choices: PS is the ``p-paraphrase`` prompts only and RES pools the ``p-reasoning`` and
     ``p-subject_alias`` prompts, the reference's two "portability" keys (its summary lists them apart; the SADR
     paper's RES cites the portability of Yao et al. 2023, which includes subject aliases, and its
-    PS of the unedited GPT-J, 17.70, is the reference's ``p-paraphrase`` number). Until session 15
-    kelight pooled the alias prompts into PS instead; ``benchmarks/regroup_alias.py`` recomputes a
+    PS of the unedited GPT-J, 17.70, is the reference's ``p-paraphrase`` number). Until 2026-11-27
+    (commit e2c9fa9) kelight pooled the alias prompts into PS instead; ``benchmarks/regroup_alias.py`` recomputes a
     run made then under this grouping, exactly. Alias prompts are scored against ``target_new``,
     like the rewrite and paraphrase prompts, whatever their own ``targets`` say (in the dev split 19
     of 1700 alias targets, in 9 records, differ from target_new: synonyms such as "cisgender female" for
@@ -41,6 +41,33 @@ Two record formats are understood (see ``../shared/data/README.md``):
     CounterFact in the flat EasyEdit format of the critical-path (PAC) paper. It yields token
     probes (efficacy, generality, locality) and the matching scored probes (rewrite, paraphrase,
     neighbor) so both metric families can be computed.
+
+``zsre``
+    The ZsRE question-answering evaluation records as MEND, ROME and EasyEdit distribute them
+    (``zsre_mend_eval.json``: ``subject, src, alt, answers, rephrase, loc, loc_ans``; ``pred`` and
+    ``cond`` are not read). As in EasyEdit and the PAC paper, the edit rewrites ``src`` to ``alt``
+    (``target_new``) with ``answers[0]`` as ``target_true``; ROME's and MEMIT's original loader
+    instead edited to ``answers[0]``, so their ZsRE numbers measure another edit. Token probes:
+    efficacy ``(src, alt)``, generality ``(rephrase, alt)`` and locality ``(loc, loc_ans)`` (its
+    ``nq question: `` prefix kept; scored against the unedited model's predictions, as for
+    counterfact_edit). Scored probes: rewrite and paraphrase, ``alt`` against ``answers[0]``; no
+    neighbour probe, since ``loc`` is an unrelated Natural Questions question on which ``alt`` is
+    no plausible answer. The case id is the record's position in the file (EasyEdit's). The data's
+    quirks, each handled on purpose:
+
+    - ``alt`` empty (6 of the first 1,500 records, all asking for sex or gender): no new target,
+      so no edit. :func:`parse_zsre` refuses such a record; :func:`parse_records` (and so
+      ``--data.path`` and ``kelight.load_cases``) leaves it out and reports how many it left out
+      (:func:`drop_reason`), as EasyEdit drops them. ``--data.limit``/``--data.skip`` count file
+      records, so a selection holding such records yields fewer cases.
+    - leading or trailing spaces in ``alt`` (38 records, e.g. ``" species"``), ``answers`` and
+      ``loc_ans`` are stripped (kelight puts one space between a prompt and its target).
+    - ``alt`` equal to ``answers[0]`` (after ``strip`` and ``casefold``; 44 records, 43 of them
+      verbatim): the edit changes nothing a teacher-forced pair could measure. The case is kept
+      (EasyEdit keeps it: its token accuracies are defined) with ``target_true=None`` and without
+      rewrite/paraphrase pairs, which are counted in ``skipped`` like every unscoreable prompt.
+    - doubled spaces in ``src`` (9 records) are kept: the subject occurs literally either way, and
+      EasyEdit feeds the question as it is.
 
 Malformed records raise :class:`~kelight.types.EditInputError` naming the record index, its
 case id, the key and the fix.
@@ -58,13 +85,15 @@ from kelight.data.fields import (
     read_field,
     read_pairs,
     read_text,
+    read_texts,
     require_object,
     same_text,
     where,
 )
 from kelight.types import EditCase, EditInputError, EditRequest, ScoredPrompt, TokenProbe
 
-FormatName = Literal["counterfact_mix", "counterfact_edit"]
+FormatName = Literal["counterfact_mix", "counterfact_edit", "zsre"]
+FORMATS: tuple[str, ...] = ("auto", "counterfact_mix", "counterfact_edit", "zsre")  # what `format=` takes
 EDIT_KEYS = (
     "prompt",
     "subject",
@@ -75,6 +104,8 @@ EDIT_KEYS = (
     "locality_ground_truth",
 )
 MIX_REWRITE_KEYS = ("prompt", "subject", "target_new", "target_true")
+ZSRE_KEYS = ("subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans")
+EMPTY_ALT = "zsre record(s) with an empty 'alt' (no new target, so no edit; EasyEdit drops them too)"
 
 
 def _scored(
@@ -104,18 +135,30 @@ def _request(record: Mapping[str, Any], index: int, keys: Sequence[str], prefix:
             raise field_error(index, record, prefix + key, "missing", f"add {prefix + key!r}")
         values.append(read_text(source[key], index, record, prefix + key))
     prompt, subject, new, true = values
+    _require_subject(record, index, prompt, subject, prefix + keys[1])
+    return _edit_request(record, index, (prompt, subject, new, true), prefix + keys[2])
+
+
+def _require_subject(record: Mapping[str, Any], index: int, prompt: str, subject: str, key: str) -> None:
     if subject not in prompt:
         raise field_error(
             index,
             record,
-            prefix + keys[1],
+            key,
             f"subject {subject!r} does not occur in prompt {prompt!r}",
             "the prompt must contain the subject literally (not '{}')",
         )
+
+
+def _edit_request(
+    record: Mapping[str, Any], index: int, values: tuple[str, str, str, str | None], target_key: str
+) -> EditRequest:
+    """``EditRequest(prompt, subject, new, true)`` with the record's case id (its index without one)."""
+    case_id = record.get("case_id")
     try:
-        return EditRequest(prompt, subject, new, true, case_id=record.get("case_id", index))
+        return EditRequest(*values, case_id=index if case_id is None else case_id)
     except EditInputError as err:
-        raise EditInputError(f"{where(index, record)}: key {prefix + keys[2]!r}: {err}") from err
+        raise EditInputError(f"{where(index, record)}: key {target_key!r}: {err}") from err
 
 
 def _commonsense(record: Mapping[str, Any], index: int) -> tuple[str, str, str] | None:
@@ -256,33 +299,148 @@ def parse_counterfact_edit(record: Mapping[str, Any], index: int, skipped: Count
     )
 
 
-def detect_format(record: Mapping[str, Any]) -> FormatName:
-    """Name the format of one record: ``"counterfact_mix"`` or ``"counterfact_edit"``.
+def parse_zsre(record: Mapping[str, Any], index: int, skipped: Counter[str] | None = None) -> EditCase:
+    """Parse one ZsRE record (``zsre_mend_eval.json``): edit ``src`` → ``alt``, as EasyEdit and PAC do.
+
+    Args:
+        record: ``{subject, src, alt, answers, rephrase, loc, loc_ans}`` (``pred``, ``cond`` unread).
+        index: its position in the file; the case id when the record has no ``case_id``.
+        skipped: optional counter of dropped scored prompts (``alt`` equal to ``answers[0]``).
+
+    Returns:
+        An edit case with token probes (efficacy, generality, locality) and scored probes (rewrite,
+        paraphrase: ``alt`` against ``answers[0]``); ``alt``, ``answers`` and ``loc_ans`` stripped.
+        Where ``alt`` equals ``answers[0]``, ``target_true`` is ``None`` and the scored probes are left out.
 
     Raises:
-        EditInputError: neither format's keys are present.
+        EditInputError: the record is malformed, or its ``alt`` is empty (no edit; :func:`parse_records`
+            leaves such records out instead); the message names the index, the key and the fix.
+
+    Example:
+        >>> rec = {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?",
+        ...        "alt": " University of Michigan", "answers": ["Illinois Institute of Technology"],
+        ...        "rephrase": "What university did Watts Humphrey take part in?",
+        ...        "loc": "nq question: who played desmond doss father in hacksaw ridge", "loc_ans": "Hugo Weaving"}
+        >>> case = parse_zsre(rec, 0)
+        >>> case.request.target_new, case.probes["rewrite"][0].wrong
+        ('University of Michigan', 'Illinois Institute of Technology')
+    """
+    require_object(record, index)
+    src, subject, rephrase, loc = (read_field(record, key, index) for key in ("src", "subject", "rephrase", "loc"))
+    alt, loc_answer = (read_field(record, key, index).strip() for key in ("alt", "loc_ans"))
+    true = read_texts(record, "answers", index)[0].strip()
+    _require_subject(record, index, src, subject, "subject")
+    request = _edit_request(record, index, (src, subject, alt, None if same_text(alt, true) else true), "alt")
+    probes = {
+        "rewrite": _scored([(src, alt, true)], "rewrite", skipped),
+        "paraphrase": _scored([(rephrase, alt, true)], "paraphrase", skipped),
+    }
+    return EditCase(
+        request=request,
+        probes={group: kept for group, kept in probes.items() if kept},
+        token_probes={
+            "efficacy": (TokenProbe(src, alt),),
+            "generality": (TokenProbe(rephrase, alt),),
+            "locality": (TokenProbe(loc, loc_answer),),
+        },
+        source="zsre",
+    )
+
+
+def detect_format(record: Mapping[str, Any]) -> FormatName:
+    """Name the format of one record: ``"counterfact_mix"`` (``requested_rewrite`` or ``rewrite``),
+    ``"counterfact_edit"`` (``prompt`` and ``target_new``) or ``"zsre"`` (``src``).
+
+    Raises:
+        EditInputError: no format's keys are present.
     """
     if isinstance(record, Mapping) and any(record.get(k) is not None for k in ("requested_rewrite", "rewrite")):
         return "counterfact_mix"
     if isinstance(record, Mapping) and all(record.get(k) is not None for k in ("prompt", "target_new")):
         return "counterfact_edit"
+    if isinstance(record, Mapping) and record.get("src") is not None:
+        return "zsre"
     keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
     raise EditInputError(
         f"cannot tell the record format from its keys {keys}: expected 'requested_rewrite' "
-        f"(counterfact_mix) or {list(EDIT_KEYS)} (counterfact_edit); pass the format explicitly"
+        f"(counterfact_mix), {list(EDIT_KEYS)} (counterfact_edit) or {list(ZSRE_KEYS)} (zsre); "
+        f"pass the format explicitly"
     )
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise EditInputError(f"expected format {' or '.join(map(repr, FORMATS))}, got {format!r}")
 
 
 def parse_record(
     record: Mapping[str, Any],
     index: int,
-    format: Literal["auto", "counterfact_mix", "counterfact_edit"] = "auto",
+    format: Literal["auto", "counterfact_mix", "counterfact_edit", "zsre"] = "auto",
     skipped: Counter[str] | None = None,
 ) -> EditCase:
     """Parse a record of the given format (``"auto"``: :func:`detect_format` on this record)."""
-    name = detect_format(record) if format == "auto" else format
-    if name == "counterfact_mix":
-        return parse_counterfact_mix(record, index, skipped)
-    if name == "counterfact_edit":
-        return parse_counterfact_edit(record, index, skipped)
-    raise EditInputError(f"expected format 'auto', 'counterfact_mix' or 'counterfact_edit', got {format!r}")
+    _check_format(format)
+    parse = {"counterfact_mix": parse_counterfact_mix, "counterfact_edit": parse_counterfact_edit, "zsre": parse_zsre}
+    return parse[detect_format(record) if format == "auto" else format](record, index, skipped)
+
+
+def drop_reason(record: Mapping[str, Any], format: str = "auto") -> str | None:
+    """Why a record holds no edit and is left out of a data set, or ``None`` to parse it. Only a zsre record
+    with an empty ``alt`` (:data:`EMPTY_ALT`) is left out; anything else malformed is an error of
+    :func:`parse_record`.
+
+    Example:
+        >>> drop_reason({"src": "What is the sex of Phyllis Chan?", "alt": ""}) == EMPTY_ALT
+        True
+    """
+    _check_format(format)
+    if not isinstance(record, Mapping):
+        return None
+    alt = record.get("alt")
+    zsre = (detect_format(record) if format == "auto" else format) == "zsre"
+    return EMPTY_ALT if zsre and isinstance(alt, str) and not alt.strip() else None
+
+
+def parse_records(
+    records: Sequence[Mapping[str, Any]],
+    indices: Sequence[int],
+    format: Literal["auto", "counterfact_mix", "counterfact_edit", "zsre"] = "auto",
+    skipped: Counter[str] | None = None,
+    dropped: dict[str, list[int]] | None = None,
+) -> list[EditCase]:
+    """Parse ``records`` (found at file positions ``indices``), leaving out those that hold no edit.
+
+    Args:
+        records: the selected records.
+        indices: their positions in the file (record numbers in errors, case ids without ``case_id``).
+        format: as :func:`parse_record`.
+        skipped: optional counter of unscoreable prompts per probe group (see the parsers).
+        dropped: optional ``{reason: [index, ...]}`` filled with the records left out (:func:`drop_reason`).
+
+    Raises:
+        EditInputError: a record is malformed, or no record holds an edit.
+    """
+    cases, left_out = [], dropped if dropped is not None else {}
+    for index, record in zip(indices, records, strict=True):
+        reason = drop_reason(record, format)
+        if reason is None:
+            cases.append(parse_record(record, index, format, skipped))
+        else:
+            left_out.setdefault(reason, []).append(index)
+    if records and not cases:
+        raise EditInputError(f"none of the {len(records)} selected records holds an edit "
+                             f"({describe_dropped(left_out)}); select other records (--data.skip/--data.limit)")
+    return cases
+
+
+def describe_dropped(dropped: Mapping[str, Sequence[int]]) -> str:
+    """``left out 6 record(s): 6 zsre record(s) with an empty 'alt' (...) (records [54, 103, ...])``.
+
+    Example:
+        >>> describe_dropped({"record(s) without an edit": [3, 9]})
+        'left out 2 record(s): 2 record(s) without an edit (records [3, 9])'
+    """
+    parts = [f"{len(ids)} {reason} (records {ids[:10]}{' ...' if len(ids) > 10 else ''})" for reason, ids in
+             dropped.items()]
+    return f"left out {sum(map(len, dropped.values()))} record(s): " + "; ".join(parts)

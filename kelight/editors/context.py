@@ -1,11 +1,14 @@
-"""Context templates and the tensor batch of one request's rewriting + essence prompts.
+"""Context templates and the tensor batch of one request's rewriting + essence (+ relation) prompts.
 
 A rewriting prompt is ``prefix + prompt + target[:-1]`` (ROME); the value vector is injected at
-the subject's last token of every prompt, the essence prompt being ``"{subject} is a"``.
+the subject's last token of every prompt, the essence prompt being ``"{subject} is a"`` and the
+relation prompts questions about the subject's other relations (:mod:`kelight.objectives.relations`),
+added by :func:`add_relation_rows` when the z optimisation weighs them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.generation import sample_tokens
+from kelight.objectives.relations import MAX_RELATION_PROMPTS, relation_prompts
 from kelight.readouts import left_pad
 from kelight.tokens import pad_batch, pad_id, subject_last_index, target_ids
 from kelight.types import EditInputError, EditRequest
@@ -47,20 +51,29 @@ def sample_context_templates(
 
 @dataclass
 class RewriteBatch:
-    """Tensors of one request's ``P`` rewriting prompts followed by its essence prompts.
+    """Tensors of one request's ``P`` rewriting prompts followed by its essence and relation prompts.
+
+    The rows after the rewriting ones are read at their last token only (the KL rows): each
+    request's essence prompts, then its relation prompts (:func:`add_relation_rows`).
 
     Attributes:
-        input_ids, attention_mask: ``(B, T)`` with ``B = P + n_essence``.
+        input_ids, attention_mask: ``(B, T)`` with ``B = P + n_essence + n_relation``.
         subject_pos: ``(B,)`` column of the subject's last token in each row (z goes there).
         target_rows, target_cols, target_ids: positions predicting o_edit tokens and the tokens.
         query_pos: ``(P,)`` column that predicts the first target token of each rewriting prompt.
-        essence_pos: ``(n_essence,)`` last-token column of each essence prompt.
+        essence_pos: ``(B - P,)`` last-token column of each row after the rewriting ones (the essence
+            prompts, then the relation prompts, of each request in turn).
         n_rewrite: ``P``.
         n_requests: ``R``, independent requests merged by :func:`merge_rewrite_batches` (rows:
-            every request's ``P / R`` rewriting prompts in turn, then their essence prompts in
-            turn); 1 for one request or for one joint objective over all rows (PathEdit).
+            every request's ``P / R`` rewriting prompts in turn, then its essence and relation
+            prompts in turn); 1 for one request or for one joint objective over all rows (PathEdit).
         key_offset: attention key column of input column 0 (> 0 when the batch runs on top of
             a cached prefix, :func:`split_at_subject`); SADR's subject key is ``subject_pos + key_offset``.
+        n_relation: relation rows in the batch, ``n_relation / R`` per request, each request's after its
+            essence rows; 0 unless :func:`add_relation_rows` added them.
+        relation_candidates: tokens and subject column of the request's relation prompts, in the
+            order they are taken (:func:`~kelight.objectives.relations.relation_prompts`), for
+            :func:`add_relation_rows`; empty once merged or split.
     """
 
     input_ids: torch.Tensor
@@ -74,6 +87,8 @@ class RewriteBatch:
     n_rewrite: int
     n_requests: int = 1
     key_offset: int = 0
+    n_relation: int = 0
+    relation_candidates: tuple[tuple[tuple[int, ...], int], ...] = ()
 
     @property
     def rows(self) -> torch.Tensor:
@@ -100,8 +115,13 @@ def build_rewrite_batch(
     templates: Sequence[str],
     device: torch.device | str,
     essence_templates: Sequence[str] = ("{} is a",),
+    relation_candidates: int = MAX_RELATION_PROMPTS,
 ) -> RewriteBatch:
-    """Tokenise the rewriting and essence prompts of ``request`` into a :class:`RewriteBatch`."""
+    """Tokenise the rewriting and essence prompts of ``request`` into a :class:`RewriteBatch`.
+
+    The first ``relation_candidates`` relation prompts of the request are tokenised too, but become
+    rows only through :func:`add_relation_rows` (the z optimisation adds them when it weighs them).
+    """
     seqs, subj, query, rows, cols, tids = [], [], [], [], [], []
     for i, template in enumerate(templates):
         text = template.format(request.prompt)
@@ -124,10 +144,45 @@ def build_rewrite_batch(
     def as_tensor(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
+    candidates = tuple((tuple(tok(text)["input_ids"]), subject_last_index(tok, text, request.subject))
+                       for text in (relation_prompts(request, relation_candidates) if relation_candidates else ()))
     return RewriteBatch(
         input_ids, mask, as_tensor(subj), as_tensor(rows), as_tensor(cols), as_tensor(tids),
-        as_tensor(query), as_tensor(essence), len(templates),
+        as_tensor(query), as_tensor(essence), len(templates), relation_candidates=candidates,
     )
+
+
+def add_relation_rows(batch: RewriteBatch, n: int, pad_id: int) -> RewriteBatch:
+    """``batch`` with its request's first ``n`` relation prompts as rows after its essence rows.
+
+    Args:
+        batch: a one-request batch from :func:`build_rewrite_batch`, without relation rows.
+        n: how many relation prompts (at most ``len(batch.relation_candidates)``).
+        pad_id: padding token id.
+
+    Raises:
+        EditInputError: if the batch holds several requests or relation rows already, or was built
+            with fewer than ``n`` relation candidates.
+    """
+    if batch.n_requests != 1 or batch.n_relation:
+        raise EditInputError(f"expected a one-request batch without relation rows, got {batch.n_requests} "
+                             f"request(s) and {batch.n_relation} relation row(s); add relation rows before merging")
+    if n > len(batch.relation_candidates):
+        raise EditInputError(f"expected at most {len(batch.relation_candidates)} relation prompts (the batch's "
+                             f"relation_candidates), got {n}; build the batch with relation_candidates >= {n}")
+    if n <= 0:
+        return batch
+    lengths = batch.attention_mask.sum(1).tolist()
+    seqs = [batch.input_ids[b, : lengths[b]].tolist() for b in range(batch.input_ids.shape[0])]
+    chosen = batch.relation_candidates[:n]
+    seqs += [list(ids) for ids, _ in chosen]
+    device = batch.input_ids.device
+    input_ids, mask = pad_batch(seqs, pad_id, device)
+    subj = torch.tensor([s for _, s in chosen], dtype=torch.long, device=device)
+    ends = torch.tensor([len(ids) - 1 for ids, _ in chosen], dtype=torch.long, device=device)
+    return dataclasses.replace(batch, input_ids=input_ids, attention_mask=mask,
+                               subject_pos=torch.cat([batch.subject_pos, subj]),
+                               essence_pos=torch.cat([batch.essence_pos, ends]), n_relation=n)
 
 
 def merge_rewrite_batches(
@@ -135,7 +190,7 @@ def merge_rewrite_batches(
 ) -> RewriteBatch:
     """One padded batch holding the rows of several single-request batches.
 
-    Rows: every batch's rewriting prompts in turn, then every batch's essence prompts in turn.
+    Rows: every batch's rewriting prompts in turn, then every batch's essence and relation prompts in turn.
 
     Args:
         batches: one :class:`RewriteBatch` per request, each built with the same templates.
@@ -145,19 +200,23 @@ def merge_rewrite_batches(
             objective over all rows (``n_requests = 1``, PathEdit's batch).
 
     Raises:
-        EditInputError: if ``batches`` is empty or, when independent, their prompt counts differ.
+        EditInputError: if ``batches`` is empty or, when independent, their prompt counts differ; or
+            if a joint objective is asked of batches with relation rows (they are weighed per request).
     """
     if not batches:
         raise EditInputError("expected at least one rewrite batch to merge, got none")
     if any(b.n_requests != 1 for b in batches):
         raise EditInputError("expected single-request batches to merge; merge each request's batch once")
-    n_ess = [b.input_ids.shape[0] - b.n_rewrite for b in batches]
-    if independent and (len({b.n_rewrite for b in batches}) > 1 or len(set(n_ess)) > 1):
+    counts = {(b.n_rewrite, b.input_ids.shape[0] - b.n_rewrite - b.n_relation, b.n_relation) for b in batches}
+    if independent and len(counts) > 1:
         raise EditInputError(
-            f"expected every request to have the same rewriting/essence prompt counts to optimise them "
-            f"together, got {sorted({(b.n_rewrite, e) for b, e in zip(batches, n_ess, strict=True)})}; "
-            "build all batches with the same context and essence templates"
+            f"expected every request to have the same rewriting/essence/relation prompt counts to optimise them "
+            f"together, got {sorted(counts)}; build all batches with the same context and essence templates "
+            "and add the same number of relation rows"
         )
+    if not independent and any(b.n_relation for b in batches):
+        raise EditInputError("expected no relation rows in a joint objective (independent=False): the relation "
+                             "term is weighed per request; merge the batches before add_relation_rows, or not at all")
     device = batches[0].input_ids.device
     seqs, subj, rows, cols, tids, query, ess = [], [], [], [], [], [], []
     offset = 0
@@ -170,7 +229,7 @@ def merge_rewrite_batches(
         tids.append(b.target_ids)
         query.append(b.query_pos)
         offset += b.n_rewrite
-    for b in batches:  # essence rows
+    for b in batches:  # essence rows, then relation rows, of each request
         for r in range(b.n_rewrite, b.input_ids.shape[0]):
             seqs.append(b.input_ids[r][b.attention_mask[r].bool()].tolist())
         subj.append(b.subject_pos[b.n_rewrite :])
@@ -178,7 +237,7 @@ def merge_rewrite_batches(
     input_ids, mask = pad_batch(seqs, pad_id, device)
     return RewriteBatch(
         input_ids, mask, torch.cat(subj), torch.cat(rows), torch.cat(cols), torch.cat(tids), torch.cat(query),
-        torch.cat(ess), offset, len(batches) if independent else 1,
+        torch.cat(ess), offset, len(batches) if independent else 1, n_relation=sum(b.n_relation for b in batches),
     )
 
 

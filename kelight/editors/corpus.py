@@ -8,11 +8,13 @@ the covariance cache key) and a lazy text stream that is only read on a cache mi
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import os
 import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,8 +22,12 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.files import parse_json
+from kelight.files import parse_json, read_jsonl
+from kelight.generation import sample_tokens
+from kelight.models.loading import cache_dir
 from kelight.paths import default_data_root
+from kelight.readouts import left_pad
+from kelight.tokens import pad_id
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +61,13 @@ class CorpusSpec:
         texts: the texts for ``kind="texts"``.
         shuffle: shuffle the texts (seeded) before streaming, so a token budget spans the corpus.
         seed: seed of the shuffle and of model sampling.
-        sample_prompts: prompts that start model-sampled texts.
-        samples_per_prompt: sampled texts per prompt.
+        sample_prompts: prompts that start model-sampled texts (taken in turn).
         sample_tokens: new tokens per sampled text.
         sample_top_k: top-k of the sampling.
+        sample_batch: texts sampled together in one left-padded, KV-cached batch. Model samples are an
+            endless stream, sampled batch by batch only as far as the token budget reaches, each batch
+            seeded by ``(seed, batch index)`` and kept in ``cache_dir()/corpus`` so that later runs (other
+            layers, a larger budget) read what was sampled before and go on from there.
     """
 
     kind: CorpusKind = "auto"
@@ -71,9 +80,9 @@ class CorpusSpec:
     shuffle: bool = True
     seed: int = 0
     sample_prompts: tuple[str, ...] = _SAMPLE_PROMPTS
-    samples_per_prompt: int = 2
     sample_tokens: int = 128
     sample_top_k: int = 40
+    sample_batch: int = 64
 
     def __post_init__(self) -> None:
         required = {"file": self.path, "hub": self.name, "texts": self.texts, "model": self.sample_prompts}
@@ -82,6 +91,10 @@ class CorpusSpec:
         if self.kind in required and not required[self.kind]:
             what = {"file": "path", "hub": "name", "texts": "texts", "model": "sample_prompts"}[self.kind]
             raise ValueError(f"CorpusSpec(kind={self.kind!r}) expects a non-empty {what}, got none")
+        for name in ("sample_tokens", "sample_top_k", "sample_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"expected CorpusSpec.{name} to be a positive integer, got {value!r}")
 
 
 def as_corpus(corpus: CorpusSpec | str | os.PathLike | None) -> CorpusSpec:
@@ -203,29 +216,59 @@ def _hub_source(spec: CorpusSpec) -> Source:
     return Source(digest, lambda: (_record_text(row, spec.field, spec.name) for row in ds))
 
 
-def _sample_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, spec: CorpusSpec) -> list[str]:
-    """Texts sampled from the model (top-k), seeded without disturbing the global RNG state."""
-    device = model_device(model)
-    texts: list[str] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(spec.seed)
-        for prompt in spec.sample_prompts:
-            ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)  # (1, T)
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=spec.sample_top_k,
-                max_new_tokens=spec.sample_tokens, num_return_sequences=spec.samples_per_prompt,
-                pad_token_id=pad_token_id(tok),
-            )  # (samples_per_prompt, T)
-            texts += tok.batch_decode(out, skip_special_tokens=True)
-    return texts
+def _sample_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, spec: CorpusSpec, index: int) -> list[str]:
+    """Batch ``index`` of the model-sampled stream: ``spec.sample_batch`` top-k samples, the prompts taken in
+    turn, on a private generator seeded by ``(spec.seed, index)`` (the global RNG is untouched)."""
+    n, prompts = spec.sample_batch, spec.sample_prompts
+    seqs = [list(tok(prompts[(index * n + i) % len(prompts)])["input_ids"]) for i in range(n)]
+    ids, mask = left_pad(seqs, pad_id(tok), model_device(model))  # (B, T)
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed * 1_000_003 + index)
+    ids, mask = sample_tokens(model, ids, mask, spec.sample_tokens, spec.sample_top_k, generator,
+                              tok.eos_token_id, pad_id(tok))
+    rows = zip(ids, mask, strict=True)
+    return [tok.decode(row[keep.bool()].tolist(), skip_special_tokens=True) for row, keep in rows]
+
+
+def _cached_batches(path: Path) -> list[list[str]]:
+    """The batches sampled before (one JSON list of texts per line); an unreadable file is logged and dropped."""
+    if not path.is_file():
+        return []
+    try:
+        batches = read_jsonl(path, "it is rebuilt")
+        if not all(isinstance(b, list) and all(isinstance(t, str) for t in b) for b in batches):
+            raise ValueError(f"{path} holds something other than lists of texts; it is rebuilt")
+    except (ValueError, UnicodeDecodeError) as err:
+        log.warning("dropping the cached model samples %s: %s", path, err)
+        path.unlink(missing_ok=True)
+        return []
+    return batches
+
+
+def _model_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, spec: CorpusSpec, digest: str) -> Iterator[str]:
+    """The endless model-sampled stream: the cached batches first, then new ones (appended to the cache)."""
+    path = cache_dir() / "corpus" / f"model-{digest[:40]}.jsonl"
+    batches = _cached_batches(path)
+    yield from (text for batch in batches for text in batch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for index in itertools.count(len(batches)):
+            with torch.no_grad():
+                batch = _sample_batch(model, tok, spec, index)
+            with path.open("a", encoding="utf-8") as file:  # one whole line per batch
+                file.write(json.dumps(batch) + "\n")
+            yield from batch
+    finally:
+        model.train(was_training)
 
 
 def resolve_corpus(
-    spec: CorpusSpec, model: PreTrainedModel, tok: PreTrainedTokenizerBase, weights_digest: Callable[[], str]
+    spec: CorpusSpec, model: PreTrainedModel, tok: PreTrainedTokenizerBase, model_digest: Callable[[], str]
 ) -> Source:
     """The corpus digest and lazy texts of ``spec`` (``auto``: WikiText-2, else model samples).
 
-    ``weights_digest`` names the model's weights in the digest of model-sampled texts.
+    ``model_digest`` names the model's weights and tokenizer in the digest of model-sampled texts.
     """
     files = _wikitext_files() if spec.kind in ("auto", "wikitext2") else None
     if spec.kind == "wikitext2" and files is None:
@@ -243,11 +286,9 @@ def resolve_corpus(
         return Source(content_digest("texts", *spec.texts, *order), lambda: _shuffled(list(spec.texts), spec))
     if spec.kind == "hub":
         return _hub_source(spec)
-    if spec.kind == "auto":
-        log.warning("no corpus given and WikiText-2 not found (set KELIGHT_DATA); sampling %d texts from the "
-                    "model itself for key statistics", len(spec.sample_prompts) * spec.samples_per_prompt)
-    digest = content_digest("model", repr(spec), weights_digest())
-    return Source(digest, lambda: _shuffled(_sample_texts(model, tok, spec), spec))
+    fields = (spec.sample_prompts, spec.sample_tokens, spec.sample_top_k, spec.sample_batch, spec.seed)
+    digest = content_digest("model", FORMAT, repr(fields), model_digest())
+    return Source(digest, lambda: _model_texts(model, tok, spec, digest))  # already mixed: prompts in turn
 
 
 def model_device(model: PreTrainedModel) -> torch.device:

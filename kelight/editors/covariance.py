@@ -61,7 +61,9 @@ def _sequences(
     """Token ids of the texts in corpus order, each truncated to ``max_length``; the last one is
     cut so that exactly ``n_tokens`` tokens come out (fewer if the corpus runs out)."""
     left, stream = n_tokens, iter(texts)
-    while left > 0 and (chunk := list(itertools.islice(stream, _TOKENIZE_CHUNK))):
+    # at most ~as many texts as the tokens left need (1 per 100 tokens): a lazy stream, such as model samples,
+    # is then read little past the budget
+    while left > 0 and (chunk := list(itertools.islice(stream, min(_TOKENIZE_CHUNK, left // 100 + 1)))):
         for ids in tok(chunk, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]:
             taken = list(ids[:left])  # a prefix keeps its keys: the model is causal
             left -= len(taken)
@@ -183,8 +185,8 @@ def second_moments(
         adapter.check_layer(model, layer)
     wanted = sorted(set(layers))  # ascending: trace stops after the last (highest) layer
     hasher = WeightHasher(model, adapter)
-    source = resolve_corpus(as_corpus(corpus), model, tok, hasher.full)
     tokenizer = tokenizer_digest(tok)
+    source = resolve_corpus(as_corpus(corpus), model, tok, lambda: content_digest(hasher.full(), tokenizer))
     fields = {layer: key_fields(hasher, layer, source.digest, tokenizer, opts.n_tokens, opts.max_length, opts.dtype)
               for layer in wanted}
     dims = {layer: _key_dim(model, adapter, layer) for layer in wanted}

@@ -58,6 +58,7 @@ def split_at_subject(batch: RewriteBatch, pad_id: int) -> PrefixSplit | None:
         suffix_ids, suffix_mask, torch.zeros_like(start), batch.target_rows,
         batch.target_cols - start[batch.target_rows], batch.target_ids, batch.query_pos - start[: batch.n_rewrite],
         batch.essence_pos - start[batch.n_rewrite :], batch.n_rewrite, batch.n_requests, key_offset=width,
+        n_relation=batch.n_relation,
     )
     positions = start[:, None] + torch.arange(suffix_ids.shape[1], device=device)  # (B, T')
     return PrefixSplit(prefix_ids, prefix_mask, suffix, positions, torch.cat([prefix_mask, suffix_mask], 1))

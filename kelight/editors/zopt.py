@@ -2,14 +2,15 @@
 
 ``z = δ`` is added to the output of one module (ROME: the MLP output at the edit layer; MEMIT:
 the block output at the last layer of R) at the subject's last token of every prompt, and
-optimised for  NLL(o_edit) + ω·KL(essence) + wd·‖δ‖/‖v‖² (+ extra terms such as γ·SADR),
-with ‖δ‖ clamped to ``clamp_norm_factor·‖v‖``.
+optimised for  NLL(o_edit) + ω·KL(essence) + λ·KL(relations) + wd·‖δ‖/‖v‖² (+ extra terms such as
+γ·SADR), with ‖δ‖ clamped to ``clamp_norm_factor·‖v‖``. The relation term (λ > 0) holds the subject's
+other relations still (:mod:`kelight.objectives.relations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -19,13 +20,14 @@ from transformers import PreTrainedModel
 
 from kelight.attention_rows import query_row_attention
 from kelight.editors.checks import check_number
-from kelight.editors.context import RewriteBatch, merge_rewrite_batches
+from kelight.editors.context import RewriteBatch, add_relation_rows, merge_rewrite_batches
 from kelight.editors.prefix import PrefixCache, split_at_subject
 from kelight.editors.steps import ExtraLoss, StepState, finish_loss, forward_logprobs
 from kelight.hooks import edit_output, map_tensors, replay_blocks, trace
 from kelight.lm import attention_implementation
 from kelight.models.adapters import adapter_for
 from kelight.objectives.essence import essence_kl_rows
+from kelight.objectives.relations import check_relation_kl_factor, check_relation_prompts
 from kelight.objectives.rewrite import per_prompt_nll
 from kelight.types import EditInputError
 
@@ -41,16 +43,24 @@ class ZConfig:
         steps: optimisation steps (20 in ROME; the SADR reference used 80 with SADR).
         lr: Adam learning rate.
         kl_factor: ω, weight of the essence KL.
+        relation_kl_factor: λ, weight of the relation KL (:mod:`kelight.objectives.relations`): the mean
+            KL between the unedited and the current next-token distribution on ``relation_prompts``
+            questions about the subject's other relations, z injected as in the rewriting prompts.
+            0 (the default) turns it off and runs no relation prompt.
+        relation_prompts: N, how many relation prompts (1 … ``MAX_RELATION_PROMPTS``; the first N
+            relation templates that do not ask for the edited relation).
         weight_decay: weight of ‖δ‖/‖v‖².
         clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor·‖v‖.
         early_stop_loss: stop once the loss named by ``early_stop_on`` is below this.
         early_stop_on: ``"total"`` (the reference): the whole loss, extra terms such as γ·SADR
             included, so a SADR edit rarely stops early and runs ~2× the steps of the plain one;
-            ``"edit"``: the loss without the extra terms (rewrite NLL + essence KL + weight decay),
+            ``"edit"``: the loss without the extra terms (rewrite NLL + essence KL + relation KL + weight decay),
             so the threshold ignores SADR's term (the trajectory is still SADR's: measured on
             SmolLM2 at 80 steps, MEMIT+SADR edits then take 75.0 steps instead of 80.0, ROME+SADR
             70.7 instead of 78.9; the plain methods 45.7 and 38.1).
-            The same when there are no extra terms.
+            The same when there are no extra terms. The relation KL is a term of the edit objective, like
+            the essence KL: both values test it, so an edit stops only once its other relations have
+            moved little too.
         reuse_prefix: after step 0, replay the recorded output of the blocks below the first edited
             one instead of recomputing them (they do not depend on z); same result, less compute.
         attention_rows: when a term needs attention weights (SADR), compute only each prompt's
@@ -76,6 +86,8 @@ class ZConfig:
     steps: int = 20
     lr: float = 0.5
     kl_factor: float = 0.0625
+    relation_kl_factor: float = 0.0
+    relation_prompts: int = 8
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
@@ -101,6 +113,7 @@ class ZConfig:
                                  f"got {self.compile!r}")
         for name in ("lr", "kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss"):
             check_number(name, getattr(self, name), positive=name in ("lr", "clamp_norm_factor"))
+        check_relation_prompts(self.relation_prompts, check_relation_kl_factor(self.relation_kl_factor))
 
 
 @dataclass
@@ -142,16 +155,36 @@ def _attn_offset(model: PreTrainedModel, outputs: object, rows: torch.Tensor | N
     return adapter_for(model).n_layers(model) - len(attentions) if attentions is not None and len(attentions) else 0
 
 
+def _kl_terms(ess: torch.Tensor, ess_init: torch.Tensor, batch: RewriteBatch, cfg: ZConfig) -> torch.Tensor | None:
+    """``ω·KL(essence) + λ·KL(relations)`` of each request, ``(R,)``; ``None`` without KL rows.
+
+    ``ess``/``ess_init``: ``(R·(E + N), V)`` log-probs now and at step 0 at the last token of the rows
+    after the rewriting ones, each request's ``E`` essence rows then its ``N`` relation rows."""
+    if not ess.shape[0]:
+        return None
+    n = batch.n_requests
+    kl = essence_kl_rows(ess, ess_init).view(n, -1)  # (R, E + N)
+    n_rel = batch.n_relation // n
+    n_ess = kl.shape[1] - n_rel
+    essence = cfg.kl_factor * kl[:, :n_ess].mean(1) if n_ess else None
+    relations = cfg.relation_kl_factor * kl[:, n_ess:].mean(1) if n_rel else None
+    if essence is None or relations is None:
+        return relations if essence is None else essence
+    return essence + relations
+
+
 def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init, prefix, recorder, base):
     """``(R,)`` total loss of each request of ``batch`` (they share no term), the ``(R,)`` loss the
-    early stop tests (:attr:`ZConfig.early_stop_on`; detached) and the essence log-probs at step 0."""
+    early stop tests (:attr:`ZConfig.early_stop_on`; detached) and the essence and relation log-probs
+    at step 0."""
     tgt, ess, outputs = forward_logprobs(model, batch, want_attn and recorder is None, prefix, base)
     rows = recorder.take() if recorder is not None else None
     ess_init = ess.detach() if ess_init is None else ess_init
     n = batch.n_requests
     loss = per_prompt_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite).view(n, -1).mean(1)
-    if ess.shape[0]:
-        loss = loss + cfg.kl_factor * essence_kl_rows(ess, ess_init).view(n, -1).mean(1)
+    kl = _kl_terms(ess, ess_init, batch, cfg)
+    if kl is not None:
+        loss = loss + kl
     loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum(1)
     state = StepState(step, batch, outputs, attn_offset=_attn_offset(model, outputs, rows), rows=rows)
     total = finish_loss(loss, extra_losses, state, cfg.lr)
@@ -196,11 +229,17 @@ def optimise_zs(
 
     Every request keeps its own loss, Adam moments, norm clamp and early stop; its δ sees only its
     own rows, so the results equal one-at-a-time optimisation up to float rounding (padding).
+    With ``cfg.relation_kl_factor > 0`` each request's relation prompts are added to its batch first
+    (:func:`~kelight.editors.context.add_relation_rows`; batches from
+    :func:`~kelight.editors.context.build_rewrite_batch` carry them).
     The extra terms must return one value per request (``(R,)``, like :class:`~kelight.objectives.sadr.SADR`).
 
     Raises:
         EditOptimizationError: if any request's loss becomes NaN/inf (no result is returned).
+        EditInputError: if the relation term is on and a batch carries too few relation prompts.
     """
+    if cfg.relation_kl_factor > 0:
+        batches = [add_relation_rows(b, cfg.relation_prompts, pad_id) for b in batches]
     results: list[ZResult] = []
     for start in range(0, len(batches), cfg.z_batch):
         group = list(batches[start : start + cfg.z_batch])
@@ -267,6 +306,20 @@ def _clamp_(delta: torch.Tensor, max_norm: torch.Tensor, done: torch.Tensor, fro
     delta[done] = frozen[done]
 
 
+@contextmanager
+def _frozen_weights(model: PreTrainedModel) -> Iterator[None]:
+    """The model's parameters need no gradient inside (z is the only leaf that does: no ``.grad`` is
+    written into the model, also when its caller left ``requires_grad`` on); their flags are restored."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def _require_gradient(grad: torch.Tensor | None, stopped: list[bool], paths: Sequence[str]) -> None:
     """Fail when a request's δ gets no gradient at step 0: nothing it changes reaches the target.
 
@@ -312,6 +365,7 @@ def _optimise_merged(
     base = _compiled_body(model, cfg, want_attn)
     cuda_graphs = cfg.compile == "reduce-overhead" and param.device.type == "cuda"
     with ExitStack() as stack:
+        stack.enter_context(_frozen_weights(model))
         recorder = None
         if want_attn and cfg.attention_rows:  # every batch row's query: rewriting prompts, then essence
             recorder = stack.enter_context(query_row_attention(model, torch.cat([batch.query_pos, batch.essence_pos])))

@@ -11,6 +11,8 @@ averaged, then averaged over texts. nltk is not a dependency, so words are split
 ``\\w+|[^\\w\\s]`` (words, and each punctuation character on its own); ``nltk.word_tokenize``
 additionally splits contractions (``don't`` -> ``do n't``) and keeps ``...`` or ``U.S.`` whole,
 which moves the entropy of ordinary text by well under 1%.
+
+The 95% intervals of pooled scores (case-clustered Wilson intervals) are in :mod:`kelight.metrics.intervals`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from collections.abc import Sequence
 import torch
 
 _WORD = re.compile(r"\w+|[^\w\s]")
-Z95 = 1.96  # two-sided 95% normal quantile
 
 
 def _check_pair(nll_right: torch.Tensor, nll_wrong: torch.Tensor) -> None:
@@ -61,35 +62,6 @@ def pairwise_update(
     """Sufficient statistics of a batch: ``(n_success, sum_magnitude, n_prompts)``."""
     success, magnitude = pairwise_scores(nll_right, nll_wrong)
     return success.sum(), magnitude.sum(), success.numel()
-
-
-def ci_half_width(p: float, n: int) -> float:
-    """Half-width of the normal 95% confidence interval of a fraction: ``1.96*sqrt(p(1-p)/n)``.
-
-    Returns ``nan`` for ``n == 0``.
-
-    Raises:
-        ValueError: if ``p`` is outside ``[0, 1]`` or ``n`` is negative.
-    """
-    if not 0.0 <= p <= 1.0 or n < 0:
-        raise ValueError(f"expected a fraction p in [0, 1] and a count n >= 0, got p={p}, n={n}")
-    return mean_ci_half_width(p, p, n)  # a 0/1 item's square is itself
-
-
-def mean_ci_half_width(mean: float, mean_sq: float, n: int) -> float:
-    """Half-width of the normal 95% confidence interval of a mean of ``n`` items with mean ``mean`` and
-    mean square ``mean_sq``: ``1.96*sqrt((mean_sq - mean²)/n)`` (the items' population variance, as
-    :func:`ci_half_width` for 0/1 items). Returns ``nan`` for ``n == 0``.
-
-    Example:
-        >>> round(mean_ci_half_width(0.5, 0.5, 100), 4)  # 0/1 items: 1.96*sqrt(0.25/100)
-        0.098
-    """
-    if n < 0:
-        raise ValueError(f"expected a count n >= 0, got {n}")
-    if n == 0:
-        return math.nan
-    return Z95 * math.sqrt(max(mean_sq - mean * mean, 0.0) / n)
 
 
 def harmonic_mean(values: Sequence[float]) -> float:

@@ -12,6 +12,8 @@ from types import MappingProxyType
 
 from torch import nn
 
+from kelight.types import EditInputError
+
 
 @dataclass(frozen=True)
 class ArchAdapter:
@@ -64,7 +66,7 @@ class ArchAdapter:
     def check_layer(self, model: nn.Module, layer: int) -> None:
         n = self.n_layers(model)
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
-            raise ValueError(
+            raise EditInputError(
                 f"layer {layer!r} is out of range for this {self.family} model with {n} layers; "
                 f"expected an integer in [0, {n - 1}]"
             )
@@ -158,7 +160,7 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     model_type = ADAPTERS_ALIASES.get(model_type, model_type)
     if model_type not in ADAPTERS:
-        raise ValueError(
+        raise EditInputError(
             f"unknown architecture {model_type!r}: kelight has adapters for {sorted(ADAPTERS)}; "
             f"add an ArchAdapter entry for it in kelight/models/adapters.py"
         )

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.models.adapters import adapter_for
+from kelight.types import EditInputError
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,15 @@ def load(
     kwargs = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:  # no such local folder, an unreachable or unknown hub id
+        raise EditInputError(
+            f"could not load the model {name_or_path!r}: expected one of {sorted(PACKAGED)} (offline, from their "
+            f"packages), a local folder with a Hugging Face model, or a hub id such as 'EleutherAI/gpt-j-6b' (hub ids "
+            f"need internet access or a Hugging Face cache that holds them); transformers said: "
+            f"{str(err).splitlines()[0]}") from err
     adapter_for(model)  # fail now, with the supported list, for an unknown architecture
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

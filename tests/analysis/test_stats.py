@@ -95,3 +95,20 @@ def test_block_means_skip_missing_values_and_reject_bad_blocks():
     assert math.isnan(out[0]) and out[1] == 4.0  # a block with no value is nan, not 0
     with pytest.raises(ValueError, match="block"):
         block_means([1.0], 0)
+
+
+def test_score_sums_from_rows_equal_the_sums_of_the_prompt_values():
+    """cases.jsonl keeps a case's score (percent), its prompt count and, for fractions, their mean square: enough
+    for every sum of the case-clustered interval."""
+    from kelight.analysis.stats import score_sums
+    from kelight.metrics import intervals
+
+    cases = [[1.0, 0.0, 1.0], [0.5], [2 / 3, 1 / 3], [0.0, 0.0]]
+    percents = np.array([100 * np.mean(c) for c in cases])
+    squares = np.array([100 * np.mean(np.square(c)) for c in cases])
+    counts = np.array([len(c) for c in cases])
+    expected = intervals.sum_cases(intervals.case_sums(c) for c in cases)
+    assert score_sums(percents, counts, squares) == pytest.approx(expected, abs=1e-12)
+    zero_one = [[1.0, 0.0, 1.0], [0.0, 0.0]]
+    assert score_sums(np.array([200 / 3, 0.0]), np.array([3, 2])) == pytest.approx(
+        intervals.sum_cases(intervals.case_sums(c) for c in zero_one), abs=1e-12)

@@ -130,7 +130,7 @@ def test_detect_and_dispatch() -> None:
     with pytest.raises(EditInputError, match=r"record 0: key 'requested_rewrite': missing"):
         parse_record(edit_record() | {"case_id": None}, 0, format="counterfact_mix")
     with pytest.raises(EditInputError, match=r"expected format 'auto'"):
-        parse_record(edit_record(), 0, format="zsre")  # type: ignore[arg-type]
+        parse_record(edit_record(), 0, format="mend")  # type: ignore[arg-type]
 
 
 def _mix_with(path: tuple[str, ...], value: Any) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def test_errors(tmp_path: Path, edit_file: Path) -> None:
     with pytest.raises(EditInputError, match=r"expected batch_size > 0"):
         EditDataModule(batch_size=0)
     with pytest.raises(EditInputError, match=r"expected format"):
-        EditDataModule(format="zsre")  # type: ignore[arg-type]
+        EditDataModule(format="mend")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=r"setup\(\) must run"):
         EditDataModule().test_dataloader()
     with pytest.raises(EditInputError, match=r"key 'requested_rewrite': missing"):
@@ -158,7 +158,7 @@ def test_errors(tmp_path: Path, edit_file: Path) -> None:
         load_records(garbage)
     empty = tmp_path / "empty.json"
     empty.write_bytes(b"")  # `datasets` alone raises a bare StopIteration
-    with pytest.raises(EditInputError, match=r"could not read .*empty\.json' as JSON records \(the file is empty\); "
+    with pytest.raises(EditInputError, match=r"could not read .*empty\.json' as records \(the file is empty\); "
                                              r"expected a JSON list of objects"):
         EditDataModule(path=str(empty)).setup()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import string
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import nn
 from kelight.editors.corpus import CorpusSpec, as_corpus, clean_wikitext
 from kelight.editors.covariance import second_moment, second_moments
 from kelight.models.adapters import adapter_for
+from kelight.models.loading import cache_dir
 from kelight.models.tiny import TINY_CONFIGS, byte_tokenizer, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -164,17 +166,57 @@ def test_corrupt_cache_file_is_detected_and_rebuilt(damage: str, caplog: pytest.
     assert torch.equal(second_moment(model, tok, 1, _corpus(), **FAST), first) and not calls
 
 
-def test_model_sampled_fallback_is_seeded_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+def _model_corpus(**kwargs: object) -> CorpusSpec:
+    return CorpusSpec(sample_prompts=("The", "In", "A"), sample_tokens=12, sample_batch=4, **kwargs)
+
+
+def _sampled_batches() -> list[list[str]]:
+    files = list((cache_dir() / "corpus").glob("model-*.jsonl"))
+    assert len(files) == 1
+    return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
+def test_model_samples_are_seeded_lazy_and_quiet(caplog: pytest.LogCaptureFixture) -> None:
     model, tok = tiny_model("llama")
-    spec = CorpusSpec(sample_prompts=("The", "In", "A"), samples_per_prompt=2, sample_tokens=12)
     rng = torch.get_rng_state()
-    with caplog.at_level(logging.WARNING, logger="kelight.editors.covariance"):
-        first = second_moment(model, tok, 1, spec, cache=False, **FAST)
-    assert "sampling 6 texts from the model" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        first = second_moment(model, tok, 1, _model_corpus(kind="auto"), n_tokens=60, cache=False, **FAST)
+    assert not caplog.records  # the default path says nothing
     assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is untouched
     assert torch.isfinite(first).all() and torch.allclose(first, first.T)
-    assert torch.linalg.eigvalsh(first.double()).min() > -1e-6
-    assert torch.equal(first, second_moment(model, tok, 1, spec, cache=False, **FAST))
+    # 60 tokens of 13- to 16-token samples need 4 or 5 texts: one or two batches of 4, not an endless stream
+    assert [len(b) for b in _sampled_batches()] in ([4], [4, 4])
+
+
+def test_model_samples_equal_a_fresh_stream_when_read_from_the_cache() -> None:
+    model, tok = tiny_model("llama")
+    small = second_moment(model, tok, 1, _model_corpus(), n_tokens=40, cache=False, **FAST)
+    grown = second_moment(model, tok, 1, _model_corpus(), n_tokens=400, cache=False, **FAST)  # cached + new
+    batches = _sampled_batches()
+    assert len(batches) > 2
+    shutil.rmtree(cache_dir() / "corpus")
+    assert torch.equal(second_moment(model, tok, 1, _model_corpus(), n_tokens=400, cache=False, **FAST), grown)
+    assert _sampled_batches() == batches  # the same texts, batch for batch
+    assert torch.equal(second_moment(model, tok, 1, _model_corpus(), n_tokens=40, cache=False, **FAST), small)
+    other_seed = second_moment(model, tok, 1, _model_corpus(seed=1), n_tokens=40, cache=False, **FAST)
+    assert not torch.equal(other_seed, small)
+
+
+def test_a_damaged_sample_cache_is_dropped_and_resampled(caplog: pytest.LogCaptureFixture) -> None:
+    model, tok = tiny_model("llama")
+    first = second_moment(model, tok, 1, _model_corpus(), n_tokens=40, cache=False, **FAST)
+    path = next((cache_dir() / "corpus").glob("model-*.jsonl"))
+    path.write_text('["half a batch", \n')
+    with caplog.at_level(logging.WARNING, logger="kelight.editors.corpus"):
+        again = second_moment(model, tok, 1, _model_corpus(), n_tokens=40, cache=False, **FAST)
+    assert torch.equal(again, first)
+    assert any("dropping the cached model samples" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", ["sample_tokens", "sample_top_k", "sample_batch"])
+def test_model_sampling_options_are_checked(name: str) -> None:
+    with pytest.raises(ValueError, match=f"expected CorpusSpec.{name} to be a positive integer, got 0"):
+        CorpusSpec(kind="model", **{name: 0})
 
 
 def test_wikitext_found_through_kelight_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -212,3 +212,54 @@ def test_early_stop_on_is_the_same_without_extra_terms(tiny):
 def test_early_stop_on_must_be_total_or_edit():
     with pytest.raises(ValueError, match="early_stop_on to be 'total' .* or 'edit' .*got 'rewrite'"):
         ZConfig(early_stop_on="rewrite")
+
+
+def _run_relations(model, tok, factor: float, gamma: float = 0.0, cache_prefix: bool = True, layer: int = 1):
+    cfg = ZConfig(steps=5, early_stop_loss=0.0, relation_kl_factor=factor, relation_prompts=3,
+                  cache_prefix=cache_prefix, weight_decay=0.0, clamp_norm_factor=1e3)
+    batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
+    terms = (SADR(gamma, layer + 1),) if gamma else ()
+    return optimise_z(model, adapter_for(model).path("mlp_out", layer), batch, cfg, terms, want_attn=bool(terms),
+                      first_edited_block=layer), terms
+
+
+@pytest.mark.parametrize("gamma", [0.0, 50.0])
+def test_relation_term_gives_the_same_loss_with_and_without_the_prefix_cache(tiny, gamma):
+    """The relation rows are cut at their subject and run on the cache like the rest; SADR with them."""
+    model, tok = tiny
+    full, full_terms = _run_relations(model, tok, 20.0, gamma, cache_prefix=False)
+    cached, cached_terms = _run_relations(model, tok, 20.0, gamma, cache_prefix=True)
+    assert cached.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(cached.delta, full.delta, rtol=1e-4, atol=1e-5)
+    plain, _ = _run_relations(model, tok, 0.0, gamma)
+    assert abs(plain.losses[-1] - cached.losses[-1]) > 1e-5  # the term is live (above float noise)
+    if gamma:  # SADR reads the rewriting rows only: one mask column per rewriting prompt
+        assert [m.tolist() for m in cached_terms[0].selected] == [m.tolist() for m in full_terms[0].selected]
+        assert cached_terms[0].vanilla.shape[1] == len(TEMPLATES)
+
+
+def test_relation_rows_leave_sadr_its_rewriting_rows():
+    """With the relation rows after the essence row, SADR's vanilla rows and head masks are those of the
+    rewriting prompts: the same as without relation rows at step 0."""
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    seen = []
+
+    class Spy(SADR):
+        def __call__(self, state):
+            value = super().__call__(state)
+            seen.append((state.batch.n_relation, self.vanilla.clone(), self.selected[-1].clone()))
+            return value
+
+    path = adapter_for(model).path("mlp_out", 0)
+    batch = build_rewrite_batch(tok, REQUEST, TEMPLATES, "cpu")
+    for factor in (0.0, 1.0):
+        cfg = ZConfig(steps=1, early_stop_loss=0.0, relation_kl_factor=factor, relation_prompts=4)
+        optimise_z(model, path, batch, cfg, (Spy(5.0, 1),), want_attn=True)
+    (n0, vanilla0, mask0), (n1, vanilla1, mask1) = seen
+    assert (n0, n1) == (0, 4)
+    assert vanilla1.shape[1] == len(TEMPLATES) and vanilla1.shape[:3] == vanilla0.shape[:3]
+    width = min(vanilla0.shape[-1], vanilla1.shape[-1])  # keys: padded to the batch's widest row
+    torch.testing.assert_close(vanilla1[..., :width], vanilla0[..., :width], rtol=1e-5, atol=1e-6)
+    assert torch.equal(mask1, mask0)

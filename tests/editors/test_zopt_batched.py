@@ -130,7 +130,7 @@ def test_merge_layout_and_mismatched_templates():
             assert merged.input_ids[row, :n].tolist() == part.input_ids[i, :n].tolist()
             assert int(merged.subject_pos[row]) == int(part.subject_pos[i])
     other = build_rewrite_batch(tok, REQUESTS[2], TEMPLATES[:2], "cpu")
-    with pytest.raises(EditInputError, match="same rewriting/essence prompt counts"):
+    with pytest.raises(EditInputError, match="same rewriting/essence/relation prompt counts"):
         merge_rewrite_batches([parts[0], other], pad_id=0)
     with pytest.raises(EditInputError, match="single-request"):
         merge_rewrite_batches([merged, parts[0]], pad_id=0)
@@ -171,3 +171,34 @@ def test_single_regime_with_z_batch_gives_the_same_cases(tmp_path, monkeypatch):
             if isinstance(value, float) and key != "edit_seconds":
                 assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
 
+
+
+@pytest.mark.parametrize("gamma", [0.0, 50.0])
+def test_batched_z_with_the_relation_term_equals_one_at_a_time(gamma):
+    """Each request's relation rows follow its essence row in the merged batch and weigh on its own loss."""
+    from kelight.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    cfg = ZConfig(steps=5, early_stop_loss=0.0, z_batch=3, relation_kl_factor=20.0, relation_prompts=3,
+                  weight_decay=0.0, clamp_norm_factor=1e3)
+    separately = _separately(model, tok, cfg, gamma=gamma)
+    _assert_same(_together(model, tok, cfg, gamma=gamma), separately)
+    plain = _separately(model, tok, dataclasses.replace(cfg, relation_kl_factor=0.0), gamma=gamma)
+    assert any(abs(a.losses[-1] - b.losses[-1]) > 1e-4 for a, b in zip(separately, plain, strict=True))
+
+
+def test_merged_relation_rows_sit_after_each_request_essence_row():
+    from kelight.editors.context import add_relation_rows
+    from kelight.models.tiny import tiny_model
+
+    _, tok = tiny_model("llama")
+    parts = [add_relation_rows(build_rewrite_batch(tok, r, TEMPLATES, "cpu"), 2, pad_id=0) for r in REQUESTS[:2]]
+    merged = merge_rewrite_batches(parts, pad_id=0)
+    assert (merged.n_rewrite, merged.n_relation, merged.input_ids.shape[0]) == (6, 4, 12)
+    assert merged.request_of_row.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]  # essence + 2 relations each
+    assert torch.equal(merged.essence_pos, torch.cat([p.essence_pos for p in parts]))
+    fewer = add_relation_rows(build_rewrite_batch(tok, REQUESTS[2], TEMPLATES, "cpu"), 1, pad_id=0)
+    with pytest.raises(EditInputError, match="same rewriting/essence/relation prompt counts"):
+        merge_rewrite_batches([parts[0], fewer], pad_id=0)
+    with pytest.raises(EditInputError, match="no relation rows in a joint objective"):
+        merge_rewrite_batches(parts, pad_id=0, independent=False)

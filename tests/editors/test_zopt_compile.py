@@ -73,3 +73,15 @@ def test_compile_refuses_eager_attention_weights():
 def test_compile_must_be_off_or_a_torch_compile_mode():
     with pytest.raises(EditInputError, match="compile to be one of 'off', 'default', .*got 'cudagraphs'"):
         ZConfig(compile="cudagraphs")
+
+
+def test_compiled_steps_with_the_relation_term_match_eager():
+    """Relation rows (more, shorter rows after the essence row) and SADR's query rows under compile."""
+    model, tok = tiny_model("llama")
+    path = adapter_for(model).path("mlp_out", 0)
+    batch = build_rewrite_batch(tok, REQUESTS[0], TEMPLATES, "cpu")
+    eager, compiled = (optimise_z(model, path, batch, ZConfig(steps=4, early_stop_loss=0.0, compile=mode,
+                                                                relation_kl_factor=20.0, relation_prompts=3),
+                                  (SADR(50.0, 1),), want_attn=True) for mode in ("off", "default"))
+    torch.testing.assert_close(compiled.delta, eager.delta, rtol=1e-4, atol=1e-5)
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)

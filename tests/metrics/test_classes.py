@@ -14,6 +14,7 @@ import kelight.metrics.classes
 from kelight.evaluation import CaseResult
 from kelight.metrics import EditMetrics, Fluency, PairwiseScore, Perplexity, TokenAccuracy
 from kelight.types import PROBE_GROUPS
+from tests.metrics.interval_reference import reference_interval, reference_normal
 
 METRIC_CLASSES = [PairwiseScore, TokenAccuracy, Fluency, Perplexity]
 
@@ -50,6 +51,11 @@ def _entropy(text: str) -> float:
     return float(np.mean(out))
 
 
+def _interval_keys(name: str, per_case: list[list[float]]) -> dict[str, float]:
+    low, high = reference_interval(per_case)  # case-clustered Wilson, the case as the unit
+    return {f"{name}_ci": 100 * (high - low) / 2, f"{name}_lo": 100 * low, f"{name}_hi": 100 * high}
+
+
 def _reference(cases: list[CaseResult]) -> dict[str, float]:
     out: dict[str, float] = {}
     for group, (s_name, m_name) in PROBE_GROUPS.items():
@@ -58,16 +64,18 @@ def _reference(cases: list[CaseResult]) -> dict[str, float]:
         if right.size:
             p = float(np.mean(np.exp(-wrong) < np.exp(-right)))
             out[s_name], out[m_name] = 100 * p, 100 * float(np.mean(np.exp(-right)))
-            out[f"{s_name}_ci"] = 100 * 1.96 * math.sqrt(p * (1 - p) / right.size)
+            per_case = [(np.exp(-c.scores[group][1].numpy()) < np.exp(-c.scores[group][0].numpy())).tolist()
+                        for c in cases if group in c.scores]
+            out.update(_interval_keys(s_name, per_case))
     texts = [c.texts for c in cases if c.texts]
     per_case = [np.mean([_entropy(t) for t in ts]) for ts in texts]
     out["FL"] = 100 * float(np.mean(per_case))
-    out["FL_ci"] = 100 * 1.96 * float(np.std(per_case)) / math.sqrt(len(texts))
+    out["FL_ci"] = 100 * reference_normal(per_case)  # normal over cases, sample variance
     out["PPL"] = math.exp(sum(c.perplexity[0] for c in cases) / sum(c.perplexity[1] for c in cases))
     for group, name in (("efficacy", "Efficacy"), ("locality", "Locality")):
-        accs = [np.mean(p.numpy() == r.numpy()) for c in cases for p, r in zip(*c.tokens[group], strict=True)]
-        out[name] = 100 * float(np.mean(accs))
-        out[f"{name}_ci"] = 100 * 1.96 * float(np.std(accs)) / math.sqrt(len(accs))  # per-prompt accuracies
+        accs = [[np.mean(p.numpy() == r.numpy()) for p, r in zip(*c.tokens[group], strict=True)] for c in cases]
+        out[name] = 100 * float(np.mean(np.concatenate(accs)))  # per-prompt accuracies pooled over cases
+        out.update(_interval_keys(name, accs))
     out["Score"] = (out["Efficacy"] + out["Locality"]) / 2
     present = np.array([out[k] for k in ("ES", "PS", "NS", "DNS")])
     out["Avg.S"] = 0.0 if (present == 0).any() else float(len(present) / np.sum(1 / present))
@@ -86,6 +94,29 @@ def test_edit_metrics_match_numpy_reference(seed: int) -> None:
         assert math.isclose(got[key], value, rel_tol=1e-6, abs_tol=1e-9), key
 
 
+def test_point_estimates_are_the_pooled_sums_bit_for_bit() -> None:
+    """The intervals changed; the scores did not: each is the sum over cases accumulated as before, over the count."""
+    from kelight.metrics import functional as F
+
+    cases = _random_cases(4, n_cases=11)
+    metrics = EditMetrics()
+    for case in cases:
+        metrics.update(case)
+    out = metrics.compute()
+    for group, (s_name, _) in PROBE_GROUPS.items():
+        total, n = torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+        for case in (c for c in cases if group in c.scores):
+            total += F.pairwise_scores(*(x.double() for x in case.scores[group]))[0].sum()
+            n += case.scores[group][0].numel()
+        if n:
+            assert out[s_name] == 100.0 * float(total / n), s_name
+    total, n = torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    for case in cases:
+        total += F.token_accuracies(*case.tokens["efficacy"]).double().sum()
+        n += len(case.tokens["efficacy"][0])
+    assert out["Efficacy"] == 100.0 * float(total / n)
+
+
 def test_prompts_are_pooled_not_averaged_per_case() -> None:
     # Case A: 1 prompt, succeeds. Case B: 3 prompts, all fail. Pooled 1/4, per-case mean 1/2.
     a = CaseResult("a", {"neighbor": (torch.tensor([0.1]), torch.tensor([1.0]))})
@@ -95,7 +126,8 @@ def test_prompts_are_pooled_not_averaged_per_case() -> None:
     metrics.update(b)
     out = metrics.compute()
     assert math.isclose(out["NS"], 25.0)
-    assert math.isclose(out["NS_ci"], 100 * 1.96 * math.sqrt(0.25 * 0.75 / 4))
+    low, high = reference_interval([[1.0], [0.0, 0.0, 0.0]])  # two cases, not four independent prompts
+    assert math.isclose(out["NS_ci"], 100 * (high - low) / 2) and math.isclose(out["NS_lo"], 100 * low)
     assert math.isclose(out["Avg.S"], 25.0)
 
 
@@ -113,7 +145,8 @@ def test_avg_s_is_zero_when_a_term_is_zero_and_groups_without_data_are_omitted()
     out = metrics.compute()
     assert out["ES"] == 100.0 and out["RS"] == 0.0 and out["Avg.S"] == 0.0
     assert "PS" not in out and "FL" not in out and "PPL" not in out and "Score" not in out
-    assert set(out) == {"ES", "ES_ci", "EM", "RS", "RS_ci", "RM", "Avg.S"}
+    assert set(out) == {"ES", "ES_ci", "ES_lo", "ES_hi", "EM", "RS", "RS_ci", "RS_lo", "RS_hi", "RM", "Avg.S"}
+    assert out["ES_hi"] == 100.0 and out["ES_lo"] < 90.0 and out["RS_lo"] == 0.0 and out["RS_hi"] > 10.0
 
 
 def test_empty_report_without_warnings(recwarn: pytest.WarningsRecorder) -> None:
@@ -190,7 +223,9 @@ def test_pairwise_score_values() -> None:
     out = metric.compute()
     assert float(out["score"]) == pytest.approx(1 / 3)
     assert float(out["magnitude"]) == pytest.approx((math.exp(-0.5) + math.exp(-3.0) + math.exp(-1.0)) / 3)
-    assert float(out["ci"]) == pytest.approx(1.96 * math.sqrt(1 / 3 * 2 / 3 / 3))
+    low, high = reference_interval([[1.0, 0.0, 0.0]])  # one case: counted once
+    assert (float(out["lo"]), float(out["hi"])) == pytest.approx((low, high)) and float(out["ci"]) == pytest.approx(
+        (high - low) / 2)
     assert int(out["n"]) == 3
 
 
@@ -202,7 +237,7 @@ def test_fluency_averages_cases_not_texts() -> None:
     values = [_entropy("a b a b"), _entropy("the cat sat")]
     out = metric.compute()
     assert float(out["mean"]) == pytest.approx(np.mean(values)) and int(out["n"]) == 2
-    assert float(out["ci"]) == pytest.approx(1.96 * np.std(values) / math.sqrt(2))  # over cases
+    assert float(out["ci"]) == pytest.approx(reference_normal(values))  # over cases, sample variance
 
 
 def test_unknown_group_raises() -> None:

@@ -33,17 +33,6 @@ def test_pairwise_shape_mismatch_raises() -> None:
         F.pairwise_scores(torch.zeros(3), torch.zeros(2))
 
 
-@pytest.mark.parametrize(("p", "n", "expected"), [(0.5, 100, 0.098), (0.9, 400, 0.0294), (0.0, 10, 0.0)])
-def test_ci_half_width(p: float, n: int, expected: float) -> None:
-    assert math.isclose(F.ci_half_width(p, n), expected, abs_tol=1e-12)
-
-
-def test_ci_half_width_edges() -> None:
-    assert math.isnan(F.ci_half_width(0.5, 0))
-    with pytest.raises(ValueError, match="fraction p in"):
-        F.ci_half_width(1.5, 10)
-
-
 def test_harmonic_mean() -> None:
     assert math.isclose(F.harmonic_mean([1.0, 2.0, 4.0]), 3 / (1 + 1 / 2 + 1 / 4))
     assert F.harmonic_mean([50.0, 0.0, 90.0]) == 0.0

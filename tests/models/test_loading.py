@@ -129,3 +129,20 @@ def test_intact_model_cache_is_not_rebuilt(packaged_tiny: list[Path]) -> None:
     loading.load("tiny-pack", device="cpu")
     loading.load("tiny-pack", device="cpu")
     assert len(packaged_tiny) == 1
+
+
+def test_an_unknown_model_says_what_is_accepted(monkeypatch):
+    import pytest
+    import transformers
+
+    from kelight.models import loading
+    from kelight.types import EditInputError
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(EditInputError, match=r"could not load the model 'someone/nosuch': expected one of "
+                                             r"\['gemma3-270m', 'smollm2-135m'\] .*hub ids need internet access.*"
+                                             r"transformers said: We couldn't connect"):
+        loading.load("someone/nosuch")
