@@ -164,7 +164,7 @@ class SpreadEditModule(LocateEditModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.joint_batches:  # a joint update per loader batch: refuse conflicts before the first edit
+        if self.hparams.regime == "batch":  # one joint update per loader batch: refuse conflicts first
             for batch in self.trainer.train_dataloader:
                 if batch:
                     check_joint_requests([case.request for case in batch])

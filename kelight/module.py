@@ -61,7 +61,7 @@ from kelight.results import (
     write_results,
     z_steps_summary,
 )
-from kelight.types import KEEPING_REGIMES, EditCase, EditInputError
+from kelight.types import KEEPING_REGIMES, EditCase, EditInputError, split_at_conflicts
 from kelight.wild import EvalProtocol, check_eval_protocol, generate_answers
 
 log = logging.getLogger(__name__)
@@ -313,8 +313,14 @@ class EditModule(L.LightningModule):
 
     def _edit_groups(self, batch: list[EditCase]) -> list[list[EditCase]]:
         """The edits one loader batch makes: jointly in the batch and consecutive regimes, else one case at
-        a time."""
-        return [batch] if self.joint_batches else [[case] for case in batch]
+        a time. In the consecutive regime, a request that rewrites the prompt of an earlier one of its batch to
+        another target starts the next joint edit (the batch regime refuses such batches before the first edit)."""
+        if not self.joint_batches:
+            return [[case] for case in batch]
+        if self.hparams.regime == "batch":
+            return [batch]
+        bounds = [0, *split_at_conflicts([case.request for case in batch]), len(batch)]
+        return [batch[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def training_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if not batch:

@@ -112,6 +112,22 @@ def conflicting_pairs(requests: Sequence[EditRequest]) -> list[tuple[int, int]]:
     return pairs
 
 
+def split_at_conflicts(requests: Sequence[EditRequest]) -> list[int]:
+    """Where a stream of joint edits must start a new edit so that none holds two requests that rewrite one prompt
+    and subject to different targets: the index of every request that conflicts with one since the last start.
+
+    Example:
+        >>> a, b = EditRequest("Paris is in", "Paris", "Spain"), EditRequest("Rome is in", "Rome", "Peru")
+        >>> split_at_conflicts([a, b, EditRequest("Paris is in", "Paris", "Chile"), a])
+        [2, 3]
+    """
+    starts, start = [], 0
+    while pairs := conflicting_pairs(requests[start:]):
+        start += pairs[0][1]
+        starts.append(start)
+    return starts
+
+
 def check_joint_requests(requests: Sequence[EditRequest]) -> None:
     """Refuse an empty joint batch, or two of its requests that rewrite one prompt and subject to
     different targets (one joint update cannot write both; identical duplicates pass)."""

@@ -88,7 +88,7 @@ class UltraEdit(EditModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.joint_batches:  # one turn per loader batch: refuse conflicts before the first edit
+        if self.hparams.regime == "batch":  # one turn per loader batch: refuse conflicts first
             for batch in self.trainer.train_dataloader:
                 if batch:
                     check_joint_requests([case.request for case in batch])

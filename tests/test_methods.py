@@ -121,7 +121,8 @@ def test_bad_layers_are_refused(cls, kwargs, match):
 
 @pytest.mark.parametrize("regime", ["batch", "consecutive"])
 def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path, regime):
-    """The conflict sits in the second loader batch; the run stops before editing the first one."""
+    """The conflict sits in the second loader batch: the batch regime stops before editing the first one; the
+    consecutive regime (a stream) makes the conflicting request the start of the next joint edit."""
     import json
 
     import lightning as L
@@ -143,11 +144,15 @@ def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path, r
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path / "run"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(MemitEditor, "apply", lambda *a, **k: (edits.append(1), original(*a, **k))[1])
-        with pytest.raises(EditInputError, match=r"requests 0 and 1 \(cases 2, 3\) of one joint edit rewrite the "
-                                                 r"same prompt 'Rome is in' of subject 'Rome' to different targets"):
+        mp.setattr(MemitEditor, "apply", lambda *a, **k: (edits.append(len(a[3])), original(*a, **k))[1])
+        if regime == "consecutive":
             trainer.fit(module, datamodule=EditDataModule(path=str(path), batch_size=2))
-    assert edits == []
+            assert edits == [2, 1, 1] and module.final_metrics["n_cases"] == 4
+        else:
+            with pytest.raises(EditInputError, match=r"requests 0 and 1 \(cases 2, 3\) of one joint edit rewrite "
+                                                     r"the same prompt 'Rome is in' of subject 'Rome' to different"):
+                trainer.fit(module, datamodule=EditDataModule(path=str(path), batch_size=2))
+            assert edits == []
     fresh, _ = tiny_model("llama")
     for (name, a), b in zip(module.lm.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert a.equal(b), name

@@ -224,3 +224,17 @@ def test_eval_every_outside_the_regimes_that_keep_edits_is_refused():
     with pytest.raises(ValueError, match=r"expected eval_every >= 0"):
         ROME(regime="sequential", eval_every=-1)
     assert MEMIT(regime="consecutive", eval_every=10).hparams.eval_every == 10
+
+
+def test_consecutive_batches_split_at_a_conflict_and_the_batch_regime_keeps_them_whole():
+    from kelight.methods import MEMIT
+    from kelight.types import EditCase, EditRequest
+
+    def case(i: int, subject: str, target: str) -> EditCase:
+        return EditCase(EditRequest(f"{subject} is in", subject, target, case_id=i))
+
+    batch = [case(0, "Paris", "Spain"), case(1, "Rome", "Peru"), case(2, "Paris", "Chile"), case(3, "Oslo", "Mali")]
+    groups = MEMIT(model_name="tiny:llama", regime="consecutive")._edit_groups(batch)
+    ids = [[c.case_id for c in group] for group in groups]
+    assert ids == [[0, 1], [2, 3]]  # the second rewrite of Paris starts the next joint edit
+    assert len(MEMIT(model_name="tiny:llama", regime="batch")._edit_groups(batch)) == 1  # refused before editing
