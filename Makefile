@@ -23,8 +23,10 @@ demo: install
 	$(VENV)/bin/kelight fit --config configs/smollm2/rome.yaml --trainer.default_root_dir $(RUN)/rome
 	$(VENV)/bin/kelight report $(RUN)/none $(RUN)/rome
 
-## All tests, including the few marked slow that load the real SmolLM2 from its package.
+## The import contract (layers, no cycles; pyproject.toml), then all tests, including the few marked slow that load
+## the real SmolLM2 from its package.
 test: install
+	$(VENV)/bin/lint-imports
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
 test-fast: install
@@ -32,6 +34,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check kelight tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs wandb lightning_logs

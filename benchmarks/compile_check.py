@@ -26,10 +26,10 @@ import torch
 from speed_arms import compile_mode, compile_stats, load_model, sync
 
 from kelight.data import load_records, parse_record
+from kelight.data.root import default_data_root
+from kelight.editors.locate.zopt import ZConfig
 from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.zopt import ZConfig
 from kelight.objectives.sadr import SADR
-from kelight.paths import default_data_root
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ import yaml
 
 from kelight.api import method_hparams
 from kelight.data import load_records, parse_record
+from kelight.data.root import default_data_root
 from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.update import UndoLog
-from kelight.hooks import trace
+from kelight.editors.undo import UndoLog
+from kelight.lm.hooks import trace
+from kelight.lm.tokens import subject_last_index
 from kelight.models import load
-from kelight.paths import default_data_root
-from kelight.tokens import subject_last_index
 
 ROME_KEYS = ("layer", "mom2_adjustment", "context_templates", "steps", "lr", "kl_factor", "weight_decay",
              "clamp_norm_factor", "mom2_n_tokens", "mean_key_insertion")

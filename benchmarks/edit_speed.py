@@ -7,20 +7,20 @@ case by case so that machine noise hits every arm alike. Arms:
 * ``floor``: one plain forward + backward of the same rewriting batch per step (no hooks, no
   extra loss; the gradient flows to the input embeddings), the cost any z-step must pay;
 * ``rome_recompute`` / ``rome``: ROME with the blocks below the edit layer recomputed at every
-  step / replayed from step 0 (:attr:`kelight.editors.zopt.ZConfig.reuse_prefix`);
+  step / replayed from step 0 (:attr:`kelight.editors.locate.zopt.ZConfig.reuse_prefix`);
   ``rome_full_prompts``: ROME with every step over the whole prompts instead of only the tokens
-  from the subject on over a KV cache of the rest (:attr:`~kelight.editors.zopt.ZConfig.cache_prefix`);
+  from the subject on over a KV cache of the rest (:attr:`~kelight.editors.locate.zopt.ZConfig.cache_prefix`);
 * ``rome_sadr_eager`` / ``rome_sadr``: ROME + SADR with eager ``T × T`` attention weights / with
-  only the query rows (:mod:`kelight.attention_rows`); ``memit``, ``pmet``;
+  only the query rows (:mod:`kelight.lm.attention_rows`); ``memit``, ``pmet``;
 * ``rome_zcompile`` / ``rome_sadr_zcompile``: ROME / ROME+SADR with each z-step's forward under ``torch.compile``
-  (:attr:`~kelight.editors.zopt.ZConfig.compile`: ``reduce-overhead``, i.e. CUDA graphs, on a GPU;
+  (:attr:`~kelight.editors.locate.zopt.ZConfig.compile`: ``reduce-overhead``, i.e. CUDA graphs, on a GPU;
   inductor's default on CPU), compiled once with dynamic shapes during its warm-up request
   (``warmup_seconds`` in the JSON), then reused for every prompt length;
 * ``pathedit`` / ``pathedit_sadr``: PathEdit (configs/smollm2/pathedit.yaml's method settings) on
   one request at a time, without / with SADR from layer 1 on; its steps are ``--path-epochs``
   (PAC: 12, re-tracing every 2), not ``--steps``, and its seconds per step are per epoch;
 * with ``--z-batch N``: ``rome_zbatch`` / ``rome_sadr_zbatch``, the z of N independent requests
-  optimised together (:func:`kelight.editors.zopt.optimise_zs`), then each ΔW; ``floor_zbatch``,
+  optimised together (:func:`kelight.editors.locate.zopt.optimise_zs`), then each ΔW; ``floor_zbatch``,
   the plain forward + backward of those N requests' merged batch. Seconds are per request;
 * with ``--compile-floor``: ``floor_compiled``, the floor's forward + backward under
   ``torch.compile`` (``reduce-overhead``, i.e. CUDA graphs, on a GPU; inductor's default on CPU),
@@ -60,9 +60,9 @@ import torch
 from speed_arms import build_arms, compile_stats, load_model, select_arms, sync
 
 from kelight.data import load_records, parse_record
-from kelight.evaluation import encode_pairs, evaluate_case, locality_reference
-from kelight.paths import default_data_root
-from kelight.readouts import readouts, shared_prompt_readouts
+from kelight.data.root import default_data_root
+from kelight.evaluation.scoring import encode_pairs, evaluate_case, locality_reference
+from kelight.lm.readouts import readouts, shared_prompt_readouts
 
 Progress = Callable[[dict[str, float], int], None]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from kelight.analysis.stats import block_means
+from kelight.evaluation.stats import block_means
 
 
 def read_run(run: Path) -> tuple[list[dict], dict]:

@@ -20,12 +20,12 @@ from pathlib import Path
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kelight.data import load_records, parse_record
-from kelight.editors.context import build_rewrite_batch
+from kelight.data.root import default_data_root
+from kelight.editors.locate.zopt import ZConfig, optimise_z
+from kelight.editors.rewrite import build_rewrite_batch
 from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.zopt import ZConfig, optimise_z
 from kelight.models import load
 from kelight.objectives.sadr import SADR
-from kelight.paths import default_data_root
 
 
 class OpCounter(TorchDispatchMode):

@@ -24,8 +24,10 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from kelight.analysis.stats import pooled
-from kelight.results import format_table, metrics_from_rows, write_results
+from kelight.evaluation.stats import pooled
+from kelight.runs.merge import metrics_from_rows
+from kelight.runs.outputs import write_results
+from kelight.runs.report import format_table
 
 
 def regroup(row: Mapping) -> dict:

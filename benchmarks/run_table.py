@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from kelight.results import report
+from kelight.runs.report import report
 
 
 def parse_row(spec: str) -> tuple[str, str, list[str]]:
@@ -31,14 +31,14 @@ def parse_row(spec: str) -> tuple[str, str, list[str]]:
         return name, name, []
     if not steps.isdigit() or int(steps) <= 0 or name == "none":
         raise SystemExit(f"row {spec!r}: expected NAME@STEPS with a positive integer and an editor, e.g. rome@80")
-    return f"{name}_{steps}steps", name, ["--model.steps", steps]
+    return f"{name}_{steps}steps", name, ["--model.editor.steps", steps]
 
 
 def command(spec: str, model: str, data: str, limit: int, out: Path, extra: list[str]) -> list[str]:
     """The ``kelight`` call for one row; ``none`` is the unedited model (``validate``)."""
     run, config, row_extra = parse_row(spec)
     sub, config = ("validate", "rome") if config == "none" else ("fit", config)
-    return [sys.executable, "-m", "kelight.cli", sub, "--config", f"configs/{model}/{config}.yaml",
+    return [sys.executable, "-m", "kelight.cli.main", sub, "--config", f"configs/{model}/{config}.yaml",
             "--data.path", data, "--data.limit", str(limit), "--trainer.default_root_dir", str(out / run),
             *row_extra, *extra]
 

@@ -19,13 +19,13 @@ import torch
 import yaml
 from torch._dynamo.utils import counters
 
-from kelight.editors.context import build_rewrite_batch, merge_rewrite_batches, sample_context_templates
+from kelight.editors.locate.zopt import ZConfig
 from kelight.editors.memit import MemitEditor, MemitHParams
 from kelight.editors.pathedit import PathEditor, PathHParams
+from kelight.editors.rewrite import build_rewrite_batch, merge_rewrite_batches, sample_context_templates
 from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ZConfig
-from kelight.lm import head
+from kelight.editors.undo import UndoLog
+from kelight.lm.forward import head
 from kelight.models import load
 from kelight.models.adapters import adapter_for
 from kelight.objectives.sadr import SADR

@@ -47,7 +47,7 @@ def summary(rows: list[dict], steps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--steps", type=int, required=True, help="the runs' --model.steps")
+    parser.add_argument("--steps", type=int, required=True, help="the runs' --model.editor.steps")
     args = parser.parse_args()
     rows = {run: read_rows(run) for run in args.runs}
     if len(rows) == 2:  # compare on the cases both have

@@ -22,7 +22,7 @@ import torch
 
 import kelight
 from kelight.editors.ultraedit import UltraEditHParams, UltraEditor, edit_features
-from kelight.editors.update import UndoLog
+from kelight.editors.undo import UndoLog
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/counterfact_edit/counterfact_edit.json"
 

@@ -1,7 +1,7 @@
 """What the wild (generated-answer) evaluation costs per case, against the teacher-forced one, in one process.
 
 Loads the model once, takes the first N cases of a data file, records each case's pre-edit reference
-(untimed) and then times :func:`kelight.evaluation.evaluate_case` per case under ``teacher_forced``, ``wild``
+(untimed) and then times :func:`kelight.evaluation.scoring.evaluate_case` per case under ``teacher_forced``, ``wild``
 and ``both``, the three protocols in a rotating order per case and repeat (so that load drift on a shared
 machine hits them alike), after one untimed warm-up of each. It evaluates the unedited model: an edit changes
 what is generated, not how much work a token is. It also times the answers of all N cases generated in one
@@ -21,8 +21,8 @@ import time
 import torch
 
 import kelight
-from kelight.evaluation import evaluate_case, locality_reference
-from kelight.wild import WildConfig, generate_answers, wild_probes
+from kelight.evaluation.scoring import evaluate_case, locality_reference
+from kelight.evaluation.wild import WildConfig, generate_answers, wild_probes
 
 PROTOCOLS = ("teacher_forced", "wild", "both")
 

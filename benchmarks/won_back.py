@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kelight.analysis.stats import pooled, won_back_interval
 from kelight.data.datamodule import load_records
 from kelight.data.formats import parse_record
+from kelight.evaluation.stats import pooled, won_back_interval
 from kelight.types import PROBE_GROUPS
 
 SCORES = {name: magnitude for name, magnitude in PROBE_GROUPS.values()}  # ES -> EM, ...

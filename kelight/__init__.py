@@ -9,12 +9,9 @@ Example:
 """
 
 from kelight.api import EditSession, edit, evaluate, load_cases, unedited_predictions
-from kelight.methods import FT, MEMIT, PMET, ROME, AlphaEdit
+from kelight.methods import FT, MEMIT, PMET, ROME, AlphaEdit, EditModule, PathEdit, UltraEdit
 from kelight.models.loading import load
-from kelight.module import EditModule
-from kelight.path_module import PathEdit
 from kelight.types import EditCase, EditInputError, EditRequest
-from kelight.ultraedit_module import UltraEdit
 
 __all__ = ["FT", "MEMIT", "PMET", "ROME", "AlphaEdit", "EditCase", "EditInputError", "EditModule", "EditRequest",
            "EditSession", "PathEdit", "UltraEdit", "edit", "evaluate", "load", "load_cases", "unedited_predictions"]

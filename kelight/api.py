@@ -10,20 +10,12 @@ from typing import Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.ft import FTEditor, FTHParams
-from kelight.editors.memit import ALPHAEDIT_THRESHOLD, MemitEditor, MemitHParams
-from kelight.editors.pathedit import PathEditor, PathHParams
-from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.ultraedit import UltraEditHParams, UltraEditor
-from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ZConfig
-from kelight.evaluation import LOCALITY, evaluate_case, load_ppl_texts, locality_reference, perplexity_stats
-from kelight.metrics import EditMetrics
-from kelight.objectives.sadr import sadr_terms
+from kelight.editors.undo import UndoLog
+from kelight.evaluation.metrics import EditMetrics
+from kelight.evaluation.scoring import LOCALITY, evaluate_case, load_ppl_texts, locality_reference, perplexity_stats
+from kelight.evaluation.wild import EvalProtocol, check_eval_protocol, generate_answers, wild_probes
+from kelight.methods.registry import method as method_named
 from kelight.types import EditCase, EditInputError, EditRequest, require_requests
-from kelight.wild import EvalProtocol, check_eval_protocol, generate_answers, wild_probes
-
-METHODS = ("rome", "memit", "pmet", "alphaedit", "ft", "pathedit", "ultraedit")
 
 
 def _as_requests(request: EditRequest | Mapping | Sequence) -> list[EditRequest]:
@@ -34,59 +26,6 @@ def _as_requests(request: EditRequest | Mapping | Sequence) -> list[EditRequest]
     if isinstance(request, Sequence) and not isinstance(request, str):
         return [r for item in request for r in _as_requests(item)]
     raise EditInputError(f"expected an EditRequest, a dict of its fields, or a list of them; got {request!r}")
-
-
-def method_hparams(hparams_cls: type, method: str, **options: object):
-    """Build ``hparams_cls`` (e.g. :class:`RomeHParams`) from flat options (``steps=..., layer=...``).
-
-    Fields of a nested ``z: ZConfig`` are given flat, as on the CLI.
-
-    Raises:
-        EditInputError: naming any option that does not exist, with the valid ones.
-    """
-    top_fields = {f.name for f in dataclasses.fields(hparams_cls)}
-    z_fields = {f.name for f in dataclasses.fields(ZConfig)} if "z" in top_fields else set()
-    top_fields.discard("z")
-    unknown = sorted(set(options) - z_fields - top_fields)
-    if unknown:
-        raise EditInputError(
-            f"unknown {method} option(s) {unknown}; valid options: {sorted(z_fields | top_fields)}"
-        )
-    top = {k: v for k, v in options.items() if k in top_fields}
-    for key in ("context_templates", "layers"):  # lists as tuples; anything else is the hparams' to refuse
-        if isinstance(top.get(key), list | tuple):
-            top[key] = tuple(tuple(x) if isinstance(x, list | tuple) else x for x in top[key])  # type: ignore[union-attr]
-    if z_fields:
-        top["z"] = ZConfig(**{k: v for k, v in options.items() if k in z_fields})
-    return hparams_cls(**top)
-
-
-def _editor(method: str, options: dict[str, object]):
-    if method == "ultraedit":  # no objective for extra terms: sadr_* options are refused as unknown
-        return UltraEditor(method_hparams(UltraEditHParams, method, **options))
-    gamma = options.pop("sadr_gamma", 0.0)  # checked by sadr_terms
-    selective = options.pop("sadr_selective", True)
-    if method == "rome":
-        hp = method_hparams(RomeHParams, method, **options)
-        return RomeEditor(hp, sadr_terms(gamma, hp.layer + 1, selective))
-    if method == "alphaedit":  # MEMIT with the null-space solve
-        unused = sorted({"mom2_update_weight", "pmet"} & set(options))
-        if unused:
-            raise EditInputError(f"alphaedit does not take {unused}: its update is weighed by the null-space "
-                                 "projector (nullspace_threshold, nullspace_l2); drop them")
-        options.setdefault("nullspace_threshold", ALPHAEDIT_THRESHOLD)
-        if options["nullspace_threshold"] is None:  # None is MEMIT's solve (λ C), not AlphaEdit's
-            raise EditInputError(f"expected nullspace_threshold to be a finite number > 0 for alphaedit, got None; "
-                                 f"leave it out for the paper's {ALPHAEDIT_THRESHOLD:g}, or use method='memit'")
-        hp = method_hparams(MemitHParams, method, **options)
-        return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1, selective))
-    if method in ("memit", "pmet"):
-        hp = method_hparams(MemitHParams, method, pmet=method == "pmet", **options)
-        return MemitEditor(hp, sadr_terms(gamma, hp.layers[-1] + 1, selective))
-    if method == "pathedit":  # FFN paths in every layer: attention can drift from layer 1 on
-        return PathEditor(method_hparams(PathHParams, method, **options), sadr_terms(gamma, 1, selective))
-    hp = method_hparams(FTHParams, method, **options)
-    return FTEditor(hp, sadr_terms(gamma, hp.layer + 1, selective))
 
 
 class EditSession:
@@ -108,10 +47,9 @@ class EditSession:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, method: str = "rome",
                  **options: object) -> None:
-        if method not in METHODS:
-            raise EditInputError(f"unknown method {method!r}; expected one of {list(METHODS)}")
-        self.model, self.tokenizer, self.method = model, tokenizer, method
-        self.editor = _editor(method, dict(options))
+        spec = method_named(method)
+        self.model, self.tokenizer, self.method = model, tokenizer, spec.name
+        self.editor = spec.editor(spec.build_hparams(**options))
         self.undo = UndoLog()
         self.n_edits = 0  # requests applied so far
         self.editor.setup(model, tokenizer)  # reads the model only; nothing to undo

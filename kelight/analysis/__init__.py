@@ -12,5 +12,5 @@ Import the submodule you need (this package imports nothing heavy on its own)::
 Every ``run_*`` takes ``(model, tok, cases, edit, out_dir)``, where ``edit(model, tok, request)``
 edits in place and returns an undo handle (:func:`kelight.analysis.common.editor_edit`), and
 writes ``<name>.json`` + ``<name>.png``. The model's weights are restored after every edit.
-The command line is ``kelight analyze <name> --config C --out DIR`` (:mod:`kelight.analysis.cli`).
+The command line is ``kelight analyze <name> --config C --out DIR`` (:mod:`kelight.cli.analyze`).
 """

@@ -18,11 +18,11 @@ from contextlib import ExitStack, contextmanager
 import torch
 from transformers import PreTrainedModel
 
-from kelight.hooks import module_attributes
-from kelight.lm import attention_implementation
+from kelight.lm.forward import attention_implementation
+from kelight.lm.hooks import module_attributes
+from kelight.lm.tokens import pad_batch
 from kelight.models.adapters import adapter_for
 from kelight.objectives.sadr import query_rows
-from kelight.tokens import pad_batch
 
 PATCH_IMPLEMENTATION = "kelight_patch"
 _RECORD = "_kelight_attn_record"  # list the module appends its weights to

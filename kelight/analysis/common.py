@@ -1,7 +1,7 @@
 """What every analysis shares: how an edit is made and undone, probes, probabilities, output files.
 
 An *edit function* ``edit(model, tok, request) -> undo`` edits the model in place and returns an
-object whose ``restore()`` puts every weight back bit-exactly (a :class:`~kelight.editors.update.
+object whose ``restore()`` puts every weight back bit-exactly (a :class:`~kelight.editors.undo.
 UndoLog`). :func:`edited` wraps it so the weights are restored in ``finally``.
 """
 
@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.update import UndoLog
-from kelight.readouts import readouts
-from kelight.tokens import pad_id, target_ids
+from kelight.editors.undo import UndoLog
+from kelight.lm.readouts import readouts
+from kelight.lm.tokens import pad_id, target_ids
 from kelight.types import EditCase, EditRequest, ScoredPrompt
 
 # Specificity tasks: the right target is the true answer, the wrong one is o_edit.
@@ -78,7 +78,7 @@ def probabilities(
     For specificity probes ``right`` is o_true and ``wrong`` is o_edit. Unlike the evaluation's
     shared-prompt path, this is **one** right-padded forward of full sequences whose row ``2i`` is
     ``prompt_i + right_i`` and row ``2i + 1`` is ``prompt_i + wrong_i``: the layout the analyses'
-    hooks and stored attention maps rely on (same numbers as :func:`kelight.evaluation.score_prompts`).
+    hooks and stored attention maps rely on (same numbers as :func:`kelight.evaluation.scoring.score_prompts`).
     """
     seqs, starts = [], []
     for probe in probes:

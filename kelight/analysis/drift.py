@@ -23,10 +23,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.analysis.attention import last_token_rows
 from kelight.analysis.common import EditFn, edited, probabilities, probes_of, save_outputs
-from kelight.analysis.stats import pearson
+from kelight.evaluation.stats import pearson
+from kelight.lm.tokens import pad_id, subject_last_index, target_ids
 from kelight.models.adapters import adapter_for
 from kelight.objectives.sadr import sadr_loss
-from kelight.tokens import pad_id, subject_last_index, target_ids
 from kelight.types import EditCase, EditInputError, ScoredPrompt
 
 FACTORS = ("kl", "max_drift", "sum_drift")

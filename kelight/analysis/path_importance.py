@@ -16,7 +16,7 @@ import torch
 
 from kelight.analysis.common import write_json
 from kelight.analysis.plots import figure, heatmap, save
-from kelight.editors.path_deltas import KINDS, PathSelection
+from kelight.editors.pac.deltas import KINDS, PathSelection
 
 STEM = "path_importance"
 

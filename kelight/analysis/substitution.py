@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.analysis.common import EditFn, edited, layer_window, probabilities, probes_of, save_outputs
-from kelight.hooks import edit_output, trace
+from kelight.lm.hooks import edit_output, trace
 from kelight.models.adapters import adapter_for
 from kelight.types import EditCase, ScoredPrompt
 

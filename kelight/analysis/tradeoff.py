@@ -1,6 +1,6 @@
 """Trade-off of a sweep (paper Figure 7): Edit Success = mean(EM, PM) against RM and DNM.
 
-Finished trials are grouped into series by every swept parameter except γ (``model.sadr_gamma``);
+Finished trials are grouped into series by every swept parameter except γ (``model.editor.sadr_gamma``);
 each series is a line through its trials in γ order, every point labelled with its γ. A sweep
 over γ alone is one line (Figure 7's SADR curve); a sweep over steps/lr/ω gives one point per
 setting, labelled with the parameters that differ.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-GAMMA = "model.sadr_gamma"
+GAMMA = "model.editor.sadr_gamma"
 SPECIFICITY = (("RM", "Relation: RM = mean P(o_true)"), ("DNM", "Distracting neighbourhood: DNM"))
 
 
@@ -22,7 +22,7 @@ def edit_success(metrics: dict) -> float | None:
 
 
 def _short(name: str) -> str:
-    return {"model.sadr_gamma": "γ", "model.kl_factor": "ω", "model.contrastive_lambda": "λ"}.get(
+    return {"model.editor.sadr_gamma": "γ", "model.editor.kl_factor": "ω", "model.editor.contrastive_lambda": "λ"}.get(
         name, name.removeprefix("model."))
 
 

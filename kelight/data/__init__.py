@@ -15,7 +15,7 @@ from kelight.data.formats import (
     parse_records,
     parse_zsre,
 )
-from kelight.paths import default_data_root
+from kelight.data.root import default_data_root
 
 __all__ = [
     "EditDataModule",

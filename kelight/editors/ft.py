@@ -24,20 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.checks import check_context_templates, check_layer, check_number
-from kelight.editors.context import RewriteBatch, build_rewrite_batch, sample_context_templates
-from kelight.editors.rome import EditInfo
-from kelight.editors.steps import ExtraLoss, finish_loss, step_forward
-from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ZResult
+from kelight.checks import check_context_templates, check_count, check_layer, check_number
+from kelight.editors.base import EditInfo, Editor
+from kelight.editors.rewrite import RewriteBatch, build_rewrite_batch, sample_context_templates
+from kelight.editors.steps import finish_loss, step_forward
+from kelight.editors.undo import UndoLog
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
-from kelight.types import EditInputError, EditRequest, require_requests
+from kelight.objectives.base import ExtraLoss
+from kelight.objectives.sadr import SadrOptions
+from kelight.types import EditRequest
 
 
 @dataclass(frozen=True)
-class FTHParams:
-    """FT-L hyper-parameters (ROME's FT-L defaults; method settings only).
+class FTHParams(SadrOptions):
+    """FT-L hyper-parameters (ROME's FT-L defaults; method settings only) and SADR's options (drift after
+    ``layer``).
 
     Attributes:
         layer: the layer whose MLP output matrix is fine-tuned.
@@ -59,16 +61,14 @@ class FTHParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_layer("layer", self.layer)
-        for name in ("steps", "seed"):
-            value = getattr(self, name)
-            low = 1 if name == "steps" else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise EditInputError(f"expected {name} to be an integer ≥ {low}, got {value!r}")
+        check_count("steps", self.steps)
+        check_count("seed", self.seed, low=0)
         check_number("lr", self.lr, positive=True)
         check_number("norm_constraint", self.norm_constraint, positive=True, allow_inf=True)
         check_number("weight_decay", self.weight_decay, positive=False)
-        check_context_templates(self.context_templates)
+        object.__setattr__(self, "context_templates", check_context_templates(self.context_templates))
 
 
 @contextmanager
@@ -91,11 +91,13 @@ def added_weight(module: nn.Module, delta: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
-class FTEditor:
-    """Constrained fine-tuning of one ``mlp_out`` matrix; same interface as :class:`RomeEditor`.
+class FTEditor(Editor):
+    """Constrained fine-tuning of one ``mlp_out`` matrix; ``setup``/``apply`` as every editor
+    (:mod:`kelight.editors.base`).
 
-    ``EditInfo.z[i]`` is a :class:`ZResult` with ``delta = [‖ΔW‖_F]`` and ``v_init = [‖W‖_F]``
-    (1-element tensors), the losses per step and ``steps_run``.
+    Args:
+        hparams: FT's hyper-parameters.
+        extra_losses: terms added to the fine-tuning loss besides SADR, which ``hparams`` switches on.
 
     Example:
         >>> editor = FTEditor(FTHParams(layer=4))  # doctest: +SKIP
@@ -103,13 +105,15 @@ class FTEditor:
         >>> editor.apply(model, tok, [request], undo)  # doctest: +SKIP
     """
 
+    hp: FTHParams
+
     def __init__(self, hparams: FTHParams, extra_losses: Sequence[ExtraLoss] = ()) -> None:
-        self.hp = hparams
-        self.extra_losses = tuple(extra_losses)
-        self.templates: list[str] | None = None
+        super().__init__(hparams)
+        self.extra_losses = (*hparams.sadr(hparams.layer + 1), *extra_losses)
+        self.templates: list[str] = []
         self.adapter: ArchAdapter | None = None
 
-    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+    def prepare(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
         """Validate the layer and sample the context templates (on the unedited model)."""
         self.adapter = adapter_for(model)
         self.adapter.check_layer(model, self.hp.layer)
@@ -118,8 +122,9 @@ class FTEditor:
     def compute(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest,
         applied: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ZResult]:
-        """``ΔW`` (linear convention, float32) for one request; the model is not modified.
+    ) -> tuple[torch.Tensor, list[float]]:
+        """``ΔW`` (linear convention, float32) for one request, and the loss of each step; the model is not
+        modified.
 
         Args:
             applied: change already written to this weight by the current ``apply`` call; the bound
@@ -128,8 +133,8 @@ class FTEditor:
         Raises:
             EditOptimizationError: if the loss becomes NaN/inf.
         """
-        if self.templates is None or self.adapter is None:
-            raise RuntimeError("call setup(model, tokenizer) before computing edits")
+        self.require_setup()
+        assert self.adapter is not None
         weight = self.adapter.out_weight_as_linear(model, self.hp.layer).detach()  # (d_out, d_in)
         batch = build_rewrite_batch(tok, request, self.templates, weight.device, essence_templates=())
         delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device, requires_grad=True)
@@ -138,9 +143,7 @@ class FTEditor:
         module = self.adapter.module(model, "mlp_out", self.hp.layer)
         with added_weight(module, delta):
             losses = self._optimise(model, batch, delta, low, high)
-        delta = delta.detach()
-        norms = torch.stack([delta.norm(), weight.float().norm()])[:, None]  # (2, 1)
-        return delta, ZResult(norms[0], norms[1], losses, len(losses))
+        return delta.detach(), losses
 
     def _optimise(self, model: PreTrainedModel, batch: RewriteBatch, delta: torch.Tensor, low: torch.Tensor,
                   high: torch.Tensor) -> list[float]:
@@ -158,22 +161,19 @@ class FTEditor:
                 delta.copy_(torch.minimum(torch.maximum(delta, low), high))  # ‖applied + ΔW‖_∞ ≤ ε
         return losses
 
-    def apply(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
-    ) -> EditInfo:
+    def edit(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
+             undo: UndoLog) -> EditInfo:
         """Fine-tune for ``requests`` one after another (each sees the previous ones), logging into ``undo``.
 
         The L∞ bound holds for the total change of this call. If request ``i`` fails, requests
         ``< i`` stay applied; ``undo.restore()`` returns the exact original weights.
         """
-        if self.adapter is None:
-            raise RuntimeError("call setup(model, tokenizer) before applying edits")
-        require_requests(requests)
-        info, applied = EditInfo(), None
+        assert self.adapter is not None
+        applied, losses = None, []
         weight = self.adapter.out_weight(model, self.hp.layer)
         for request in requests:
-            delta, z = self.compute(model, tok, request, applied)
+            delta, request_losses = self.compute(model, tok, request, applied)
             undo.add_(weight, delta, transposed=self.adapter.mlp_conv1d)
             applied = delta if applied is None else applied + delta
-            info.z.append(z)
-        return info
+            losses.append(tuple(request_losses))
+        return EditInfo(steps=tuple(len(x) for x in losses), losses=tuple(losses))

@@ -1,40 +1,38 @@
-"""MEMIT (Meng et al. 2023), PMET (Li et al. 2024), AlphaEdit (Fang et al. 2025): edits spread over
-the MLPs of layers R.
+"""MEMIT (Meng et al. 2023) and PMET (Li et al. 2024): edits spread over the MLPs of layers R.
 
 Both optimise a value vector per request at the last layer L of R (MEMIT: the block output, or
 the MLP output where the architecture normalises it before the residual stream; PMET: separate
 attention and MLP outputs, keeping only the MLP part), then for each layer
 l ∈ R in ascending order write the remaining residual, divided by the layers left, with the
-shared least-squares solve ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹`` — or, with a null-space threshold (AlphaEdit),
-``Δ = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + α I)⁻¹``: projected onto the null space P of the preserved keys'
-second moment C, and keeping the keys K_p edited before on the same weights.
+least-squares solve ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹``. AlphaEdit (:mod:`kelight.editors.alphaedit`) shares this
+machinery (:class:`SpreadEditor`) with another solve.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.checks import check_context_templates, check_layers, check_number
-from kelight.editors.context import build_rewrite_batch, sample_context_templates
-from kelight.editors.corpus import CorpusSpec
-from kelight.editors.keys import mean_keys
-from kelight.editors.rome import EditInfo
-from kelight.editors.steps import ExtraLoss
-from kelight.editors.update import UndoLog, least_squares_update, nullspace_projector, nullspace_update
-from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
-from kelight.hooks import trace
-from kelight.models.adapters import ArchAdapter, adapter_for
-from kelight.tokens import pad_batch, pad_id, subject_last_index
+from kelight.checks import check_layers, check_number
+from kelight.editors.base import EditInfo
+from kelight.editors.locate.editor import LocateEditor, z_info
+from kelight.editors.locate.hparams import LocateHParams
+from kelight.editors.locate.keys import mean_keys
+from kelight.editors.locate.solve import least_squares_update
+from kelight.editors.locate.zopt import ZResult
+from kelight.editors.undo import UndoLog
+from kelight.lm.hooks import trace
+from kelight.lm.tokens import pad_batch, pad_id, subject_last_index
+from kelight.objectives.base import ExtraLoss
 from kelight.types import EditInputError, EditRequest, check_joint_requests
 
 log = logging.getLogger(__name__)
-ALPHAEDIT_THRESHOLD = 2e-2  # the AlphaEdit paper's null-space threshold on C's eigenvalues
 
 
 @torch.no_grad()
@@ -60,69 +58,70 @@ def post_norm_preimage(norm: torch.nn.Module, m: torch.Tensor, resid: torch.Tens
 
 
 @dataclass(frozen=True)
-class MemitHParams:
-    """MEMIT/PMET hyper-parameters.
+class SpreadHParams(LocateHParams):
+    """What MEMIT, PMET and AlphaEdit share besides :class:`LocateHParams`: the layers an edit is spread over.
 
     Attributes:
-        layers: the edited MLP layers R (ascending).
-        z: value-vector optimisation settings.
-        context_templates: ``[length, count]`` pairs of sampled prefixes (MEMIT: [[10, 5]]).
-        mom2_update_weight: λ weighing preserved keys (C) against the new keys.
-        mom2_n_tokens / mom2_corpus: corpus for C (see :mod:`kelight.editors.covariance`).
-        pmet: optimise attention + MLP deltas at L and keep the MLP part (PMET).
-        value_at: MEMIT's value vector: ``"block"`` (L's block output, the paper) or ``"mlp"`` (L's MLP
-            output before any post-norm, the units the update writes, as PMET's). ``None``: ``"mlp"``
-            where the adapter declares ``mlp_post_norm`` (Gemma-3), else ``"block"``. PMET: always MLP.
-        nullspace_threshold: AlphaEdit: project each update onto the eigenvectors of C with eigenvalue
-            below this (the paper: 2e-2) and keep the keys edited before on the same weights
-            (:func:`~kelight.editors.update.nullspace_update`); ``mom2_update_weight`` is then unused.
-            ``None``: MEMIT's solve.
-        nullspace_l2: AlphaEdit's α, the weight of the update's own norm (the reference's ``L2``: 10).
-        seed: seed of the context-template sampling.
+        layers: the edited MLP layers R, ascending.
+        value_at: the value vector's module at R's last layer L: ``block`` (L's block output, MEMIT's paper) or
+            ``mlp`` (L's MLP output before any post-norm, the units the update writes, as PMET's); unset:
+            ``mlp`` on architectures that normalise the MLP output before the residual stream (Gemma-3), else
+            ``block``.
     """
 
+    context_templates: tuple[tuple[int, int], ...] = ((10, 5),)  # MEMIT's
     layers: tuple[int, ...] = (2, 3, 4, 5, 6)
-    z: ZConfig = field(default_factory=ZConfig)
-    context_templates: tuple[tuple[int, int], ...] = ((10, 5),)
-    mom2_update_weight: float = 15000.0
-    mom2_n_tokens: int = 100_000
-    mom2_corpus: str | CorpusSpec | None = None
-    pmet: bool = False
     value_at: Literal["block", "mlp"] | None = None
-    nullspace_threshold: float | None = None
-    nullspace_l2: float = 10.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        check_layers("layers", self.layers)
-        check_context_templates(self.context_templates)
-        check_number("mom2_update_weight", self.mom2_update_weight, positive=True)
+        super().__post_init__()
+        object.__setattr__(self, "layers", check_layers("layers", self.layers))
         if self.value_at not in (None, "block", "mlp"):
             raise EditInputError(f"expected value_at 'block', 'mlp' or None (architecture default), got "
                                  f"{self.value_at!r}")
-        if self.nullspace_threshold is not None:
-            check_number("nullspace_threshold", self.nullspace_threshold, positive=True)
-        check_number("nullspace_l2", self.nullspace_l2, positive=True)
-        if self.pmet and self.value_at == "block":
-            raise EditInputError("PMET's value vector is the MLP output; value_at='block' is MEMIT's, "
-                                 "drop it or use MEMIT")
 
 
-class MemitEditor:
-    """Computes and applies MEMIT (PMET, AlphaEdit) batch updates; ``setup`` once per unedited model.
+@dataclass(frozen=True)
+class MemitHParams(SpreadHParams):
+    """MEMIT's hyper-parameters.
 
-    AlphaEdit (``nullspace_threshold`` set) also remembers ``K_p K_pᵀ``, the keys it has written into the
-    current weights (``edited_gram``); the undo log that holds those edits forgets them on restore.
+    Attributes:
+        mom2_update_weight: λ of ``(λ C + K Kᵀ)``, weighing the preserved keys against the new ones.
     """
 
-    def __init__(self, hparams: MemitHParams, extra_losses: Sequence[ExtraLoss] = ()) -> None:
-        self.hp = hparams
-        self.extra_losses = tuple(extra_losses)
-        self.templates: list[str] | None = None
+    mom2_update_weight: float = 15000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("mom2_update_weight", self.mom2_update_weight, positive=True)
+
+
+@dataclass(frozen=True)
+class PmetHParams(MemitHParams):
+    """PMET's hyper-parameters: MEMIT's; its value vector is always the MLP output."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.value_at == "block":
+            raise EditInputError("PMET's value vector is the MLP output; value_at='block' is MEMIT's, drop it or use "
+                                 "MEMIT")
+
+
+class SpreadEditor(LocateEditor):
+    """MEMIT's machinery, shared by MEMIT, PMET and AlphaEdit: one z per request at R's last layer L, then for
+    each layer of R in ascending order the remaining residual, divided by the layers left, written at the
+    requests' keys by :meth:`solve`."""
+
+    hp: SpreadHParams
+    pmet = False  # PMET: z at L's attention and MLP outputs, only the MLP part written
+
+    def __init__(self, hparams: SpreadHParams, extra_losses: Sequence[ExtraLoss] = ()) -> None:
+        super().__init__(hparams, extra_losses)
         self.mom2: dict[int, torch.Tensor] = {}
-        self.adapter: ArchAdapter | None = None
-        self.projectors: dict[int, torch.Tensor] = {}  # AlphaEdit: layer -> null-space projector P
-        self.edited_gram: dict[int, torch.Tensor] = {}  # AlphaEdit: layer -> K_p K_pᵀ of the edits in place
+
+    @property
+    def edited_layers(self) -> tuple[int, ...]:
+        return self.hp.layers
 
     @property
     def last_layer(self) -> int:
@@ -132,7 +131,7 @@ class MemitEditor:
     def value_at(self) -> str:
         """``"block"`` or ``"mlp"``: the module at L whose output is the value vector (after setup)."""
         assert self.adapter is not None
-        if self.hp.pmet:
+        if self.pmet:
             return "mlp"
         if self.hp.value_at is not None:
             return self.hp.value_at
@@ -145,66 +144,38 @@ class MemitEditor:
             return self.adapter.path("mlp_out", self.last_layer)
         return self.adapter.block_path(self.last_layer)
 
-    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
-        self.adapter = adapter_for(model)
-        for layer in self.hp.layers:
-            self.adapter.check_layer(model, layer)
+    def z_paths(self) -> list[str]:
+        assert self.adapter is not None
+        if self.pmet:  # attention and MLP deltas at L; only the MLP one is written
+            return [self.adapter.path("mlp_out", self.last_layer), self.adapter.path("attn", self.last_layer)]
+        return [self.target_path()]
+
+    def prepare_statistics(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+        """C at every layer of R, in one pass over the corpus (or from the cache)."""
         if self._through_post_norm:
+            assert self.adapter is not None
             log.warning("MEMIT with value_at='block' on %s: the MLP output is normalised before the residual "
                         "stream, so the block-output target can only be turned towards, not written "
                         "(post_norm_preimage); on Gemma-3-270M such edits barely take (docs/results.md). "
                         "Leave value_at unset (the MLP output) for this family", self.adapter.family)
-        self.templates = sample_context_templates(model, tok, self.hp.context_templates, self.hp.seed)
-        from kelight.editors.covariance import second_moments  # noqa: PLC0415
+        from kelight.editors.stats.moments import second_moments  # noqa: PLC0415
 
         self.mom2 = second_moments(model, tok, list(self.hp.layers), corpus=self.hp.mom2_corpus,
                                    n_tokens=self.hp.mom2_n_tokens)
-        self.edited_gram = {}
-        if self.hp.nullspace_threshold is not None:
-            self.projectors = {layer: self._projector(layer, self.hp.nullspace_threshold) for layer in self.hp.layers}
 
-    def _projector(self, layer: int, threshold: float) -> torch.Tensor:
-        projector, rank = nullspace_projector(self.mom2[layer], threshold)
-        dim = projector.shape[0]
-        if rank == 0:
-            smallest = torch.linalg.eigvalsh(self.mom2[layer].double()).min().item()
-            raise EditInputError(f"nullspace_threshold={threshold:g} leaves no null space at layer {layer}: every "
-                                 f"eigenvalue of its key second moment C is above it (the smallest is {smallest:.3g});"
-                                 f" raise nullspace_threshold above {smallest:.3g}")
-        log.info("AlphaEdit null space at layer %d: %d of %d key directions (eigenvalues of C < %g)", layer, rank,
-                 dim, threshold)
-        return projector
-
-    def compute_zs(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
-                   requests: Sequence[EditRequest]) -> list[ZResult]:
-        """z of each request on the current weights, ``hp.z.z_batch`` requests per batch."""
-        if self.templates is None or self.adapter is None:
-            raise RuntimeError("call setup(model, tokenizer) before applying edits")
-        device = next(model.parameters()).device
-        batches = [build_rewrite_batch(tok, r, self.templates, device) for r in requests]
-        if self.hp.pmet:  # attention and MLP deltas at L; only the MLP one is written
-            paths = [self.adapter.path("mlp_out", self.last_layer), self.adapter.path("attn", self.last_layer)]
-        else:
-            paths = [self.target_path()]
-        return optimise_zs(model, paths, batches, self.hp.z, self.extra_losses, want_attn=bool(self.extra_losses),
-                           first_edited_block=self.last_layer, pad_id=pad_id(tok))
-
-    def apply(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog,
-        zs: Sequence[ZResult] | None = None,
-    ) -> EditInfo:
+    def edit(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
+             undo: UndoLog, zs: Sequence[ZResult] | None = None) -> EditInfo:
         """Edit all ``requests`` jointly (the batch regime; one request = the single regime).
 
         ``zs``: their value vectors if already optimised on the current weights (:meth:`compute_zs`).
         """
-        if self.templates is None or self.adapter is None:
-            raise RuntimeError("call setup(model, tokenizer) before applying edits")
         check_joint_requests(requests)
         if zs is not None and len(zs) != len(requests):
             raise ValueError(f"expected one precomputed z per request, got {len(zs)} for {len(requests)} requests")
+        assert self.adapter is not None
         zs = list(zs) if zs is not None else self.compute_zs(model, tok, requests)
         targets = torch.stack([z.v_init[0] + z.delta[0] for z in zs], dim=1).double()  # (D, n)
-        grams: dict[int, torch.Tensor] = {}  # AlphaEdit: this edit's K Kᵀ, recorded once every layer is written
+        written: dict[int, torch.Tensor] = {}  # layer -> the keys (d_in, n) its update wrote at
         for i, layer in enumerate(self.hp.layers):
             keys = self._mean_keys(model, tok, layer, requests)  # (d_in, n)
             # one forward: this layer's MLP output where a norm follows it, then the target module's output
@@ -213,26 +184,18 @@ class MemitEditor:
             resid = (targets - current) / (len(self.hp.layers) - i)  # spread over the layers left
             if mlp_out:
                 resid = post_norm_preimage(self.adapter.module(model, "mlp_post_norm", layer), mlp_out[0], resid)
-            delta = self._solve(layer, keys, resid)
-            undo.add_(self.adapter.out_weight(model, layer), delta, transposed=self.adapter.mlp_conv1d)
-            if self.projectors:
-                grams[layer] = keys.double() @ keys.double().T
-        if self.projectors:  # AlphaEdit: these keys now hold edits that later ones must keep; a failed apply
-            # (whose weight changes its caller undoes) never gets here, so the record matches the weights
-            for layer, gram in grams.items():
-                self.edited_gram[layer] = self.edited_gram[layer] + gram if layer in self.edited_gram else gram
-            undo.on_restore(self.edited_gram.clear)
-        return EditInfo(z=zs)
+            undo.add_(self.adapter.out_weight(model, layer), self.solve(layer, keys, resid),
+                      transposed=self.adapter.mlp_conv1d)
+            written[layer] = keys
+        self.record_written(written, undo)
+        return z_info(zs)
 
-    def _solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        """This layer's weight change writing ``resid`` at ``keys``: MEMIT's least squares, or AlphaEdit's
-        null-space projected solve that also keeps the keys edited before."""
-        if self.projectors:
-            projector = self.projectors[layer].to(keys.device)
-            prior = self.edited_gram.get(layer)
-            return nullspace_update(keys, resid, projector, None if prior is None else prior.to(keys.device),
-                                    self.hp.nullspace_l2)
-        return least_squares_update(keys, resid, self.mom2[layer].to(keys.device), self.hp.mom2_update_weight)
+    @abstractmethod
+    def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """This layer's weight change ``(d_out, d_in)`` writing ``resid`` ``(D, n)`` at ``keys`` ``(d_in, n)``."""
+
+    def record_written(self, written: dict[int, torch.Tensor], undo: UndoLog) -> None:
+        """After an edit wrote at ``written`` keys per layer (AlphaEdit keeps them); a failed edit never gets here."""
 
     def _mean_keys(self, model, tok, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
         assert self.adapter is not None and self.templates is not None
@@ -259,3 +222,19 @@ class MemitEditor:
             model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(requests), device=input_ids.device)
         return [rec[path][rows, pos.to(input_ids.device)].double().T for path in paths]
+
+
+class MemitEditor(SpreadEditor):
+    """MEMIT: each layer's update is the least-squares ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹``."""
+
+    hp: MemitHParams
+
+    def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        return least_squares_update(keys, resid, self.mom2[layer].to(keys.device), self.hp.mom2_update_weight)
+
+
+class PmetEditor(MemitEditor):
+    """PMET: MEMIT's update from the MLP part of value vectors optimised at L's attention and MLP outputs."""
+
+    hp: PmetHParams
+    pmet = True

@@ -1,17 +1,17 @@
 """PathEdit: edit FFN keys/values on gradient-traced critical paths across all layers (PAC).
 
-PAC (Zhai et al., ACL 2025; reference ``SonglinZhai/PAC`` ``pac.py``), DESIGN §3:
+PAC (Zhai et al., ACL 2025; reference ``SonglinZhai/PAC`` ``pac.py``):
 
 1. **Tracing.** Sum the signed gradient of the target NLL over the edit batches for every FFN input
    matrix (keys = rows) and output matrix (values = columns). Per layer and matrix, viewed as
    ``G: (hidden, d_ff)``, z-score each hidden row across the FFN neurons, take ``|·|`` and average
    over the hidden dimension: one impact score per key and per value
-   (:func:`~kelight.editors.path_trace.impact_scores`).
+   (:func:`~kelight.editors.pac.trace.impact_scores`).
 2. **Paths.** In every layer the top ``path_size`` keys and values (ranked separately) form the
    critical path T+, the bottom ``neg_path_size`` the negative path τ−
-   (:func:`~kelight.editors.path_trace.select_paths`; disjoint by construction). Tracing is repeated every
+   (:func:`~kelight.editors.pac.trace.select_paths`; disjoint by construction). Tracing is repeated every
    ``eta`` epochs on the model being edited.
-3. **Editing.** Only the path deltas (:class:`~kelight.editors.path_deltas.PathDeltas`) are
+3. **Editing.** Only the path deltas (:class:`~kelight.editors.pac.deltas.PathDeltas`) are
    trainable. Loss per batch: ``NLL(o_edit | prompt)`` with T+ trainable (+ extra terms such as
    γ·SADR) ``+ λ·CE(model(prompt + o_edit), unedited argmax)`` with τ− trainable
    (:mod:`kelight.objectives.contrastive`). Adam, lr 1e-5, 12 epochs, eta 2, λ 0.1 by default.
@@ -29,31 +29,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.checks import check_number
-from kelight.editors.context import RewriteBatch, build_rewrite_batch, merge_rewrite_batches
-from kelight.editors.path_deltas import PathDeltas, PathSelection
-from kelight.editors.path_trace import trace_paths
-from kelight.editors.rome import EditInfo
-from kelight.editors.steps import ExtraLoss, finish_loss, forward_logprobs, step_forward
-from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ZResult
+from kelight.checks import check_count, check_number
+from kelight.editors.base import EditInfo, Editor
+from kelight.editors.pac.deltas import PathDeltas, PathSelection
+from kelight.editors.pac.trace import trace_paths
+from kelight.editors.rewrite import RewriteBatch, build_rewrite_batch, merge_rewrite_batches
+from kelight.editors.steps import finish_loss, forward_logprobs, step_forward
+from kelight.editors.undo import UndoLog
+from kelight.lm.tokens import pad_id
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
+from kelight.objectives.base import ExtraLoss
 from kelight.objectives.contrastive import contrastive_loss, unedited_targets
-from kelight.tokens import pad_id
+from kelight.objectives.sadr import SadrOptions
 from kelight.types import EditInputError, EditRequest, check_joint_requests
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PathHParams:
-    """PathEdit hyper-parameters (PAC reference defaults; method settings only).
+class PathHParams(SadrOptions):
+    """PathEdit hyper-parameters (PAC reference defaults; method settings only), SADR's options (its drift is
+    restrained from layer 1 on: PathEdit edits the FFNs of every layer) and the joint regime's epoch orders.
 
     Attributes:
         path_size: keys and values per layer on the critical path T+ (``--topk``).
@@ -63,9 +65,14 @@ class PathHParams:
         lr: Adam learning rate of the path deltas.
         epochs: passes over the edit set (per :meth:`PathEditor.apply` call: optimisation steps).
         layer_weighting: exponent ``p`` of the layer-aware weighting of T+
-            (:func:`~kelight.editors.path_deltas.layer_weights`): each layer's deltas are scaled by
+            (:func:`~kelight.editors.pac.deltas.layer_weights`): each layer's deltas are scaled by
             its paths' mean impact score to the power ``p``, normalised to mean 1. Under Adam this
             scales the layer's step, so high-impact (middle) layers move more. 0 = PAC (uniform).
+        reshuffle: the joint regime draws a fresh seeded order of the edit set, and so new loader batches, every
+            epoch, as PAC does (``false``: the loader's fixed batches every epoch). The references of every
+            epoch's batches are made up front (with SADR, its records of the unedited attention too: memory grows
+            with epochs × batches).
+        shuffle_seed: seed of those orders.
     """
 
     path_size: int = 15
@@ -75,14 +82,17 @@ class PathHParams:
     lr: float = 1e-5
     epochs: int = 12
     layer_weighting: float = 0.0
+    reshuffle: bool = True
+    shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("path_size", 1), ("neg_path_size", 0), ("eta", 1), ("epochs", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise EditInputError(f"expected {name} to be an integer ≥ {low}, got {value!r}")
+        super().__post_init__()
+        for name, low in (("path_size", 1), ("neg_path_size", 0), ("eta", 1), ("epochs", 1), ("shuffle_seed", 0)):
+            check_count(name, getattr(self, name), low)
         for name, positive in (("lr", True), ("contrastive_lambda", False), ("layer_weighting", False)):
             check_number(name, getattr(self, name), positive=positive)
+        if not isinstance(self.reshuffle, bool):
+            raise EditInputError(f"expected reshuffle to be true or false, got {self.reshuffle!r}")
 
 
 def build_path_batch(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
@@ -97,13 +107,16 @@ def build_path_batch(tok: PreTrainedTokenizerBase, requests: Sequence[EditReques
     return merge_rewrite_batches(parts, pad_id(tok), independent=False)  # one joint objective (B, T)
 
 
-@dataclass
-class PathEditor:
-    """Traces paths and trains their deltas; same ``setup``/``apply`` interface as the other editors.
+class PathEditor(Editor):
+    """Traces paths and trains their deltas; ``setup``/``apply`` as every editor (:mod:`kelight.editors.base`).
 
-    ``apply`` runs ``epochs`` steps on the given requests as one batch (the single and consecutive
-    regimes); :class:`kelight.path_module.PathEdit` drives the same pieces (``retrace``, ``loss``)
-    from Lightning's loop for multi-epoch training over a whole edit set (the batch regime).
+    ``apply`` runs ``epochs`` steps on the given requests as one batch (the per-batch regimes);
+    :class:`kelight.methods.pathedit.PathEdit` drives the same pieces (``retrace``, ``loss``) from Lightning's
+    loop for multi-epoch training over a whole edit set (its ``joint`` regime).
+
+    Args:
+        hparams: PathEdit's hyper-parameters.
+        extra_losses: terms added to the path objective besides SADR, which ``hparams`` switches on.
 
     Example:
         >>> editor = PathEditor(PathHParams(path_size=15))  # doctest: +SKIP
@@ -111,17 +124,20 @@ class PathEditor:
         >>> editor.apply(model, tok, [request], undo)  # doctest: +SKIP
     """
 
-    hp: PathHParams = field(default_factory=PathHParams)
-    extra_losses: tuple[ExtraLoss, ...] = ()
-    adapter: ArchAdapter | None = None
-    deltas: PathDeltas | None = None
-    traces: list[PathSelection] = field(default_factory=list)  # the first tracing of every run
+    hp: PathHParams
 
-    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+    def __init__(self, hparams: PathHParams = PathHParams(), extra_losses: Sequence[ExtraLoss] = ()) -> None:  # noqa: B008
+        super().__init__(hparams)
+        self.extra_losses = (*hparams.sadr(1), *extra_losses)  # FFN paths in every layer: drift from layer 1 on
+        self.adapter: ArchAdapter | None = None
+        self.deltas: PathDeltas | None = None
+        self.traces: list[PathSelection] = []  # the first tracing of every run
+
+    def prepare(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
         """Check the architecture and path sizes against the model; create the (zero) deltas.
 
         Raises:
-            ValueError: unknown architecture; EditInputError: paths wider than the FFN.
+            EditInputError: unknown architecture, or paths wider than the FFN.
         """
         self.adapter = adapter_for(model)
         w_in = self.adapter.as_linear(self.adapter.module(model, "mlp_in", 0).weight)  # (d_ff, D)
@@ -139,15 +155,16 @@ class PathEditor:
         self.deltas = PathDeltas(self.adapter.n_layers(model), d_model, self.hp.path_size, self.hp.neg_path_size,
                                  w_in.device)
 
-    def _ready(self) -> tuple[ArchAdapter, PathDeltas]:
-        if self.adapter is None or self.deltas is None:
-            raise RuntimeError("call setup(model, tokenizer) before editing")
+    def _parts(self) -> tuple[ArchAdapter, PathDeltas]:
+        """The adapter and the path deltas (after :meth:`setup`); the name ``_ready`` is the base class's flag."""
+        self.require_setup()
+        assert self.adapter is not None and self.deltas is not None
         return self.adapter, self.deltas
 
     def retrace(self, model: PreTrainedModel, batches: Sequence[RewriteBatch], logs: Sequence[UndoLog],
                 optimizer: torch.optim.Optimizer | None = None, first: bool = False) -> PathSelection:
         """Fold the current deltas into the weights, trace new paths, zero the deltas, reset Adam."""
-        adapter, deltas = self._ready()
+        adapter, deltas = self._parts()
         deltas.fold_into(model, adapter, logs)
         selection = trace_paths(model, adapter, batches, self.hp.path_size, self.hp.neg_path_size)
         deltas.select(selection, self.hp.layer_weighting)
@@ -174,7 +191,7 @@ class PathEditor:
     def loss(self, model: PreTrainedModel, batch: RewriteBatch, reference_ids: torch.Tensor,
              extra_losses: Sequence[ExtraLoss], step: int) -> torch.Tensor:
         """NLL on T+ (+ extra terms on its forward) + λ·CE towards ``reference_ids`` on τ−; finite."""
-        _, deltas = self._ready()
+        _, deltas = self._parts()
         with deltas.training_part("pos"):
             tgt, state = step_forward(model, batch, step, want_rows=bool(extra_losses))  # (N, V)
         loss = rewrite_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite)
@@ -185,9 +202,8 @@ class PathEditor:
                                            self.hp.contrastive_lambda)
         return finish_loss(loss, extra_losses, state, self.hp.lr, "path editing")
 
-    def apply(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog
-    ) -> EditInfo:
+    def edit(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
+             undo: UndoLog) -> EditInfo:
         """Train the path deltas for ``requests`` jointly for ``epochs`` steps and write them into the weights.
 
         Logged into ``undo``; if anything fails, this call's changes are undone before the error
@@ -196,7 +212,7 @@ class PathEditor:
         Raises:
             EditOptimizationError: if the loss or the impact scores become NaN/inf.
         """
-        adapter, deltas = self._ready()
+        adapter, deltas = self._parts()
         batch = build_path_batch(tok, requests, deltas.key_pos.device)
         reference = self.reference_ids(model, batch)
         local = UndoLog()
@@ -207,12 +223,11 @@ class PathEditor:
             local.restore()
             deltas.discard()  # a later apply would fold this edit's deltas at its first tracing
             raise
-        norm = local.change_norm()  # of every write of this edit (folds at re-tracing included)
-        return EditInfo(z=[ZResult(norm[None], norm.new_zeros(1), losses, len(losses))])
+        return EditInfo(steps=(len(losses),) * len(requests), losses=(tuple(losses),) * len(requests))
 
     def _train(self, model: PreTrainedModel, batch: RewriteBatch, reference: torch.Tensor,
                logs: Sequence[UndoLog]) -> list[float]:
-        adapter, deltas = self._ready()
+        adapter, deltas = self._parts()
         opt = torch.optim.Adam(deltas.parameters(), lr=self.hp.lr)
         losses = []
         with torch.enable_grad():

@@ -2,7 +2,7 @@
 
 In a causal model nothing before the subject's last token (where z is added) depends on z, so the
 prefix's keys and values are computed once per optimisation and every step runs only the suffix
-(:attr:`kelight.editors.zopt.ZConfig.cache_prefix`).
+(:attr:`kelight.editors.locate.zopt.ZConfig.cache_prefix`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from kelight.editors.context import RewriteBatch
-from kelight.readouts import cache_keyword, left_pad
-from kelight.tokens import pad_batch
+from kelight.editors.rewrite import RewriteBatch
+from kelight.lm.readouts import cache_keyword, left_pad
+from kelight.lm.tokens import pad_batch
 
 
 @dataclass

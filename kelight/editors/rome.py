@@ -4,63 +4,46 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.checks import check_context_templates, check_layer
-from kelight.editors.context import build_rewrite_batch, sample_context_templates
-from kelight.editors.corpus import CorpusSpec
-from kelight.editors.keys import templated_keys
-from kelight.editors.steps import ExtraLoss
-from kelight.editors.update import UndoLog, rank_one_update
-from kelight.editors.zopt import ZConfig, ZResult, optimise_zs
-from kelight.models.adapters import ArchAdapter, adapter_for
-from kelight.tokens import pad_id
-from kelight.types import EditRequest, require_requests
+from kelight.checks import check_layer
+from kelight.editors.base import EditInfo
+from kelight.editors.locate.editor import LocateEditor, z_info
+from kelight.editors.locate.hparams import LocateHParams
+from kelight.editors.locate.keys import templated_keys
+from kelight.editors.locate.solve import rank_one_update
+from kelight.editors.locate.zopt import ZResult
+from kelight.editors.undo import UndoLog
+from kelight.objectives.base import ExtraLoss
+from kelight.types import EditRequest
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RomeHParams:
-    """ROME hyper-parameters (method settings only; no architecture facts).
+class RomeHParams(LocateHParams):
+    """ROME's hyper-parameters: the shared locate-then-edit ones (:class:`LocateHParams`) and its own.
 
     Attributes:
-        layer: edit layer l (ROME uses 5 of 28 on GPT-J; scale for small models).
-        z: value-vector optimisation settings.
-        context_templates: ``[length, count]`` pairs of model-sampled prefixes.
+        layer: the edit layer l (ROME uses 5 of 28 on GPT-J; scale for small models).
         mom2_adjustment: use the key second moment C (else C = I).
-        mom2_n_tokens: tokens of corpus text for C.
-        mom2_corpus: corpus for C (None: WikiText-2 from the shared data, else model samples).
         mean_key_insertion: store v* at the template-averaged key k* too (R-ROME). Default: ROME's
             reference, which inserts at the plain prompt's key (its direction C⁻¹k* from k*).
-        seed: seed of the context-template sampling.
     """
 
     layer: int = 4
-    z: ZConfig = field(default_factory=ZConfig)
-    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     mom2_adjustment: bool = True
-    mom2_n_tokens: int = 100_000
-    mom2_corpus: str | CorpusSpec | None = None
     mean_key_insertion: bool = False
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_layer("layer", self.layer)
-        check_context_templates(self.context_templates)
 
 
-@dataclass
-class EditInfo:
-    """What one edit did: per-request z results and timing, for logs and cases.jsonl."""
-
-    z: list[ZResult] = field(default_factory=list)
-
-
-class RomeEditor:
+class RomeEditor(LocateEditor):
     """Computes and applies ROME updates; ``setup`` once per (unedited) model.
 
     Example:
@@ -69,36 +52,28 @@ class RomeEditor:
         >>> editor.apply(model, tok, [request], undo)  # doctest: +SKIP
     """
 
+    hp: RomeHParams
+
     def __init__(self, hparams: RomeHParams, extra_losses: Sequence[ExtraLoss] = ()) -> None:
-        self.hp = hparams
-        self.extra_losses = tuple(extra_losses)
-        self.templates: list[str] | None = None
+        super().__init__(hparams, extra_losses)
         self.mom2: torch.Tensor | None = None
-        self.adapter: ArchAdapter | None = None
 
-    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
-        """Validate the layer, sample context templates, load/compute C (on the unedited model)."""
-        self.adapter = adapter_for(model)
-        self.adapter.check_layer(model, self.hp.layer)
-        self.templates = sample_context_templates(model, tok, self.hp.context_templates, self.hp.seed)
+    @property
+    def edited_layers(self) -> tuple[int, ...]:
+        return (self.hp.layer,)
+
+    def z_paths(self) -> list[str]:
+        assert self.adapter is not None
+        return [self.adapter.path("mlp_out", self.hp.layer)]
+
+    def prepare_statistics(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+        """C at the edit layer (loaded from the cache or computed), unless ``mom2_adjustment`` is off."""
+        self.mom2 = None
         if self.hp.mom2_adjustment:
-            from kelight.editors.covariance import second_moment  # noqa: PLC0415
+            from kelight.editors.stats.moments import second_moment  # noqa: PLC0415
 
-            self.mom2 = second_moment(
-                model, tok, self.hp.layer, corpus=self.hp.mom2_corpus, n_tokens=self.hp.mom2_n_tokens
-            )
-
-    def compute_zs(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
-                   requests: Sequence[EditRequest]) -> list[ZResult]:
-        """z of each request on the current weights, ``hp.z.z_batch`` requests per batch (independent edits)."""
-        if self.templates is None or self.adapter is None:
-            raise RuntimeError("call setup(model, tokenizer) before computing edits")
-        device = next(model.parameters()).device
-        batches = [build_rewrite_batch(tok, r, self.templates, device) for r in requests]
-        return optimise_zs(
-            model, self.adapter.path("mlp_out", self.hp.layer), batches, self.hp.z, self.extra_losses,
-            want_attn=bool(self.extra_losses), first_edited_block=self.hp.layer, pad_id=pad_id(tok),
-        )
+            self.mom2 = second_moment(model, tok, self.hp.layer, corpus=self.hp.mom2_corpus,
+                                      n_tokens=self.hp.mom2_n_tokens)
 
     def compute(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, request: EditRequest,
                 z: ZResult | None = None) -> tuple[torch.Tensor, ZResult]:
@@ -106,8 +81,8 @@ class RomeEditor:
 
         ``z``: the request's value vector if already optimised (:meth:`compute_zs` on these weights).
         """
-        if self.templates is None or self.adapter is None:
-            raise RuntimeError("call setup(model, tokenizer) before computing edits")
+        self.require_setup()
+        assert self.adapter is not None
         device = next(model.parameters()).device
         z = z if z is not None else self.compute_zs(model, tok, [request])[0]
         # one pass over "{}" + the prefixes: the plain prompt's key is the "{}" row
@@ -121,23 +96,20 @@ class RomeEditor:
         mom2 = self.mom2.to(device) if self.mom2 is not None else None
         return rank_one_update(weight, k_star, v_star, mom2, left_key=k_mean), z
 
-    def apply(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], undo: UndoLog,
-        zs: Sequence[ZResult] | None = None,
-    ) -> EditInfo:
+    def edit(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
+             undo: UndoLog, zs: Sequence[ZResult] | None = None) -> EditInfo:
         """Edit ``requests`` one after another (each sees the previous ones), logging into ``undo``.
 
         ``zs``: value vectors already optimised on the current weights (:meth:`compute_zs`), one per
         request; only valid for one request, since a later request's z must see the earlier edits.
         """
-        require_requests(requests)
         if zs is not None and (len(zs) != len(requests) or len(requests) > 1):
             raise ValueError(f"expected precomputed z for exactly one request, got {len(zs)} for {len(requests)}; "
                              "ROME applies several requests in turn, each z computed on the edited weights")
-        info = EditInfo()
+        assert self.adapter is not None
+        done = []
         for i, request in enumerate(requests):
             delta, z = self.compute(model, tok, request, None if zs is None else zs[i])
-            assert self.adapter is not None
             undo.add_(self.adapter.out_weight(model, self.hp.layer), delta, transposed=self.adapter.mlp_conv1d)
-            info.z.append(z)
-        return info
+            done.append(z)
+        return z_info(done)

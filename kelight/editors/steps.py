@@ -5,41 +5,21 @@ the forward to log-probs, what extra loss terms see (:class:`StepState`), and th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
-from kelight.attention_rows import query_row_attention
-from kelight.editors.context import RewriteBatch
 from kelight.editors.prefix import PrefixCache
-from kelight.lm import head
+from kelight.editors.rewrite import RewriteBatch
+from kelight.lm.attention_rows import query_row_attention
+from kelight.lm.forward import head
+from kelight.objectives.base import ExtraLoss, StepState
 
 
 class EditOptimizationError(FloatingPointError):
     """An editor's optimisation (z, FT, PathEdit) produced NaN/inf; the model is left unchanged."""
 
 
-@dataclass
-class StepState:
-    """What an extra loss term sees at each step (e.g. SADR reads ``attentions``).
-
-    ``attn_offset`` is the layer of ``outputs.attentions[0]`` (or ``rows[0]``): blocks replayed
-    from a cache (:attr:`~kelight.editors.zopt.ZConfig.reuse_prefix`) record no attention.
-    ``rows``: with :attr:`~kelight.editors.zopt.ZConfig.attention_rows`, the float32 query rows
-    ``(L, B, H, T)`` of every batch row in the layers that ran (:mod:`kelight.attention_rows`), and
-    ``outputs.attentions`` is not filled.
-    """
-
-    step: int
-    batch: RewriteBatch
-    outputs: object
-    extras: dict = field(default_factory=dict)
-    attn_offset: int = 0
-    rows: torch.Tensor | None = None
-
-
-ExtraLoss = Callable[[StepState], torch.Tensor]
 
 
 def forward_logprobs(model: PreTrainedModel, batch: RewriteBatch, want_attn: bool,
@@ -62,7 +42,7 @@ def step_forward(model: PreTrainedModel, batch: RewriteBatch, step: int,
                  want_rows: bool) -> tuple[torch.Tensor, StepState]:
     """Log-probs ``(N, V)`` at the target positions of a full-model forward and what extra terms
     see. With ``want_rows`` the state carries every layer's attention row at each batch row's query
-    (:mod:`kelight.attention_rows`, as in the z optimisation) instead of eager ``T × T`` weights.
+    (:mod:`kelight.lm.attention_rows`, as in the z optimisation) instead of eager ``T × T`` weights.
     Used by the editors that train weights (PathEdit, FT)."""
     if not want_rows:
         tgt, _, outputs = forward_logprobs(model, batch, want_attn=False)

@@ -54,17 +54,16 @@ from typing import Literal, get_args
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kelight.editors.checks import check_layers, check_number
-from kelight.editors.context import build_rewrite_batch, merge_rewrite_batches
+from kelight.checks import check_count, check_layers, check_number
+from kelight.editors.base import EditInfo, Editor
 from kelight.editors.lifelong import LifelongStats, pseudo_values
-from kelight.editors.rome import EditInfo
+from kelight.editors.rewrite import build_rewrite_batch, merge_rewrite_batches
 from kelight.editors.steps import EditOptimizationError
-from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ZResult
-from kelight.hooks import edit_output, trace
-from kelight.lm import head
+from kelight.editors.undo import UndoLog
+from kelight.lm.forward import head
+from kelight.lm.hooks import edit_output, trace
+from kelight.lm.tokens import pad_id
 from kelight.models.adapters import ArchAdapter, adapter_for
-from kelight.tokens import pad_id
 from kelight.types import EditInputError, EditRequest, check_joint_requests
 
 log = logging.getLogger(__name__)
@@ -93,8 +92,11 @@ class UltraEditHParams:
             per layer.
         whiten: StableEdit's full whitening of the gradients (covariance instead of its diagonal).
         whiten_floor: eigenvalue floor of the whitening, relative to the mean eigenvalue.
-        warmup: requests (or dicts of their fields) whose features initialise the moments at setup,
-            on the unedited model, without changing a weight (StableEdit's warm-up).
+        warmup_path: StableEdit's warm-up: a data file (any ``--data.format``) whose requests initialise the
+            running moments before the first edit, on the unedited model, without editing them; unset: none.
+            Without it a one-request turn is normalised by its own tokens alone (in ``single``, every turn).
+        warmup_limit: the first this many records of ``warmup_path`` (after ``warmup_skip``).
+        warmup_skip: leave out the first this many records of ``warmup_path`` (e.g. the ones being edited).
         stats_dtype: dtype of the moments and the normalisation (``"float64"`` or ``"float32"``).
     """
 
@@ -105,7 +107,9 @@ class UltraEditHParams:
     pool_layers: bool = True
     whiten: bool = False
     whiten_floor: float = 1e-6
-    warmup: tuple[EditRequest, ...] = ()
+    warmup_path: str | None = None
+    warmup_limit: int = 1000
+    warmup_skip: int = 0
     stats_dtype: StatsDtype = "float64"
 
     def __post_init__(self) -> None:
@@ -119,7 +123,8 @@ class UltraEditHParams:
         for name in ("pool_layers", "whiten"):
             if not isinstance(getattr(self, name), bool):
                 raise EditInputError(f"expected {name} to be true or false, got {getattr(self, name)!r}")
-        object.__setattr__(self, "warmup", _as_requests(self.warmup))
+        check_count("warmup_limit", self.warmup_limit)
+        check_count("warmup_skip", self.warmup_skip, low=0)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -199,13 +204,18 @@ def edit_features(model: PreTrainedModel, tok: PreTrainedTokenizerBase, adapter:
     return features, nll.item() / len(batch.target_ids)
 
 
-class UltraEditor:
+class UltraEditor(Editor):
     """UltraEdit's turns on one model; ``setup`` once per (unedited) model, then ``apply`` per turn.
 
     The running moments persist across ``apply`` calls (the turns of one run) and return to the
-    warm-up's when the undo log holding the edits restores. ``EditInfo.z`` holds one :class:`ZResult`
-    per turn: ``delta = [‖ΔW‖_F]`` over every edited matrix, ``losses = [mean NLL per target token
-    before the turn]``, ``steps_run = 0`` (no value vector is optimised).
+    warm-up's when the undo log holding the edits restores. Its :class:`~kelight.editors.base.EditInfo` has no
+    steps (no value vector is optimised).
+
+    Args:
+        hparams: UltraEdit's hyper-parameters.
+        warmup: the warm-up requests (or dicts of their fields) whose features initialise the moments at setup,
+            on the unedited model, without changing a weight (StableEdit's warm-up; ``hparams.warmup_path`` read
+            by :func:`kelight.methods.ultraedit.warmup_requests`).
 
     Example:
         >>> editor = UltraEditor(UltraEditHParams(layers=(20, 21, 22)))  # doctest: +SKIP
@@ -213,8 +223,11 @@ class UltraEditor:
         >>> editor.apply(model, tok, requests, undo)  # one turn  # doctest: +SKIP
     """
 
-    def __init__(self, hparams: UltraEditHParams) -> None:
-        self.hp = hparams
+    hp: UltraEditHParams
+
+    def __init__(self, hparams: UltraEditHParams, warmup: Sequence[EditRequest | Mapping] = ()) -> None:
+        super().__init__(hparams)
+        self.warmup = _as_requests(warmup)
         self.adapter: ArchAdapter | None = None
         self.initial: Moments = {}  # after the warm-up
         self.stats: Moments = {}  # now
@@ -222,8 +235,8 @@ class UltraEditor:
     def _key(self, layer: int) -> int | None:
         return None if self.hp.pool_layers else layer
 
-    def setup(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
-        """Check the layers and run the warm-up (features of ``hp.warmup`` on the unedited model)."""
+    def prepare(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+        """Check the layers and run the warm-up (features of the warm-up requests on the unedited model)."""
         self.adapter = adapter_for(model)
         weight = None
         for layer in self.hp.layers:
@@ -232,13 +245,13 @@ class UltraEditor:
         device = weight.device
         stats = {self._key(layer): LifelongStats.empty(d_in, d_out, self.hp.dtype, device, self.hp.whiten)
                  for layer in self.hp.layers}
-        for start in range(0, len(self.hp.warmup), WARMUP_CHUNK):
+        for start in range(0, len(self.warmup), WARMUP_CHUNK):
             features, _ = edit_features(model, tok, self.adapter, self.hp.layers,
-                                        self.hp.warmup[start:start + WARMUP_CHUNK], self.hp.tokens)
+                                        self.warmup[start:start + WARMUP_CHUNK], self.hp.tokens)
             stats = self._updated(stats, features)
-        if self.hp.warmup:
+        if self.warmup:
             log.info("UltraEdit warm-up: moments of %d features from %d requests", next(iter(stats.values())).count,
-                     len(self.hp.warmup))
+                     len(self.warmup))
         self.initial = self.stats = stats
 
     def reset(self) -> None:
@@ -260,8 +273,8 @@ class UltraEditor:
                                         "were not changed; use stats_dtype float64")
         return out
 
-    def apply(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-              undo: UndoLog) -> EditInfo:
+    def edit(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
+             undo: UndoLog) -> EditInfo:
         """One turn: edit ``requests`` jointly, logging into ``undo``; on any error no weight and no moment
         has changed.
 
@@ -269,17 +282,15 @@ class UltraEditor:
             EditInputError: for no requests, or two that rewrite one prompt to different targets.
             EditOptimizationError: if a gradient, the moments or a shift is not finite.
         """
-        if self.adapter is None:
-            raise RuntimeError("call setup(model, tokenizer) before applying edits")
         check_joint_requests(requests)
-        features, loss = edit_features(model, tok, self.adapter, self.hp.layers, requests, self.hp.tokens)
+        assert self.adapter is not None
+        features, _ = edit_features(model, tok, self.adapter, self.hp.layers, requests, self.hp.tokens)
         stats = self._updated(self.stats, features)
-        deltas, norm = self._shifts(stats, features)
+        deltas, _ = self._shifts(stats, features)
         self._write(model, deltas, undo)
         self.stats = stats  # the turn is in the weights: its features stay in the moments until they restore
         undo.on_restore(self.reset)
-        norm_t = torch.tensor([norm])
-        return EditInfo(z=[ZResult(norm_t, torch.zeros(1), [loss], 0)])
+        return EditInfo()
 
     def _shifts(self, stats: Moments, features: Features) -> tuple[dict[int, torch.Tensor], float]:
         """Each layer's ``ΔW`` (linear convention, float64) from the updated moments, and their joint Frobenius norm.

@@ -1,6 +1,6 @@
 """Load a model and tokenizer: packaged GGUF models offline, or any Hugging Face id or path.
 
-Packaged models (DESIGN §6) are dequantised once and cached as safetensors under
+Packaged models (the README, "Models") are dequantised once and cached as safetensors under
 ``cache_dir()/models/<name>-<sha of the GGUF>``, so later loads take seconds. The cache is derived
 from the GGUF: a cached copy whose JSON or safetensors files do not parse (e.g. truncated by a full
 disk) is logged, deleted and rebuilt.
@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.models.adapters import adapter_for
+from kelight.models.tokenizer import prepare_tokenizer
 from kelight.types import EditInputError
 
 log = logging.getLogger(__name__)
@@ -236,11 +237,3 @@ def load(
     model.to(device).eval().requires_grad_(False)
     prepare_tokenizer(tokenizer)
     return model, tokenizer
-
-
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Give the tokenizer a pad token and right padding (kelight indexes positions explicitly)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer

@@ -11,7 +11,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from kelight.models.loading import prepare_tokenizer
+from kelight.models.tokenizer import prepare_tokenizer
 
 _COMMON = {"vocab_size": 260, "tie_word_embeddings": False}
 TINY_CONFIGS: dict[str, dict] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kelight.editors.checks import check_number
+from kelight.checks import check_number
 from kelight.objectives.rewrite import rewrite_nll
 
 

@@ -21,10 +21,10 @@ as o_edit for an unrelated relation). The z objective of each request becomes
 
     NLL(o_edit) + ω · KL_essence + λ · L_rel + wd · ‖δ‖ / ‖v‖²  (+ extra terms such as γ · SADR)
 
-with λ = :attr:`~kelight.editors.zopt.ZConfig.relation_kl_factor` (0 = off, the default: no
-relation prompt is even run) and N = :attr:`~kelight.editors.zopt.ZConfig.relation_prompts`. The
+with λ = :attr:`~kelight.editors.locate.zopt.ZConfig.relation_kl_factor` (0 = off, the default: no
+relation prompt is even run) and N = :attr:`~kelight.editors.locate.zopt.ZConfig.relation_prompts`. The
 relation prompts run in the same forward as the rewriting and essence prompts (their rows follow each
-request's essence rows in a :class:`~kelight.editors.context.RewriteBatch`), so they share the prefix
+request's essence rows in a :class:`~kelight.editors.rewrite.RewriteBatch`), so they share the prefix
 cache, the replayed blocks and ``z_batch`` merging; z is the only tensor with a gradient. Like the
 essence KL, ``λ · L_rel`` is part of the loss the early stop tests for both ``early_stop_on`` values
 (it is a term of the edit objective, not an extra term).
@@ -44,7 +44,7 @@ import re
 from itertools import cycle, islice
 from typing import NamedTuple
 
-from kelight.editors.checks import check_number
+from kelight.checks import check_number
 from kelight.types import EditInputError, EditRequest
 
 

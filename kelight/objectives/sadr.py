@@ -10,11 +10,12 @@ last token s exceeds ``M_l = max_h' vanilla[l, h', row, s]``. The loss is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from kelight.editors.checks import check_number
-from kelight.editors.steps import StepState
+from kelight.checks import check_number
+from kelight.objectives.base import StepState
 from kelight.types import EditInputError
 
 EPS = 1e-8
@@ -104,6 +105,27 @@ class SADR:
 def check_sadr_gamma(gamma: object) -> float:
     """``gamma`` if it is a valid SADR weight: a finite number ≥ 0 (0 = off)."""
     return check_number("sadr_gamma", gamma, positive=False, hint="; use 0 to turn SADR off")
+
+
+@dataclass(frozen=True)
+class SadrOptions:
+    """The SADR term's options, shared by the hyper-parameters of every editor that optimises through a forward.
+
+    Attributes:
+        sadr_gamma: γ of the SADR attention-drift term (0 = off; the paper uses 5e-3 … 8e-2).
+        sadr_selective: restrain only the heads that over-attend the subject (SADR); ``false`` restrains every
+            head after the edit point (the paper's all-heads ablation).
+    """
+
+    sadr_gamma: float = 0.0
+    sadr_selective: bool = True
+
+    def __post_init__(self) -> None:
+        sadr_terms(self.sadr_gamma, 0, self.sadr_selective)  # the checks
+
+    def sadr(self, first_layer: int) -> tuple[SADR, ...]:
+        """The SADR term for attention drift from ``first_layer`` on (empty when γ = 0)."""
+        return sadr_terms(self.sadr_gamma, first_layer, self.sadr_selective)
 
 
 def sadr_terms(gamma: float, first_layer: int, selective: bool = True) -> tuple[SADR, ...]:

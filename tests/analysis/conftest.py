@@ -8,9 +8,7 @@ import torch
 from kelight.analysis.common import editor_edit
 from kelight.data import builtin_cases
 from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.zopt import ZConfig
 from kelight.models.tiny import tiny_model
-from kelight.objectives.sadr import sadr_terms
 
 EDIT_LAYER = 1
 
@@ -30,8 +28,9 @@ def cases():
 def rome(model_tok):
     """A set-up ROME+SADR editor at layer 1 (C = I, 4 steps) on the tiny llama."""
     model, tok = model_tok
-    hp = RomeHParams(layer=EDIT_LAYER, z=ZConfig(steps=4), context_templates=((3, 1),), mom2_adjustment=False)
-    editor = RomeEditor(hp, sadr_terms(0.1, EDIT_LAYER + 1))
+    hp = RomeHParams(layer=EDIT_LAYER, steps=4, context_templates=((3, 1),), mom2_adjustment=False, sadr_gamma=0.1)
+    editor = RomeEditor(hp)  # SADR from the layer after the edit layer
+    assert [term.first_layer for term in editor.extra_losses] == [EDIT_LAYER + 1]
     editor.setup(model, tok)
     return editor
 

@@ -11,7 +11,7 @@ from kelight.analysis.patching import plot_patching
 from kelight.analysis.path_importance import save_path_importance
 from kelight.analysis.substitution import plot_substitution
 from kelight.analysis.tradeoff import plot_tradeoff
-from kelight.editors.path_deltas import PathSelection
+from kelight.editors.pac.deltas import PathSelection
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def _results() -> dict:
             **patched, "patched_true": [0.1, 0.2], "patched_edit": [0.3, 0.2], "n_prompts": 4}}},
         "heads": {"first_layer": 2, "n_cases": 1, "per_step_layer": torch.rand(3, 2),
                   "per_layer_head": torch.rand(2, 6)},
-        "tradeoff": {"trials": [{"state": "finished", "params": {"model.sadr_gamma": g},
+        "tradeoff": {"trials": [{"state": "finished", "params": {"model.editor.sadr_gamma": g},
                                  "metrics": {"EM": 90.0, "PM": 60.0 + g, "RM": 10.0, "DNM": 20.0}}
                                 for g in (0.01, 0.1)]},
     }

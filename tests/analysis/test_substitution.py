@@ -5,7 +5,7 @@ import torch
 
 from kelight.analysis.common import edited, layer_window, no_edit, probabilities
 from kelight.analysis.substitution import module_paths, run_substitution, substitution_map
-from kelight.hooks import edit_output, trace
+from kelight.lm.hooks import edit_output, trace
 
 from .conftest import EDIT_LAYER, assert_unchanged, snapshot
 

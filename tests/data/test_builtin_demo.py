@@ -38,7 +38,7 @@ def test_demo_requests_do_not_touch_each_other() -> None:
 
 def _greedy_matches(model: torch.nn.Module, tok: object, pairs: list[tuple[str, str]]) -> list[bool]:
     """Whether greedy decoding after each prompt starts with the target's tokens (teacher forced)."""
-    from kelight.tokens import pad_batch, target_ids
+    from kelight.lm.tokens import pad_batch, target_ids
 
     encoded = [target_ids(tok, prompt, target) for prompt, target in pairs]
     ids, mask = pad_batch([p + t for p, t in encoded], tok.pad_token_id)  # (B, T)

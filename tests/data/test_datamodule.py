@@ -13,7 +13,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
 from kelight.data import EditDataModule, builtin_cases, default_data_root, load_records, select_indices
 from kelight.data.datamodule import BatchShardSampler, collate_cases
-from kelight.distributed import interleave
+from kelight.methods.distributed import interleave
 from kelight.types import EditCase, EditInputError
 
 

@@ -5,9 +5,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kelight.editors.steps import StepState, forward_logprobs
-from kelight.lm import attention_implementation
+from kelight.editors.steps import forward_logprobs
+from kelight.lm.forward import attention_implementation
 from kelight.models.tiny import tiny_model
+from kelight.objectives.base import StepState
 from kelight.objectives.sadr import SADR
 
 

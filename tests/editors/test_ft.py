@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kelight.editors import ft
-from kelight.editors.context import build_rewrite_batch
 from kelight.editors.ft import FTEditor, FTHParams
+from kelight.editors.rewrite import build_rewrite_batch
 from kelight.editors.steps import EditOptimizationError, forward_logprobs
-from kelight.editors.update import UndoLog
+from kelight.editors.undo import UndoLog
 from kelight.objectives import rewrite_nll
 from kelight.objectives.sadr import SADR
 from kelight.types import EditInputError, EditRequest
@@ -52,8 +52,9 @@ def test_only_mlp_out_changes_within_bound_and_restore_is_exact(tiny):
     assert _changed(model, snap) == [key]
     change = model.state_dict()[key] - snap[key]
     assert change.abs().max() <= eps * (1 + 1e-4)  # the total of both requests, up to rounding of W + ΔW
-    assert [z.steps_run for z in info.z] == [5, 5] and all(len(z.losses) == 5 for z in info.z)
-    assert info.z[0].delta.shape == (1,) and 0 < info.z[0].delta.item() and 0 < info.z[0].v_init.item()
+    assert info.steps == (5, 5) and all(len(losses) == 5 for losses in info.losses)
+    torch.testing.assert_close(undo.change_norm(), change.float().norm())  # ‖ΔW‖_F through the undo log
+    assert 0 < undo.change_norm().item() and 0 < snap[key].norm().item()
     undo.restore()
     assert _changed(model, snap) == []
 
@@ -83,7 +84,7 @@ def test_fine_tuning_lowers_rewrite_nll(family):
     editor = FTEditor(FTHParams(layer=1, lr=2e-2, norm_constraint=2e-2))
     editor.setup(model, tok)
     info = editor.apply(model, tok, [END], undo)
-    assert info.z[0].losses[0] == pytest.approx(before, abs=1e-5)
+    assert info.losses[0][0] == pytest.approx(before, abs=1e-5)
     assert _rewrite_nll(model, tok, END) < before - 0.1
 
 
@@ -115,7 +116,7 @@ def test_sadr_composes():
     info = editor.apply(model, tok, [REQ], undo)
     assert seen == [(s, model.config.num_hidden_layers) for s in range(4)]
     assert len(sadr.selected) == 4 and sadr.vanilla is not None  # called every step, vanilla at step 0
-    assert all(torch.isfinite(torch.tensor(z.losses)).all() for z in info.z)
+    assert all(torch.isfinite(torch.tensor(losses)).all() for losses in info.losses)
     assert model.config._attn_implementation == attn_before  # the row kernel only during the edit
     undo.restore()
 
@@ -125,7 +126,7 @@ def test_sadr_on_attention_rows_equals_sadr_on_eager_attention(family, monkeypat
     def edit(model, tok, sadr):
         editor = FTEditor(FTHParams(layer=0, steps=4, lr=5e-2, norm_constraint=1.0), [sadr])
         editor.setup(model, tok)
-        return editor.apply(model, tok, [REQ], UndoLog()).z[0].losses
+        return list(editor.apply(model, tok, [REQ], UndoLog()).losses[0])
 
     assert_rows_equal_eager(monkeypatch, ft, family, edit)
 
@@ -177,7 +178,7 @@ def test_layer_out_of_range_and_apply_before_setup():
     model, tok = tiny_model("llama")
     with pytest.raises(ValueError, match=r"layer 7 is out of range .* \[0, 2\]"):
         FTEditor(FTHParams(layer=7)).setup(model, tok)
-    with pytest.raises(RuntimeError, match="call setup"):
+    with pytest.raises(RuntimeError, match=r"call FTEditor\.setup\(model, tokenizer\) before computing edits"):
         FTEditor(FTHParams(layer=1)).apply(model, tok, [REQ], UndoLog())
 
 
@@ -194,14 +195,32 @@ def test_empty_request_list_is_refused():
 
 
 def test_cli_fit_writes_contract_and_restores(tmp_path):
-    from kelight.cli import run
+    from kelight.cli.main import run
     from kelight.models.tiny import tiny_model
-    from tests.test_cli import ROOT, _case_file
+    from tests.cli.test_main import ROOT, _case_file
 
     out = tmp_path / "run"
-    cli = run(["fit", "--config", str(ROOT / "configs/smollm2/ft.yaml"), "--model.model_name", "tiny:llama",
-                "--model.layer", "1", "--model.steps", "3", "--model.sadr_gamma", "0.01", "--model.fluency", "false",
-                "--data.path", str(_case_file(tmp_path)), "--trainer.default_root_dir", str(out)])
+    cli = run(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/smollm2/ft.yaml"),
+            "--model.model_name",
+            "tiny:llama",
+            "--model.editor.layer",
+            "1",
+            "--model.editor.steps",
+            "3",
+            "--model.editor.sadr_gamma",
+            "0.01",
+            "--model.fluency",
+            "false",
+            "--data.path",
+            str(_case_file(tmp_path)),
+            "--trainer.default_root_dir",
+            str(out),
+        ]
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_cases"] == 2 and metrics["seconds_per_edit"] > 0 and "ES" in metrics
     assert len(Path(out / "cases.jsonl").read_text().splitlines()) == 2

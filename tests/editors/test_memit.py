@@ -5,10 +5,10 @@ import logging
 import pytest
 import torch
 
-from kelight.editors.corpus import CorpusSpec
-from kelight.editors.memit import MemitEditor, MemitHParams, post_norm_preimage
-from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ZConfig
+from kelight.editors.alphaedit import AlphaEditHParams, AlphaEditor
+from kelight.editors.memit import MemitEditor, MemitHParams, PmetEditor, PmetHParams, post_norm_preimage
+from kelight.editors.stats.corpus import CorpusSpec
+from kelight.editors.undo import UndoLog
 from kelight.types import EditInputError, EditRequest
 
 REQS = [
@@ -19,9 +19,14 @@ CORPUS = CorpusSpec(kind="texts", texts=tuple(f"Some text number {i} about tower
 
 
 def _editor(model, tok, pmet=False, layers=(0, 1), weight=1.0, value_at=None, **solve):
-    hp = MemitHParams(layers=layers, z=ZConfig(steps=5), context_templates=(), mom2_update_weight=weight,
-                      mom2_corpus=CORPUS, mom2_n_tokens=500, pmet=pmet, value_at=value_at, **solve)
-    editor = MemitEditor(hp)
+    """MEMIT (PMET with ``pmet``; AlphaEdit with null-space options in ``solve``)."""
+    common = dict(layers=layers, steps=5, context_templates=(), mom2_corpus=CORPUS, mom2_n_tokens=500,
+                  value_at=value_at)
+    if solve:
+        editor = AlphaEditor(AlphaEditHParams(**common, **solve))
+    else:
+        cls, editor_cls = (PmetHParams, PmetEditor) if pmet else (MemitHParams, MemitEditor)
+        editor = editor_cls(cls(**common, mom2_update_weight=weight))
     editor.setup(model, tok)  # a small in-memory corpus keeps the test fast and offline
     return editor
 
@@ -33,7 +38,7 @@ def test_memit_batch_edit_restores_bit_exact(tiny, pmet):
     editor = _editor(model, tok, pmet=pmet)
     undo = UndoLog()
     info = editor.apply(model, tok, REQS, undo)
-    assert len(info.z) == 2 and len(undo) == 2  # two layers touched
+    assert len(info.steps) == len(info.losses) == 2 and len(undo) == 2  # two layers touched
     undo.restore()
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
@@ -53,8 +58,10 @@ def test_single_layer_update_writes_the_target(arch, pmet, value_at, module):
     path = editor.adapter.path("mlp_out", 1) if module == "mlp" else editor.adapter.block_path(1)
     assert editor.target_path() == path
     undo = UndoLog()
-    info = editor.apply(model, tok, REQS[:1], undo)
-    target = (info.z[0].v_init[0] + info.z[0].delta[0]).double()
+    zs = editor.compute_zs(model, tok, REQS[:1])
+    info = editor.apply(model, tok, REQS[:1], undo, zs=zs)
+    assert info.steps == (zs[0].steps_run,)
+    target = (zs[0].v_init[0] + zs[0].delta[0]).double()
     after = editor._current_values(model, tok, REQS[:1])[:, 0]
     torch.testing.assert_close(after, target, rtol=1e-4, atol=1e-4)
     undo.restore()
@@ -110,25 +117,28 @@ def test_memit_writes_through_gemmas_post_mlp_norm(caplog):
     undo.restore()
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"layers": (3, 1)}, "ascending"), ({"layers": ()}, "non-empty"),
-                                               ({"mom2_update_weight": 0.0}, "mom2_update_weight"),
-                                               ({"mom2_update_weight": float("nan")}, "mom2_update_weight to be a "
-                                                "finite number > 0, got nan"),
-                                               ({"mom2_update_weight": float("inf")}, "mom2_update_weight to be a "
-                                                "finite number > 0, got inf"),
-                                               ({"layers": 1}, r"layers to be a list of layer indices.*\[1\]"),
-                                               ({"layers": (True, 2)}, "layers to be a list of layer indices"),
-                                               ({"context_templates": ((5, -2),)}, "pairs of positive integers"),
-                                               ({"context_templates": ((5,),)}, "pairs of positive integers"),
-                                               ({"value_at": "attn"}, "value_at 'block', 'mlp' or None"),
-                                               ({"value_at": "block", "pmet": True}, "use MEMIT"),
-                                               ({"nullspace_threshold": 0.0}, "nullspace_threshold to be a "
-                                                "finite number > 0, got 0.0"),
-                                               ({"nullspace_threshold": float("nan")}, "nullspace_threshold"),
-                                               ({"nullspace_l2": 0.0}, "nullspace_l2 to be a finite number > 0")])
-def test_hparams_validation(kwargs, match):
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (MemitHParams, {"layers": (3, 1)}, "ascending"),
+        (MemitHParams, {"layers": ()}, "non-empty"),
+        (MemitHParams, {"mom2_update_weight": 0.0}, "mom2_update_weight"),
+        (MemitHParams, {"mom2_update_weight": float("nan")}, "mom2_update_weight to be a finite number > 0, got nan"),
+        (MemitHParams, {"mom2_update_weight": float("inf")}, "mom2_update_weight to be a finite number > 0, got inf"),
+        (MemitHParams, {"layers": 1}, r"layers to be a list of layer indices.*\[1\]"),
+        (MemitHParams, {"layers": (True, 2)}, "layers to be a list of layer indices"),
+        (MemitHParams, {"context_templates": ((5, -2),)}, "pairs of positive integers"),
+        (MemitHParams, {"context_templates": ((5,),)}, "pairs of positive integers"),
+        (MemitHParams, {"value_at": "attn"}, "value_at 'block', 'mlp' or None"),
+        (PmetHParams, {"value_at": "block"}, "use MEMIT"),
+        (AlphaEditHParams, {"nullspace_threshold": 0.0}, "nullspace_threshold to be a finite number > 0, got 0.0"),
+        (AlphaEditHParams, {"nullspace_threshold": float("nan")}, "nullspace_threshold"),
+        (AlphaEditHParams, {"nullspace_l2": 0.0}, "nullspace_l2 to be a finite number > 0"),
+    ],
+)
+def test_hparams_validation(cls, kwargs, match):
     with pytest.raises(EditInputError, match=match):
-        MemitHParams(**kwargs)
+        cls(**kwargs)
 
 
 @pytest.mark.parametrize("pmet", [False, True])
@@ -201,7 +211,7 @@ def test_alphaedit_updates_lie_in_the_null_space_and_keep_earlier_edits(arch):
 def test_alphaedit_second_edit_solves_with_the_first_edits_keys():
     """The second update equals nullspace_update with K_p K_pᵀ = the first edit's keys at that layer, and
     the same edit on fresh weights (K_p = 0) differs."""
-    from kelight.editors.update import nullspace_update
+    from kelight.editors.locate.solve import nullspace_update
     from kelight.models.tiny import tiny_model
 
     model, tok = tiny_model("llama")

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from kelight.editors import pathedit
-from kelight.editors.path_deltas import PathDeltas, PathSelection, layer_weights
-from kelight.editors.path_trace import path_nll, select_paths, trace_paths
+from kelight.editors.pac.deltas import PathDeltas, PathSelection, layer_weights
+from kelight.editors.pac.trace import path_nll, select_paths, trace_paths
 from kelight.editors.pathedit import PathEditor, PathHParams, build_path_batch
-from kelight.editors.update import UndoLog
-from kelight.lm import final_hidden
+from kelight.editors.undo import UndoLog
+from kelight.lm.forward import final_hidden
 from kelight.models.adapters import adapter_for
 from kelight.models.tiny import tiny_model
 from kelight.objectives.sadr import SADR
@@ -153,10 +153,11 @@ def test_restore_is_bit_exact_and_hooks_are_gone(tiny):
     before = path_nll(model, build_path_batch(tok, REQS, "cpu")).item()
     info = editor.apply(model, tok, REQS, undo)
     after = path_nll(model, build_path_batch(tok, REQS, "cpu")).item()
-    assert after < before and info.z[0].steps_run == 3 and len(editor.traces) == 1
+    assert after < before and info.steps == (3, 3) and len(editor.traces) == 1
+    assert all(len(losses) == 3 for losses in info.losses)
     change = torch.stack([(v - snap[k]).square().sum() for k, v in model.state_dict().items()]).sum().sqrt()
-    assert change > 0  # the reported norm is the weights' whole change (it was the folded, zeroed deltas')
-    torch.testing.assert_close(info.z[0].delta, change[None], rtol=1e-5, atol=0)
+    assert change > 0  # the logged norm is the weights' whole change (not the folded, zeroed deltas')
+    torch.testing.assert_close(undo.change_norm(), change, rtol=1e-5, atol=0)
     assert all(not m._forward_hooks for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
     undo.restore()
@@ -182,7 +183,7 @@ def test_sadr_on_attention_rows_equals_sadr_on_eager_attention(family, monkeypat
     def edit(model, tok, sadr):
         editor = PathEditor(PathHParams(path_size=4, lr=5e-2, epochs=4, eta=2), (sadr,))
         editor.setup(model, tok)
-        return editor.apply(model, tok, REQS, UndoLog()).z[0].losses
+        return list(editor.apply(model, tok, REQS, UndoLog()).losses[0])
 
     assert_rows_equal_eager(monkeypatch, pathedit, family, edit)
 
@@ -209,7 +210,7 @@ def test_setup_errors_name_the_fix():
     fake.config = SimpleNamespace(model_type="bert")
     with pytest.raises(ValueError, match="unknown architecture 'bert'"):
         PathEditor().setup(fake, tok)
-    with pytest.raises(RuntimeError, match="call setup"):
+    with pytest.raises(RuntimeError, match=r"call PathEditor\.setup\(model, tokenizer\) before computing edits"):
         PathEditor().apply(model, tok, REQS, UndoLog())
 
 
@@ -308,7 +309,7 @@ def test_failed_apply_leaves_no_stale_deltas_for_the_next_edit():
 def test_contrastive_targets_are_the_unedited_argmax_at_the_target_positions(family):
     """Teacher-forced on ``prompt + target``, the position before each target token, in a padded batch of
     requests whose prompts and targets differ in length (checked against HF's own logits, row by row)."""
-    from kelight.tokens import target_ids
+    from kelight.lm.tokens import target_ids
 
     model, tok = tiny_model(family)
     requests = [EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome and the capital city", "Paris"), REQS[1]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kelight.editors.context import build_rewrite_batch
 from kelight.editors.prefix import PrefixCache, split_at_subject
+from kelight.editors.rewrite import build_rewrite_batch
 from kelight.models.tiny import tiny_model
 from kelight.types import EditRequest
 

@@ -4,16 +4,16 @@ import pytest
 import torch
 
 import kelight
-from kelight.editors.context import build_rewrite_batch
-from kelight.editors.keys import mean_keys, subject_keys
+from kelight.editors.locate.keys import mean_keys, subject_keys
+from kelight.editors.locate.zopt import ZConfig
+from kelight.editors.rewrite import build_rewrite_batch
 from kelight.editors.rome import RomeEditor, RomeHParams
 from kelight.editors.steps import EditOptimizationError
-from kelight.editors.update import UndoLog
-from kelight.editors.zopt import ZConfig
+from kelight.editors.undo import UndoLog
 from kelight.types import EditInputError, EditRequest
 
 REQ = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id="eiffel")
-FAST = dict(mom2_adjustment=False, context_templates=((3, 2),), z=ZConfig(steps=4))
+FAST = dict(mom2_adjustment=False, context_templates=((3, 2),), steps=4)
 
 
 def _snapshot(model):
@@ -59,9 +59,8 @@ def test_z_optimisation_lowers_rewrite_loss():
     from kelight.models.tiny import tiny_model
 
     model, tok = tiny_model("llama")
-    editor = RomeEditor(RomeHParams(layer=1, mom2_adjustment=False, context_templates=(),
-                                    z=ZConfig(steps=25, lr=0.5, kl_factor=0.0, weight_decay=0.0,
-                                              clamp_norm_factor=1e6)))
+    editor = RomeEditor(RomeHParams(layer=1, mom2_adjustment=False, context_templates=(), steps=25, lr=0.5,
+                                    kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=1e6))
     editor.setup(model, tok)
     # subject at the end: the first target token is read straight off the edited residual stream
     # (a random tiny model's logits are near-uniform, so only a modest drop is possible)
@@ -85,7 +84,7 @@ def test_rewrite_batch_positions():
 
 
 def test_nan_during_optimisation_raises_and_leaves_weights(monkeypatch):
-    from kelight.editors import zopt
+    from kelight.editors.locate import zopt
     from kelight.models.tiny import tiny_model
 
     model, tok = tiny_model("llama")

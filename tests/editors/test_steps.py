@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kelight.editors.steps import EditOptimizationError, StepState, finish_loss
+from kelight.editors.steps import EditOptimizationError, finish_loss
+from kelight.objectives.base import StepState
 
 
 def _state(step: int = 3) -> StepState:

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import kelight.editors.ultraedit as ue
-from kelight.editors.context import build_rewrite_batch
 from kelight.editors.lifelong import LifelongStats, pseudo_values
+from kelight.editors.rewrite import build_rewrite_batch
 from kelight.editors.steps import EditOptimizationError
 from kelight.editors.ultraedit import UltraEditHParams, UltraEditor, edit_features, ridge_update
-from kelight.editors.update import UndoLog
-from kelight.hooks import add_at, edit_output
-from kelight.lm import logits_at
+from kelight.editors.undo import UndoLog
+from kelight.lm.forward import logits_at
+from kelight.lm.hooks import add_at, edit_output
 from kelight.models.adapters import adapter_for
 from kelight.models.tiny import tiny_model
 from kelight.types import EditInputError, EditRequest
@@ -36,8 +36,8 @@ def _unchanged(model, snap) -> bool:
     return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
-def _editor(model, tok, **options) -> UltraEditor:
-    editor = UltraEditor(UltraEditHParams(**{"layers": LAYERS, "lr": 1e-2, **options}))
+def _editor(model, tok, warmup=(), **options) -> UltraEditor:
+    editor = UltraEditor(UltraEditHParams(**{"layers": LAYERS, "lr": 1e-2, **options}), warmup=warmup)
     editor.setup(model, tok)
     return editor
 
@@ -235,13 +235,20 @@ def test_gpt2_conv1d_weight_is_shifted_in_its_stored_orientation():
     ({"stats_dtype": "float16"}, r"expected stats_dtype to be one of \['float32', 'float64'\], got 'float16'"),
     ({"whiten": "yes"}, "expected whiten to be true or false, got 'yes'"),
     ({"pool_layers": 1}, "expected pool_layers to be true or false, got 1"),
-    ({"warmup": "Paris is in"}, "expected warmup to be a list of edit requests"),
-    ({"warmup": [3]}, "expected each warmup item to be an EditRequest or a dict of its fields, got 3"),
-    ({"warmup": [{"prompt": "Oslo is in", "subject": "Oslo"}]}, r"missing \['target_new'\]"),
 ])
 def test_bad_options_are_refused(options, match):
     with pytest.raises(EditInputError, match=match):
         UltraEditHParams(**options)
+
+
+@pytest.mark.parametrize(("warmup", "match"), [
+    ("Paris is in", "expected warmup to be a list of edit requests"),
+    ([3], "expected each warmup item to be an EditRequest or a dict of its fields, got 3"),
+    ([{"prompt": "Oslo is in", "subject": "Oslo"}], r"missing \['target_new'\]"),
+])
+def test_bad_warmup_requests_are_refused(warmup, match):
+    with pytest.raises(EditInputError, match=match):
+        UltraEditor(UltraEditHParams(), warmup=warmup)
 
 
 def test_a_layer_beyond_the_model_is_refused_at_setup():

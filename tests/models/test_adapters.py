@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kelight.hooks import trace
+from kelight.lm.hooks import trace
 from kelight.models import adapter_for
 from kelight.models.tiny import TINY_CONFIGS, tiny_model
 

@@ -10,14 +10,17 @@ import torch
 
 import kelight
 from kelight.data.formats import parse_counterfact_mix
-from kelight.editors.context import add_relation_rows, build_rewrite_batch
-from kelight.editors.zopt import ZConfig, _kl_terms, optimise_z
+from kelight.data.root import default_data_root
+from kelight.editors.alphaedit import AlphaEditHParams
+from kelight.editors.locate.zopt import ZConfig, _kl_terms, optimise_z
+from kelight.editors.memit import MemitHParams
+from kelight.editors.rewrite import add_relation_rows, build_rewrite_batch
+from kelight.editors.rome import RomeHParams
+from kelight.lm.tokens import pad_id
 from kelight.methods import MEMIT, ROME, AlphaEdit
 from kelight.models.adapters import adapter_for
 from kelight.models.tiny import tiny_model
 from kelight.objectives.relations import MAX_RELATION_PROMPTS, RELATION_TEMPLATES, relation_prompts
-from kelight.paths import default_data_root
-from kelight.tokens import pad_id
 from kelight.types import EditInputError, EditRequest
 
 TEMPLATES = ["{}", "Yes. {}"]
@@ -26,28 +29,56 @@ BIRTH = EditRequest("The place of birth of Ada Lovelace is", "Ada Lovelace", "Pa
 # counterfact_mix-like records: the WikiData half (relation prompts, subject aliases, reasoning) and the
 # CounterFact half (paraphrases, neighbours, generation prompts), worded as those data sets word them
 WIKIDATA = {
-    "requested_rewrite": {"prompt": "The occupation of Isabel May is", "subject": "Isabel May",
-                          "target_new": "architect", "target_true": "actor"},
+    "requested_rewrite": {
+        "prompt": "The occupation of Isabel May is",
+        "subject": "Isabel May",
+        "target_new": "architect",
+        "target_true": "actor",
+    },
     "rewrite": {"prompts": ["The occupation of Isabel May is"], "targets": ["architect"]},
-    "l-relation": {"prompts": [f"{q} Isabel May is" for q in (
-        "The name of the country of citizenship of", "The place of birth of", "The gender of",
-        "The name of the alma mater of", "The name of the award", "The name of the spouse of",
-        "The name of the religion which", "The name of the employer of")],
-        "targets": ["United States", "Los Angeles", "female", "UCLA", "Emmy", "nobody", "none", "CBS"]},
+    "l-relation": {
+        "prompts": [
+            f"{q} Isabel May is"
+            for q in (
+                "The name of the country of citizenship of",
+                "The place of birth of",
+                "The gender of",
+                "The name of the alma mater of",
+                "The name of the award",
+                "The name of the spouse of",
+                "The name of the religion which",
+                "The name of the employer of",
+            )
+        ],
+        "targets": ["United States", "Los Angeles", "female", "UCLA", "Emmy", "nobody", "none", "CBS"],
+    },
     "p-subject_alias": {"prompts": ["The occupation of Isabel Elizabeth May is"], "targets": ["architect"]},
     "p-reasoning": {"prompts": ["The field of work of the occupation of Isabel May is"], "targets": ["architecture"]},
     "o-commonsense": {"prompts": "To boil water", "right": "heat it", "wrong": "freeze it"},
 }
 COUNTERFACT = {
-    "requested_rewrite": {"prompt": "Danielle Darrieux, a native", "subject": "Danielle Darrieux",
-                          "target_new": "English", "target_true": "French", "relation_id": "P103"},
+    "requested_rewrite": {
+        "prompt": "Danielle Darrieux, a native",
+        "subject": "Danielle Darrieux",
+        "target_new": "English",
+        "target_true": "French",
+        "relation_id": "P103",
+    },
     "rewrite": {"prompts": ["Danielle Darrieux, a native"], "targets": ["English"]},
-    "p-paraphrase": {"prompts": ["The mother tongue of Danielle Darrieux is", "Danielle Darrieux spoke the language"],
-                     "targets": ["English", "English"]},
-    "l-neighbor": {"prompts": ["Michel Rocard is a native speaker of", "Jean Gabin spoke the language"],
-                   "targets": ["French", "French"]},
-    "generation": {"prompts": [f"Danielle Darrieux {g}" for g in (
-        "was born in", "works as a", "is a citizen of", "is known for", "lives in", "is incredible at")]},
+    "p-paraphrase": {
+        "prompts": ["The mother tongue of Danielle Darrieux is", "Danielle Darrieux spoke the language"],
+        "targets": ["English", "English"],
+    },
+    "l-neighbor": {
+        "prompts": ["Michel Rocard is a native speaker of", "Jean Gabin spoke the language"],
+        "targets": ["French", "French"],
+    },
+    "generation": {
+        "prompts": [
+            f"Danielle Darrieux {g}"
+            for g in ("was born in", "works as a", "is a citizen of", "is known for", "lives in", "is incredible at")
+        ]
+    },
 }
 
 
@@ -56,9 +87,11 @@ def _norm(text: str) -> str:
 
 
 def _evaluation_prompts(case) -> set[str]:
-    return ({_norm(p.prompt) for group in case.probes.values() for p in group}
-            | {_norm(p.prompt) for group in case.token_probes.values() for p in group}
-            | {_norm(p) for p in case.generation_prompts})
+    return (
+        {_norm(p.prompt) for group in case.probes.values() for p in group}
+        | {_norm(p.prompt) for group in case.token_probes.values() for p in group}
+        | {_norm(p) for p in case.generation_prompts}
+    )
 
 
 @pytest.mark.parametrize("record", [WIKIDATA, COUNTERFACT], ids=["wikidata", "counterfact"])
@@ -85,11 +118,17 @@ def test_the_edited_relation_is_left_out_by_wording():
     prompts = relation_prompts(BIRTH, MAX_RELATION_PROMPTS)
     for born in ("Ada Lovelace was born in the city of", "The birthplace of Ada Lovelace is"):
         assert born not in prompts  # P19 in both frames: "birth" is in the rewrite prompt
-    assert prompts[:3] == ["The nationality of Ada Lovelace is", "Ada Lovelace earns a living as a",
-                           "Ada Lovelace is fluent in"]  # the list's order, P19 skipped
+    assert prompts[:3] == [
+        "The nationality of Ada Lovelace is",
+        "Ada Lovelace earns a living as a",
+        "Ada Lovelace is fluent in",
+    ]  # the list's order, P19 skipped
     citizenship = EditRequest("The name of the country of citizenship of Ada Lovelace is", "Ada Lovelace", "Peru")
-    left = {t.relation_id for t in RELATION_TEMPLATES
-            if t.text.replace("{}", "Ada Lovelace") not in relation_prompts(citizenship, MAX_RELATION_PROMPTS)}
+    left = {
+        t.relation_id
+        for t in RELATION_TEMPLATES
+        if t.text.replace("{}", "Ada Lovelace") not in relation_prompts(citizenship, MAX_RELATION_PROMPTS)
+    }
     assert {"P27", "P17", "P495"} <= left  # citizenship, and the country relations the wording names
 
 
@@ -117,23 +156,37 @@ def test_fewer_templates_left_than_asked_are_cycled():
     assert len(nationality) == 2 and relation_prompts(others, 5) == [nationality[i % 2] for i in range(5)]
 
 
-@pytest.mark.parametrize(("options", "match"), [
-    ({"relation_kl_factor": -1.0}, "expected relation_kl_factor to be a finite number ≥ 0, got -1.0; use 0 to turn"),
-    ({"relation_kl_factor": float("nan")}, "expected relation_kl_factor to be a finite number ≥ 0, got nan"),
-    ({"relation_kl_factor": "1"}, "expected relation_kl_factor to be a finite number ≥ 0, got '1'"),
-    ({"relation_kl_factor": 1.0, "relation_prompts": 0},
-     r"expected relation_prompts to be an integer from 1 to \d+ .*got 0 \(the term is on"),
-    ({"relation_prompts": MAX_RELATION_PROMPTS + 1},
-     rf"from 0 to {MAX_RELATION_PROMPTS} .*got {MAX_RELATION_PROMPTS + 1}"),
-    ({"relation_prompts": 2.0}, "expected relation_prompts to be an integer .*got 2.0"),
-    ({"relation_prompts": True}, "expected relation_prompts to be an integer .*got True"),
-])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"relation_kl_factor": -1.0},
+            "expected relation_kl_factor to be a finite number ≥ 0, got -1.0; use 0 to turn",
+        ),
+        ({"relation_kl_factor": float("nan")}, "expected relation_kl_factor to be a finite number ≥ 0, got nan"),
+        ({"relation_kl_factor": "1"}, "expected relation_kl_factor to be a finite number ≥ 0, got '1'"),
+        (
+            {"relation_kl_factor": 1.0, "relation_prompts": 0},
+            r"expected relation_prompts to be an integer from 1 to \d+ .*got 0 \(the term is on",
+        ),
+        (
+            {"relation_prompts": MAX_RELATION_PROMPTS + 1},
+            rf"from 0 to {MAX_RELATION_PROMPTS} .*got {MAX_RELATION_PROMPTS + 1}",
+        ),
+        ({"relation_prompts": 2.0}, "expected relation_prompts to be an integer .*got 2.0"),
+        ({"relation_prompts": True}, "expected relation_prompts to be an integer .*got True"),
+    ],
+)
 def test_bad_options_are_refused_everywhere(options, match):
     with pytest.raises(EditInputError, match=match):
         ZConfig(**options)
-    for cls, extra in ((ROME, {}), (MEMIT, {"layers": [1, 2]}), (AlphaEdit, {"layers": [1, 2]})):
-        with pytest.raises(EditInputError, match=match):
-            cls(model_name="tiny:llama", **extra, **options)
+    for cls, hparams, extra in (
+        (ROME, RomeHParams, {}),
+        (MEMIT, MemitHParams, {"layers": [1, 2]}),
+        (AlphaEdit, AlphaEditHParams, {"layers": [1, 2]}),
+    ):
+        with pytest.raises(EditInputError, match=match):  # the module's options are its editor's hyper-parameters
+            cls(model_name="tiny:llama", editor=hparams(**extra, **options))
     model, tok = tiny_model("llama")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(EditInputError, match=match):
@@ -146,10 +199,15 @@ def test_zero_prompts_are_fine_while_the_term_is_off():
 
 
 def test_options_reach_the_z_config():
-    z = ROME(model_name="tiny:llama", relation_kl_factor=2.0, relation_prompts=5).build_editor().hp.z
-    assert (z.relation_kl_factor, z.relation_prompts) == (2.0, 5)
-    z = AlphaEdit(model_name="tiny:llama", layers=[1, 2], relation_kl_factor=0.5).build_editor().hp.z
-    assert (z.relation_kl_factor, z.relation_prompts) == (0.5, 8)
+    """The editor's hyper-parameters are the z optimisation's configuration (a LocateHParams is a ZConfig)."""
+    z = ROME(model_name="tiny:llama", editor=RomeHParams(relation_kl_factor=2.0, relation_prompts=5)).build_editor().hp
+    assert isinstance(z, ZConfig) and (z.relation_kl_factor, z.relation_prompts) == (2.0, 5)
+    z = (
+        AlphaEdit(model_name="tiny:llama", editor=AlphaEditHParams(layers=[1, 2], relation_kl_factor=0.5))
+        .build_editor()
+        .hp
+    )
+    assert isinstance(z, ZConfig) and (z.relation_kl_factor, z.relation_prompts) == (0.5, 8)
 
 
 def test_relation_rows_follow_the_essence_rows():
@@ -206,9 +264,18 @@ def test_every_locate_then_edit_editor_takes_it(method, gamma):
     model, tok = tiny_model("llama")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     site = {"layer": 1} if method == "rome" else {"layers": [0, 1]}
-    common = {**site, "steps": 4, "early_stop_loss": 0.0, "context_templates": [[3, 1]], "mom2_corpus": "model",
-              "mom2_n_tokens": 64, "sadr_gamma": gamma, "relation_prompts": 4, "weight_decay": 0.0,
-              "clamp_norm_factor": 1e3}
+    common = {
+        **site,
+        "steps": 4,
+        "early_stop_loss": 0.0,
+        "context_templates": [[3, 1]],
+        "mom2_corpus": "model",
+        "mom2_n_tokens": 64,
+        "sadr_gamma": gamma,
+        "relation_prompts": 4,
+        "weight_decay": 0.0,
+        "clamp_norm_factor": 1e3,
+    }
     if method == "rome":
         common["mom2_adjustment"] = False
     changes = []

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from kelight.editors.context import build_rewrite_batch
-from kelight.editors.steps import StepState
-from kelight.editors.zopt import ZConfig, optimise_z
-from kelight.hooks import add_at, edit_output
-from kelight.lm import attention_implementation
+from kelight.editors.locate.zopt import ZConfig, optimise_z
+from kelight.editors.rewrite import build_rewrite_batch
+from kelight.lm.forward import attention_implementation
+from kelight.lm.hooks import add_at, edit_output
+from kelight.objectives.base import StepState
 from kelight.objectives.sadr import SADR, sadr_loss, sadr_terms
 from kelight.types import EditInputError
 

@@ -1,0 +1,5 @@
+"""``python -m kelight.cli``: the ``kelight`` command."""
+
+from kelight.cli.main import main
+
+main()
