@@ -58,7 +58,11 @@ class KelightCLI(LightningCLI):
             from lightning.pytorch.loggers import WandbLogger  # noqa: PLC0415
 
             Path(root).mkdir(parents=True, exist_ok=True)
-            kwargs["logger"] = WandbLogger(project=os.environ.get("WANDB_PROJECT", "kelight"), save_dir=root)
+            logger = WandbLogger(project=os.environ.get("WANDB_PROJECT", "kelight"), save_dir=root)
+            # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 answers with a deprecation
+            # warning on every run; the setting has no effect, so it is not passed at all.
+            logger._wandb_init.pop("anonymous", None)
+            kwargs["logger"] = logger
         if self.config[self.subcommand].trainer.get("strategy") == "ddp":
             kwargs["strategy"] = EditDDPStrategy()  # DDP processes without the gradient wrapper
         return super().instantiate_trainer(**kwargs)
@@ -89,6 +93,7 @@ _EXPECTED_WARNINGS = (
     r".*does not have many workers.*",
     r".*smaller than the logging interval.*",
     r".*LightningCLI's args parameter is intended to run from within Python.*",  # main() passes argv on
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own use of a torch 2.13 deprecation
 )
 
 

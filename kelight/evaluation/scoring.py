@@ -289,6 +289,7 @@ def evaluate_case(
     pre_locality: Mapping[str, object] | None = None, ppl_texts: Sequence[str] = (),
     batch_size: int = 64, max_new_tokens: int = 100, seed: int = 0, protocol: EvalProtocol = "teacher_forced",
     wild: WildConfig | None = None, answers: dict[str, str] | None = None,
+    fluency_texts: Sequence[str] | None = None,
 ) -> CaseResult:
     """Evaluate every probe of ``case`` on the (edited) model.
 
@@ -313,6 +314,8 @@ def evaluate_case(
         wild: how answers are generated (default :class:`WildConfig`).
         answers: answers of this model as it is now, already generated for these prompts across cases
             (:func:`generate_answers`); reused, and extended in place.
+        fluency_texts: this case's fluency samples, already drawn across cases (:func:`fluency_samples`);
+            ``None`` samples them here.
 
     Raises:
         ValueError: if ``pre_locality`` does not cover the probes the protocol compares with the unedited model.
@@ -329,10 +332,32 @@ def evaluate_case(
         pairs += [(p.prompt, p.target) for probes in case.token_probes.values() for p in probes]
         scores, tokens = _split_readouts(_teacher_forced(model, tok, pairs, 2 * batch_size), case, pre_locality)
     texts: tuple[str, ...] = ()
-    if fluency and case.generation_prompts:
+    if fluency and fluency_texts is not None:
+        texts = tuple(fluency_texts)
+    elif fluency and case.generation_prompts:
         texts = tuple(generate(model, tok, case.generation_prompts, max_new_tokens, seed=seed))
     ppl = perplexity_stats(model, tok, ppl_texts) if ppl_texts else None
     return CaseResult(case.case_id, scores, tokens, texts, ppl, judged)
+
+
+@torch.no_grad()
+def fluency_samples(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, cases: Sequence[EditCase], max_new_tokens: int = 100,
+    seed: int = 0, batch_size: int = 64,
+) -> dict[str, tuple[str, ...]]:
+    """Every case's fluency samples (case id -> texts) on the model as it is now, drawn across cases in
+    batches of ``batch_size`` prompts (batch ``i`` seeded ``seed + i``): one KV-cached batch for many cases
+    instead of one per case. A prompt's sample depends on its batch (:func:`generate`), so FL from a
+    cross-case pass differs from a per-case pass within sampling noise, and is the same on every rerun."""
+    _check_positive(batch_size, "batch_size")
+    prompts = [(case.case_id, p) for case in cases for p in case.generation_prompts]
+    texts: dict[str, list[str]] = {case.case_id: [] for case in cases}
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        samples = generate(model, tok, [p for _, p in chunk], max_new_tokens, seed=seed + index)
+        for (case_id, _), text in zip(chunk, samples, strict=True):
+            texts[case_id].append(text)
+    return {case_id: tuple(t) for case_id, t in texts.items()}
 
 
 def case_summary(result: CaseResult) -> dict[str, float]:

@@ -44,6 +44,7 @@ from kelight.evaluation.metrics import EditMetrics
 from kelight.evaluation.scoring import (
     case_summary,
     evaluate_case,
+    fluency_samples,
     load_ppl_texts,
     locality_reference,
     perplexity_stats,
@@ -181,6 +182,7 @@ class EditModule(L.LightningModule):
         self.edit_seconds: list[float] = []
         self.pending: list[tuple[EditCase, dict, float, int | None]] = []
         self._answers: dict[str, str] | None = None  # generated answers of the model as it is now (wild)
+        self._fluency: dict[str, tuple[str, ...]] | None = None  # its fluency samples, case id -> texts
         self._resumed: dict[object, dict] = {}  # resume: case id -> the row a stopped run wrote
         self.out_dir: Path | None = None  # the run directory (rank 0's under DDP)
         self.progress_seconds = 60.0  # log a progress line at most this often (long runs print nothing else)
@@ -297,7 +299,7 @@ class EditModule(L.LightningModule):
         """Every case's pre-edit reference (locality predictions, unedited answers) on the unedited model,
         before the first edit (for the regimes that keep their edits until all cases are evaluated)."""
         cases = list(cases)
-        with self._answers_for(cases, reference_only=True):
+        with self._generations_for(cases, reference_only=True):
             self._unedited_locality = {case.case_id: self._reference(case) for case in cases}
 
     def _reference(self, case: EditCase) -> dict:
@@ -319,21 +321,24 @@ class EditModule(L.LightningModule):
         """:meth:`_locality_reference` of each case, the unedited answers generated across the cases."""
         if self.keeps_edits:
             return [self._unedited_locality.get(case.case_id) for case in cases]  # none: never scored (eval_cases)
-        with self._answers_for(cases, reference_only=True):
+        with self._generations_for(cases, reference_only=True):
             return [self._locality_reference(case) for case in cases]
 
     @contextmanager
-    def _answers_for(self, cases: list[EditCase], reference_only: bool = False) -> Iterator[None]:
-        """Within the block, the wild answers of the model as it is now to every prompt of ``cases`` (only those
-        compared with the unedited model's with ``reference_only``), generated in batches across the cases and
-        reused by each case's evaluation or reference. Nothing is generated under the teacher-forced protocol."""
+    def _generations_for(self, cases: list[EditCase], reference_only: bool = False) -> Iterator[None]:
+        """Within the block, what the model as it is now generates for ``cases``, drawn in batches across the
+        cases and reused by each case's evaluation or reference: the wild answers to every prompt (only those
+        compared with the unedited model's with ``reference_only``; none under the teacher-forced protocol)
+        and, unless ``reference_only``, the fluency samples."""
         if self.hparams.eval_protocol != "teacher_forced":
             self._answers = generate_answers(self.lm, self.tok, cases, self.wild_config,
                                              reference_only=reference_only)
+        if self.hparams.fluency and not reference_only:
+            self._fluency = fluency_samples(self.lm, self.tok, cases)
         try:
             yield
         finally:
-            self._answers = None
+            self._answers = self._fluency = None
 
     def _edit_groups(self, batch: list[EditCase]) -> list[list[EditCase]]:
         """The edits one loader batch makes: jointly in the batch and consecutive regimes, else one case at
@@ -397,7 +402,7 @@ class EditModule(L.LightningModule):
         partial = EditMetrics(sync_on_compute=False).to(self.device)  # this process's shard
         ppl = self._perplexity()
         scored = [self.pending[i] for i in self._scored(done)]
-        with self._answers_for([case for case, _, _, _ in scored]):
+        with self._generations_for([case for case, _, _, _ in scored]):
             for case, pre, _, _ in scored:
                 partial.update(self._evaluate(case, pre, ppl))
         values = partial.compute()
@@ -412,7 +417,8 @@ class EditModule(L.LightningModule):
 
     def _evaluate(self, case: EditCase, pre: dict | None, ppl: tuple[float, int] | None = None):
         result = evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency, pre_locality=pre,
-                               protocol=self.hparams.eval_protocol, wild=self.wild_config, answers=self._answers)
+                               protocol=self.hparams.eval_protocol, wild=self.wild_config, answers=self._answers,
+                               fluency_texts=(self._fluency or {}).get(case.case_id))
         return dataclasses.replace(result, perplexity=ppl)
 
     def _edit(self, cases: list[EditCase], zs: list | None = None, extra_seconds: float = 0.0) -> None:
@@ -445,7 +451,7 @@ class EditModule(L.LightningModule):
             return
         try:
             ppl = self._perplexity()
-            with self._answers_for(fresh):
+            with self._generations_for(fresh):
                 for case, n in zip(cases, steps, strict=True):
                     if case.case_id in pres:
                         self._record(case, self._evaluate(case, pres[case.case_id], ppl), seconds, n)
@@ -472,7 +478,7 @@ class EditModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         ppl = self._perplexity() if self.pending else None
         scored = [self.pending[i] for i in self._scored(len(self.pending))]
-        with self._answers_for([case for case, _, _, _ in scored]):
+        with self._generations_for([case for case, _, _, _ in scored]):
             for case, pre, seconds, z_steps in tqdm(scored, desc="scoring the kept edits", unit="case",
                                                     disable=len(scored) < 20 or not self.trainer.is_global_zero):
                 self._record(case, self._evaluate(case, pre, ppl), seconds, z_steps)
@@ -491,7 +497,7 @@ class EditModule(L.LightningModule):
     def validation_step(self, batch: list[EditCase], batch_idx: int) -> None:
         if self.trainer.state.fn != "validate":
             return  # during fit, editing cases is the whole job; no extra evaluation pass
-        with self._answers_for(self._fresh(batch)):  # the unedited answers: its reference and evaluation share them
+        with self._generations_for(self._fresh(batch)):  # the unedited answers: its reference and evaluation share them
             for case in batch:
                 if case.case_id in self._resumed:
                     self._keep_resumed(case)

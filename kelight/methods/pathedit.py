@@ -190,7 +190,7 @@ class PathEdit(EditModule):
         seconds = (time.perf_counter() - self._t0) / len(self._cases)  # tracing + training, per edit
         self.edit_seconds = [seconds] * len(self._cases)
         ppl = self._perplexity()
-        with self._answers_for(self._cases):
+        with self._generations_for(self._cases):
             for case in self._cases:
                 self._record(case, self._evaluate(case, self._unedited_locality[case.case_id], ppl), seconds)
         self._finish("fit")

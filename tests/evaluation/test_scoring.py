@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import math
 
@@ -14,11 +15,13 @@ from kelight.evaluation.metrics import EditMetrics
 from kelight.evaluation.scoring import (
     case_summary,
     evaluate_case,
+    fluency_samples,
     locality_reference,
     perplexity_stats,
     score_prompts,
     token_argmax,
 )
+from kelight.lm.generation import generate
 from kelight.lm.tokens import target_ids
 from kelight.models.tiny import TINY_CONFIGS, tiny_model
 from kelight.types import PROBE_GROUPS, EditCase, EditInputError, EditRequest, ScoredPrompt, TokenProbe
@@ -184,6 +187,26 @@ def test_evaluate_case_fluency_perplexity_and_metrics(llama: Model) -> None:
     for key in ("ES", "EM", "PS", "NS", "Efficacy", "Locality", "FL", "PPL"):
         assert math.isclose(report[key], summary[key], rel_tol=1e-6), key
     assert report["Score"] == pytest.approx((summary["Efficacy"] + summary["Locality"]) / 2)
+
+
+def test_fluency_samples_across_cases_batch_by_batch(llama: Model) -> None:
+    """Cross-case sampling equals drawing each batch of prompts with its own seed; a lone case gets what its
+    own evaluation would sample; and the samples reach the case's FL unchanged."""
+    model, tok = llama
+    base = _case()
+    cases = [dataclasses.replace(base, request=dataclasses.replace(base.request, case_id=f"c{i}"))
+             for i in range(3)]  # 2 prompts each: 6 prompts
+    texts = fluency_samples(model, tok, cases, max_new_tokens=6, seed=3, batch_size=4)
+    prompts = [p for case in cases for p in case.generation_prompts]
+    expected = generate(model, tok, prompts[:4], 6, seed=3) + generate(model, tok, prompts[4:], 6, seed=4)
+    assert [t for case in cases for t in texts[case.case_id]] == expected
+    assert fluency_samples(model, tok, cases[:1], max_new_tokens=6, seed=3)["c0"] == tuple(
+        generate(model, tok, cases[0].generation_prompts, 6, seed=3))
+    pre = locality_reference(model, tok, cases[0])
+    given = evaluate_case(model, tok, cases[0], fluency=True, pre_locality=pre, fluency_texts=("a b a b", "c"))
+    assert given.texts == ("a b a b", "c")
+    with pytest.raises(ValueError, match="batch_size"):
+        fluency_samples(model, tok, cases, batch_size=0)
 
 
 def test_evaluate_case_requires_pre_locality(llama: Model) -> None:

@@ -229,7 +229,7 @@ def test_sigterm_stops_the_running_trial_too(tmp_path):
 
 
 def test_malformed_spec_yaml_is_named(tmp_path, monkeypatch):
-    from kelight import sweep
+    from kelight.runs import sweep
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: grid\nparameters: {model.editor.lr: {values: [0.1]}\ncommand: [a]\n")  # an unclosed brace
