@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 
 ## Edit and evaluate the built-in cases on SmolLM2-135M (offline), print unedited vs ROME.
 demo: install
-	$(VENV)/bin/kelight validate --config configs/smollm2/rome.yaml --trainer.default_root_dir $(RUN)/none
+	$(VENV)/bin/kelight validate --config configs/smollm2/rome.yaml --data.batch_size 32 --trainer.default_root_dir $(RUN)/none
 	$(VENV)/bin/kelight fit --config configs/smollm2/rome.yaml --trainer.default_root_dir $(RUN)/rome
 	$(VENV)/bin/kelight report $(RUN)/none $(RUN)/rome
 
