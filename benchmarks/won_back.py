@@ -3,9 +3,12 @@
 Reads three runs on the same cases (unedited, editor, editor+SADR) and prints, per the SADR
 paper's Table 3 reading, the share for RS, DNS, NS and their magnitudes (RM, DNM, NM) with a 95%
 paired case-bootstrap interval (the same resampled cases in all three runs), plus the change in
-ES/PS/EM/PM. Pooled values are recomputed from ``cases.jsonl`` and checked against ``metrics.json``.
-Prompt counts per case come from the rows' ``n_<score>`` (runs since commit dcf5823) or, for older
-runs, from the dataset (``--data``, the same file and ``--limit`` the runs used).
+ES/PS/EM/PM. Runs with ``--model.eval_protocol both`` (or ``wild``) add the same for the generated answers:
+wild_RS/wild_DNS/wild_NS (the answer does not give the new target) and their ``_same`` shares (the answer
+unchanged from the unedited model's), and the change in wild_ES/wild_PS. Pooled values are recomputed from
+``cases.jsonl`` and checked against ``metrics.json``. Prompt counts per case come from the rows'
+``n_<score>`` (runs since commit dcf5823) or, for older runs, from the dataset (``--data``, the same file and
+``--limit`` the runs used).
 
 Example:
     python benchmarks/won_back.py runs/none runs/rome runs/rome_sadr \
@@ -28,6 +31,8 @@ from kelight.types import PROBE_GROUPS
 
 SCORES = {name: magnitude for name, magnitude in PROBE_GROUPS.values()}  # ES -> EM, ...
 KEYS = ("RS", "DNS", "NS", "RM", "DNM", "NM")
+WILD_KEYS = ("wild_RS", "wild_DNS", "wild_NS", "wild_RS_same", "wild_DNS_same", "wild_NS_same")  # runs with
+# --model.eval_protocol wild|both: the share of the generated answers' damage won back
 SCORE_OF = {magnitude: score for score, magnitude in SCORES.items()}
 
 
@@ -69,7 +74,7 @@ def main() -> None:
                          "they were run on")
     counts = dataset_counts(args.data, ids, args.format) if need else None
     out: dict[str, object] = {"n_cases": len(ids)}
-    for key in (*KEYS, "ES", "PS", "EM", "PM"):
+    for key in (*KEYS, *WILD_KEYS, "ES", "PS", "EM", "PM", "wild_ES", "wild_PS"):
         score = SCORE_OF.get(key, key)
         if not all(key in row for row in runs[0].values() if score in row):
             continue
@@ -81,7 +86,7 @@ def main() -> None:
             if key in row and abs(pooled(run[keep], n[keep]) - row[key]) > 1e-3:
                 raise SystemExit(f"{d}: pooled {key} from cases.jsonl ({pooled(run[keep], n[keep]):.4f}) differs from "
                                  f"metrics.json ({row[key]:.4f}); wrong --data or --limit?")
-        if key in KEYS:
+        if key in KEYS or key in WILD_KEYS:
             share, low, high = won_back_interval(p, n, args.resamples)
             out[key] = {"won_back": round(share, 3), "ci95": [round(low, 3), round(high, 3)],
                         "none/without/with": [round(pooled(r[np.isfinite(r)], n[np.isfinite(r)]), 2) for r in p]}
