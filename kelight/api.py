@@ -12,7 +12,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.undo import UndoLog
 from kelight.evaluation.metrics import EditMetrics
-from kelight.evaluation.scoring import LOCALITY, evaluate_case, load_ppl_texts, locality_reference, perplexity_stats
+from kelight.evaluation.scoring import (
+    LOCALITY,
+    evaluate_case,
+    fluency_samples,
+    load_ppl_texts,
+    locality_reference,
+    perplexity_stats,
+)
 from kelight.evaluation.wild import EvalProtocol, check_eval_protocol, generate_answers, wild_probes
 from kelight.methods.registry import method as method_named
 from kelight.types import EditCase, EditInputError, EditRequest, require_requests
@@ -210,10 +217,11 @@ def evaluate(
     texts = load_ppl_texts(ppl_corpus)
     ppl = perplexity_stats(model, tokenizer, texts) if texts else None  # one model, one perplexity
     answers = generate_answers(model, tokenizer, cases, wild) if eval_protocol != "teacher_forced" else None
+    samples = fluency_samples(model, tokenizer, cases) if fluency else {}  # across cases, as fit/validate draw them
     metrics = EditMetrics(sync_on_compute=False)
     for case, before in zip(cases, unedited, strict=True):
         result = evaluate_case(model, tokenizer, case, fluency=fluency, pre_locality=before, protocol=eval_protocol,
-                               wild=wild, answers=answers)
+                               wild=wild, answers=answers, fluency_texts=samples.get(case.case_id))
         metrics.update(dataclasses.replace(result, perplexity=ppl))
     return {**metrics.compute(), "n_cases": float(len(cases))}
 

@@ -23,7 +23,7 @@ def edit_success(metrics: dict) -> float | None:
 
 def _short(name: str) -> str:
     return {"model.editor.sadr_gamma": "γ", "model.editor.kl_factor": "ω", "model.editor.contrastive_lambda": "λ"}.get(
-        name, name.removeprefix("model."))
+        name, name.removeprefix("model.editor.").removeprefix("model."))
 
 
 def tradeoff_points(summary: dict) -> dict[str, list[dict]]:

@@ -37,9 +37,11 @@ def check_parameters(spec_path: str) -> None:
             name.removeprefix("model."), run - {"editor", "self", "kwargs"})
         if name.startswith("model.") and key not in known:
             where = "model.editor." if known is editor else "model."
+            moved = (f"; since 2026-12-07 method options are model.editor.*: use 'model.editor.{key}'"
+                     if known is not editor and key in editor else "")
             raise EditInputError(f"{spec_path}: parameter {name!r} is not an option of {method.name} ({class_path}); "
                                  f"its options are {where}{{{', '.join(sorted(known))}}} (kelight fit --model.help "
-                                 f"{class_path})")
+                                 f"{class_path}){moved}")
 
 
 def main(argv: list[str]) -> dict | None:

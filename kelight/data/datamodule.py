@@ -200,7 +200,7 @@ class EditDataModule(L.LightningDataModule):
         batch_size: cases per batch (1 for single edits; k for batch editors).
         drop_conflicting: leave out every selected case that rewrites the prompt and subject of an
             earlier selected case to another target (the dev split has 8 such cases, counterfact_edit
-            79 of 10,000); joint edits (MEMIT/PMET's batch regime, PathEdit) refuse such pairs.
+            79 of 10,000); joint edits (the batch regime, PathEdit's joint regime) refuse such pairs.
         split: the split of a source that has several (a hub dataset or a ``datasets`` folder).
 
     Example:
@@ -254,7 +254,7 @@ class EditDataModule(L.LightningDataModule):
         if self.dropped:
             rank_zero_info(f"{path}: {describe_dropped(self.dropped)}")
         twice = sorted((i for i, n in Counter(case.case_id for case in self.cases).items() if n > 1), key=str)
-        if twice:  # ids key the unedited Locality references, PathEdit's batch caches and `kelight merge`
+        if twice:  # ids key the unedited Locality references, PathEdit's joint-regime caches and `kelight merge`
             raise EditInputError(f"{path}: case ids {twice[:5]} occur more than once among the selected records; "
                                  f"give every record a unique case_id")
         if self.drop_conflicting:

@@ -1,1 +1,1 @@
-"""Editors (ROME, MEMIT, PMET) and the math they share (keys, z optimisation, updates, C)."""
+"""The editors — the math of each method, no Lightning — and what they share (docs/design.md, "Layers")."""

@@ -42,7 +42,7 @@ class EditInfo:
     Attributes:
         steps: the optimisation steps each request took (early stops included), in request order; empty
             for a method without an optimisation per request (UltraEdit's one-step shifts). Requests edited by
-            one joint optimisation (PathEdit, FT's batch) each report its steps.
+            one joint optimisation (PathEdit) each report its steps.
         losses: each request's loss at every step of its optimisation, in the same order.
     """
 

@@ -26,12 +26,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.checks import check_context_templates, check_count, check_layer, check_number
 from kelight.editors.base import EditInfo, Editor
-from kelight.editors.rewrite import RewriteBatch, build_rewrite_batch, sample_context_templates
+from kelight.editors.rewrite import build_rewrite_batch, sample_context_templates
 from kelight.editors.steps import finish_loss, step_forward
 from kelight.editors.undo import UndoLog
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
-from kelight.objectives.base import ExtraLoss
+from kelight.objectives.base import ExtraLoss, RewriteBatch
 from kelight.objectives.sadr import SadrOptions
 from kelight.types import EditRequest
 

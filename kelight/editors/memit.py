@@ -154,10 +154,11 @@ class SpreadEditor(LocateEditor):
         """C at every layer of R, in one pass over the corpus (or from the cache)."""
         if self._through_post_norm:
             assert self.adapter is not None
-            log.warning("MEMIT with value_at='block' on %s: the MLP output is normalised before the residual "
+            log.warning("%s with value_at='block' on %s: the MLP output is normalised before the residual "
                         "stream, so the block-output target can only be turned towards, not written "
                         "(post_norm_preimage); on Gemma-3-270M such edits barely take (docs/results.md). "
-                        "Leave value_at unset (the MLP output) for this family", self.adapter.family)
+                        "Leave value_at unset (the MLP output) for this family",
+                        type(self).__name__.removesuffix("Editor"), self.adapter.family)
         from kelight.editors.stats.moments import second_moments  # noqa: PLC0415
 
         self.mom2 = second_moments(model, tok, list(self.hp.layers), corpus=self.hp.mom2_corpus,

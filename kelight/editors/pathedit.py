@@ -38,13 +38,13 @@ from kelight.checks import check_count, check_number
 from kelight.editors.base import EditInfo, Editor
 from kelight.editors.pac.deltas import PathDeltas, PathSelection
 from kelight.editors.pac.trace import trace_paths
-from kelight.editors.rewrite import RewriteBatch, build_rewrite_batch, merge_rewrite_batches
+from kelight.editors.rewrite import build_rewrite_batch, merge_rewrite_batches
 from kelight.editors.steps import finish_loss, forward_logprobs, step_forward
 from kelight.editors.undo import UndoLog
 from kelight.lm.tokens import pad_id
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
-from kelight.objectives.base import ExtraLoss
+from kelight.objectives.base import ExtraLoss, RewriteBatch
 from kelight.objectives.contrastive import contrastive_loss, unedited_targets
 from kelight.objectives.sadr import SadrOptions
 from kelight.types import EditInputError, EditRequest, check_joint_requests
@@ -156,7 +156,7 @@ class PathEditor(Editor):
                                  w_in.device)
 
     def _parts(self) -> tuple[ArchAdapter, PathDeltas]:
-        """The adapter and the path deltas (after :meth:`setup`); the name ``_ready`` is the base class's flag."""
+        """The adapter and the path deltas (after :meth:`setup`)."""
         self.require_setup()
         assert self.adapter is not None and self.deltas is not None
         return self.adapter, self.deltas

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from kelight.editors.rewrite import RewriteBatch
 from kelight.lm.readouts import cache_keyword, left_pad
 from kelight.lm.tokens import pad_batch
+from kelight.objectives.base import RewriteBatch
 
 
 @dataclass

@@ -137,7 +137,7 @@ def merge_rewrite_batches(
         pad_id: padding token id.
         independent: the requests keep separate objectives (``n_requests = len(batches)``: z
             optimised together for independent edits); ``False`` merges them into one joint
-            objective over all rows (``n_requests = 1``, PathEdit's batch).
+            objective over all rows (``n_requests = 1``, PathEdit's joint edits).
 
     Raises:
         EditInputError: if ``batches`` is empty or, when independent, their prompt counts differ; or

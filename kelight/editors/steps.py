@@ -1,5 +1,6 @@
 """One optimisation step shared by every editor's inner loop (z optimisation, FT, PathEdit):
-the forward to log-probs, what extra loss terms see (:class:`StepState`), and the finite-loss check.
+the forward to log-probs, the state extra loss terms see (:class:`~kelight.objectives.base.StepState`), and the
+finite-loss check.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ import torch
 from transformers import PreTrainedModel
 
 from kelight.editors.prefix import PrefixCache
-from kelight.editors.rewrite import RewriteBatch
 from kelight.lm.attention_rows import query_row_attention
 from kelight.lm.forward import head
-from kelight.objectives.base import ExtraLoss, StepState
+from kelight.objectives.base import ExtraLoss, RewriteBatch, StepState
 
 
 class EditOptimizationError(FloatingPointError):

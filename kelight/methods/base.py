@@ -308,21 +308,15 @@ class EditModule(L.LightningModule):
         return locality_reference(self.lm, self.tok, case, protocol=self.hparams.eval_protocol,
                                   wild=self.wild_config, answers=self._answers)
 
-    def _locality_reference(self, case: EditCase) -> dict:
-        """What a case's Locality (and the wild ``*_same`` scores) compare against: the unedited model's
-        predictions and answers, also in the sequential regime, where the model before this case's edit already
-        holds the earlier edits (EasyEdit and PAC score consecutive editing against the unedited model; damage
-        done by earlier edits counts)."""
-        if self.keeps_edits:
-            return self._unedited_locality[case.case_id]
-        return self._reference(case)
-
     def _references(self, cases: list[EditCase]) -> list[dict]:
-        """:meth:`_locality_reference` of each case, the unedited answers generated across the cases."""
+        """What each case's Locality (and the wild ``*_same`` scores) compare against: the unedited model's
+        predictions and answers, generated across the cases. In the keeping regimes, where the model before a
+        case's edit already holds the earlier edits, the ones recorded before the first edit (EasyEdit and PAC
+        score consecutive editing against the unedited model; damage done by earlier edits counts)."""
         if self.keeps_edits:
             return [self._unedited_locality.get(case.case_id) for case in cases]  # none: never scored (eval_cases)
         with self._generations_for(cases, reference_only=True):
-            return [self._locality_reference(case) for case in cases]
+            return [self._reference(case) for case in cases]
 
     @contextmanager
     def _generations_for(self, cases: list[EditCase], reference_only: bool = False) -> Iterator[None]:

@@ -181,7 +181,7 @@ def merge_runs(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> Path:
     Raises:
         FileNotFoundError: if a run has no ``cases.jsonl`` or ``config.yaml``.
         ValueError: if the runs' configurations differ beyond :data:`MERGE_FREE_KEYS`, a case id
-            occurs twice, the parts are not independent (sequential regimes, PathEdit's batch
+            occurs twice, the parts are not independent (sequential regimes, PathEdit's joint
             regime, batches cut mid-way), ``out_dir`` is one of the runs, or a row lacks the prompt
             counts needed to pool.
     """

@@ -27,7 +27,8 @@ def test_every_shipped_spec_names_options_of_its_method(spec, monkeypatch):
 @pytest.mark.parametrize(("name", "match"), [
     ("model.editor.layerz", r"parameter 'model.editor.layerz' is not an option of rome \(kelight.ROME\); its options "
                             r"are model.editor.\{.*layer, .*\} \(kelight fit --model.help kelight.ROME\)"),
-    ("model.sadr_gamma", r"parameter 'model.sadr_gamma' is not an option of rome .*its options are model.\{.*regime"),
+    ("model.sadr_gamma", r"parameter 'model.sadr_gamma' is not an option of rome .*its options are model.\{.*regime"
+                         r".*method options are model.editor.\*: use 'model.editor.sadr_gamma'"),
 ])
 def test_an_unknown_parameter_is_refused_before_any_trial(tmp_path, name, match, capsys):
     spec = tmp_path / "spec.yaml"

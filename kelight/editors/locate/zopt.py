@@ -20,13 +20,13 @@ from transformers import PreTrainedModel
 
 from kelight.checks import check_number
 from kelight.editors.prefix import PrefixCache, split_at_subject
-from kelight.editors.rewrite import RewriteBatch, add_relation_rows, merge_rewrite_batches
+from kelight.editors.rewrite import add_relation_rows, merge_rewrite_batches
 from kelight.editors.steps import finish_loss, forward_logprobs
 from kelight.lm.attention_rows import query_row_attention
 from kelight.lm.forward import attention_implementation
 from kelight.lm.hooks import edit_output, map_tensors, replay_blocks, trace
 from kelight.models.adapters import adapter_for
-from kelight.objectives.base import ExtraLoss, StepState
+from kelight.objectives.base import ExtraLoss, RewriteBatch, StepState
 from kelight.objectives.essence import essence_kl_rows
 from kelight.objectives.relations import check_relation_kl_factor, check_relation_prompts
 from kelight.objectives.rewrite import per_prompt_nll

@@ -11,10 +11,10 @@ import torch
 from transformers import PreTrainedModel
 
 from kelight.editors.pac.deltas import MODULE_OF, PathSelection
-from kelight.editors.rewrite import RewriteBatch
 from kelight.editors.steps import EditOptimizationError, forward_logprobs
 from kelight.models.adapters import ArchAdapter
 from kelight.objectives import rewrite_nll
+from kelight.objectives.base import RewriteBatch
 from kelight.types import EditInputError
 
 

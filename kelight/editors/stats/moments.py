@@ -34,12 +34,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.editors.stats.cache import WeightHasher, cache_path, key_fields, load_moment, save_moment, tokenizer_digest
-from kelight.editors.stats.corpus import (  # noqa: F401 (clean_wikitext: re-exported for callers of this module)
-    FORMAT,
+from kelight.editors.stats.corpus import (
     CorpusSpec,
     Source,
     as_corpus,
-    clean_wikitext,
     content_digest,
     model_device,
     pad_token_id,
