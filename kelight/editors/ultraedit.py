@@ -204,6 +204,18 @@ def edit_features(model: PreTrainedModel, tok: PreTrainedTokenizerBase, adapter:
     return features, nll.item() / len(batch.target_ids)
 
 
+def warmup_requests(hparams: UltraEditHParams) -> tuple[EditRequest, ...]:
+    """The requests of ``hparams.warmup_path`` (``warmup_skip``, ``warmup_limit``; read and checked as
+    ``--data.*`` reads a data file), or none."""
+    if hparams.warmup_path is None:
+        return ()
+    from kelight.data.datamodule import EditDataModule  # noqa: PLC0415 (only for a warm-up file)
+
+    data = EditDataModule(path=hparams.warmup_path, limit=hparams.warmup_limit, skip=hparams.warmup_skip)
+    data.setup()
+    return tuple(case.request for case in data.cases)
+
+
 class UltraEditor(Editor):
     """UltraEdit's turns on one model; ``setup`` once per (unedited) model, then ``apply`` per turn.
 
@@ -214,8 +226,8 @@ class UltraEditor(Editor):
     Args:
         hparams: UltraEdit's hyper-parameters.
         warmup: the warm-up requests (or dicts of their fields) whose features initialise the moments at setup,
-            on the unedited model, without changing a weight (StableEdit's warm-up; ``hparams.warmup_path`` read
-            by :func:`kelight.methods.ultraedit.warmup_requests`).
+            on the unedited model, without changing a weight (StableEdit's warm-up); by default those of
+            ``hparams.warmup_path`` (:func:`warmup_requests`). Give one or the other.
 
     Example:
         >>> editor = UltraEditor(UltraEditHParams(layers=(20, 21, 22)))  # doctest: +SKIP
@@ -227,7 +239,10 @@ class UltraEditor(Editor):
 
     def __init__(self, hparams: UltraEditHParams, warmup: Sequence[EditRequest | Mapping] = ()) -> None:
         super().__init__(hparams)
-        self.warmup = _as_requests(warmup)
+        if warmup and hparams.warmup_path is not None:
+            raise EditInputError(f"expected the warm-up either as warmup_path ({hparams.warmup_path!r}) or as warmup "
+                                 f"requests, got both; drop one")
+        self.warmup = _as_requests(warmup) if warmup else warmup_requests(hparams)
         self.adapter: ArchAdapter | None = None
         self.initial: Moments = {}  # after the warm-up
         self.stats: Moments = {}  # now

@@ -19,14 +19,14 @@ from kelight.editors.ft import FTEditor, FTHParams
 from kelight.editors.memit import MemitEditor, MemitHParams, PmetEditor, PmetHParams
 from kelight.editors.pathedit import PathEditor, PathHParams
 from kelight.editors.rome import RomeEditor, RomeHParams
-from kelight.editors.ultraedit import UltraEditHParams
+from kelight.editors.ultraedit import UltraEditHParams, UltraEditor
 from kelight.methods.alphaedit import AlphaEdit
 from kelight.methods.base import EditModule
 from kelight.methods.ft import FT
 from kelight.methods.memit import MEMIT, PMET
 from kelight.methods.pathedit import PathEdit
 from kelight.methods.rome import ROME
-from kelight.methods.ultraedit import UltraEdit, ultraeditor
+from kelight.methods.ultraedit import UltraEdit
 from kelight.types import EditInputError
 
 
@@ -73,7 +73,7 @@ METHODS: Mapping[str, Method] = MappingProxyType({method.name: method for method
     Method("alphaedit", AlphaEditHParams, AlphaEditor, AlphaEdit),
     Method("ft", FTHParams, FTEditor, FT),
     Method("pathedit", PathHParams, PathEditor, PathEdit),
-    Method("ultraedit", UltraEditHParams, ultraeditor, UltraEdit),
+    Method("ultraedit", UltraEditHParams, UltraEditor, UltraEdit),
 )})
 
 

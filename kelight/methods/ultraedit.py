@@ -11,26 +11,10 @@ from __future__ import annotations
 
 import logging
 
-from kelight.data.datamodule import EditDataModule
 from kelight.editors.ultraedit import UltraEditHParams, UltraEditor
 from kelight.methods.base import EditModule
-from kelight.types import EditRequest
 
 log = logging.getLogger(__name__)
-
-
-def warmup_requests(hparams: UltraEditHParams) -> tuple[EditRequest, ...]:
-    """The requests of ``hparams.warmup_path`` (``warmup_skip``, ``warmup_limit``), or none."""
-    if hparams.warmup_path is None:
-        return ()
-    data = EditDataModule(path=hparams.warmup_path, limit=hparams.warmup_limit, skip=hparams.warmup_skip)
-    data.setup()
-    return tuple(case.request for case in data.cases)
-
-
-def ultraeditor(hparams: UltraEditHParams) -> UltraEditor:
-    """The editor of ``hparams``, with its warm-up requests read."""
-    return UltraEditor(hparams, warmup_requests(hparams))
 
 
 class UltraEdit(EditModule):
@@ -53,4 +37,4 @@ class UltraEdit(EditModule):
                         "file")
 
     def build_editor(self) -> UltraEditor:
-        return ultraeditor(self.hparams.editor)
+        return UltraEditor(self.hparams.editor)

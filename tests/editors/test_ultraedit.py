@@ -198,6 +198,25 @@ def test_warmup_initialises_the_moments_without_editing(recorded):
     assert editor.stats[None].count == rows.shape[0]  # back to the warm-up's moments, not empty
 
 
+def test_the_editor_reads_its_warmup_file_itself(tmp_path):
+    """Built from its hyper-parameters alone (the registry, EditSession), the editor warms up on warmup_path's
+    requests (skip/limit applied) exactly as on the same requests given directly; both at once are refused."""
+    import json
+
+    model, tok = tiny_model("llama")
+    records = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new, "ground_truth": "Paris",
+                "rephrase_prompt": r.prompt, "locality_prompt": "Oslo is in", "locality_ground_truth": "Norway",
+                "case_id": i} for i, r in enumerate(REQUESTS)]
+    path = tmp_path / "warm.json"
+    path.write_text(json.dumps(records))
+    from_file = _editor(model, tok, warmup_path=str(path), warmup_skip=1, warmup_limit=2)
+    given = _editor(model, tok, warmup=REQUESTS[1:3])
+    assert [r.prompt for r in from_file.warmup] == [r.prompt for r in REQUESTS[1:3]]
+    torch.testing.assert_close(from_file.initial[None].mean, given.initial[None].mean, rtol=0, atol=0)
+    with pytest.raises(EditInputError, match="either as warmup_path .* or as warmup requests, got both"):
+        UltraEditor(UltraEditHParams(layers=LAYERS, warmup_path=str(path)), warmup=REQUESTS[:1])
+
+
 def test_one_turn_lowers_the_target_loss_of_its_requests():
     model, tok = tiny_model("llama")
     editor = _editor(model, tok, lr=0.05, warmup=REQUESTS[2:])
