@@ -19,6 +19,7 @@ from kelight.runs.curves import curve_metrics, read_curve
 from kelight.runs.merge import merge_runs, metrics_from_rows
 from kelight.types import EditCase, EditRequest, ScoredPrompt, TokenProbe
 from tests.cli.test_main import COMMON, ROOT, _case_file
+from tests.trainers import quiet_trainer
 
 
 def _case() -> EditCase:
@@ -234,7 +235,6 @@ def test_merged_parts_equal_one_run(tmp_path):
 
 
 def test_sequential_evaluations_generate_across_cases_and_draw_a_wild_curve(tmp_path, monkeypatch):
-    import lightning as L
 
     from kelight.data.datamodule import EditDataModule
     from kelight.methods import ROME
@@ -254,15 +254,7 @@ def test_sequential_evaluations_generate_across_cases_and_draw_a_wild_curve(tmp_
         eval_protocol="both",
         editor=RomeHParams(layer=1, steps=2, context_templates=[], mom2_adjustment=False),
     )
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     datamodule = EditDataModule(path=None, batch_size=1, limit=4)
     trainer.fit(module, datamodule=datamodule)
     prompts = [len(ev.wild_probes(case)) for case in datamodule.cases]

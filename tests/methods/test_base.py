@@ -5,12 +5,11 @@ from __future__ import annotations
 from kelight.editors.pathedit import PathHParams
 from kelight.editors.rome import RomeHParams
 from tests.conftest import COUNTERFACT_EDIT_CASES
+from tests.trainers import quiet_trainer
 
 
 def test_long_runs_log_progress(tmp_path, caplog):
     import logging
-
-    import lightning as L
 
     from kelight.data.datamodule import EditDataModule
     from kelight.methods import ROME
@@ -22,15 +21,7 @@ def test_long_runs_log_progress(tmp_path, caplog):
         editor=RomeHParams(layer=1, steps=2, context_templates=[], mom2_adjustment=False),
     )
     module.progress_seconds = 0.0  # every edit
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     with caplog.at_level(logging.INFO, logger="kelight.methods.base"):
         trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=2, limit=4))
     lines = [r.getMessage() for r in caplog.records if "edits done" in r.getMessage()]
@@ -41,22 +32,13 @@ def test_long_runs_log_progress(tmp_path, caplog):
 
 
 def _seq_evaluations(tmp_path, module, batch_size: int) -> list[int]:
-    import lightning as L
 
     from kelight.data.datamodule import EditDataModule
 
     logged = []  # edits in place at each seq/* evaluation
     original = module.log_dict
     module.log_dict = lambda metrics, **kw: (logged.append(len(module.pending)), original(metrics, **kw))
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=batch_size, limit=5))
     return logged
 
@@ -88,8 +70,6 @@ def test_sequential_eval_every_writes_the_curve_into_the_run_directory(tmp_path)
     after the last edit equals the run's final metrics.json."""
     import json
 
-    import lightning as L
-
     from kelight.data.datamodule import EditDataModule
     from kelight.methods import ROME
 
@@ -101,15 +81,7 @@ def test_sequential_eval_every_writes_the_curve_into_the_run_directory(tmp_path)
         editor=RomeHParams(layer=1, steps=2, context_templates=[], mom2_adjustment=False),
     )
     (tmp_path / "sequential.jsonl").write_text('{"edits": 99}\n')  # a stale file of an earlier run is replaced
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=1, limit=4))
     curve = [json.loads(line) for line in (tmp_path / "sequential.jsonl").read_text().splitlines()]
     assert [point["edits"] for point in curve] == [2, 4]
@@ -121,7 +93,6 @@ def test_sequential_eval_every_writes_the_curve_into_the_run_directory(tmp_path)
 def test_a_failure_in_the_sequential_evaluation_leaves_the_unedited_weights(tmp_path, monkeypatch):
     """The sequential regime keeps its edits until the end; an error in the final evaluation (outside the
     edit's own guard; Lightning then skips on_fit_end) must still restore them, bit-exact."""
-    import lightning as L
     import pytest
     import torch
 
@@ -142,15 +113,7 @@ def test_a_failure_in_the_sequential_evaluation_leaves_the_unedited_weights(tmp_
         raise RuntimeError("evaluation failed")
 
     monkeypatch.setattr(module, "_evaluate", fail)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=1, limit=2))
     assert all(torch.equal(v, snap[k]) for k, v in module.lm.state_dict().items())
@@ -159,7 +122,6 @@ def test_a_failure_in_the_sequential_evaluation_leaves_the_unedited_weights(tmp_
 def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypatch):
     import json
 
-    import lightning as L
     import torch
 
     import kelight.methods.base as km
@@ -191,15 +153,7 @@ def test_sequential_locality_compares_with_the_unedited_model(tmp_path, monkeypa
     )
     path = tmp_path / "edit.json"
     path.write_text(json.dumps(COUNTERFACT_EDIT_CASES))
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     trainer.fit(module, datamodule=EditDataModule(path=str(path), format="counterfact_edit", batch_size=1))
     assert events == ["reference"] * 3 + ["edit"] * 3  # every reference before the first edit
     fresh, tok = tiny_model("llama")
@@ -227,19 +181,9 @@ def _ppl_by_hand(model, tok, texts: list[str]) -> float:
 def _run(module, tmp_path, fn: str, limit: int = 2) -> dict:
     import json
 
-    import lightning as L
-
     from kelight.data.datamodule import EditDataModule
 
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     getattr(trainer, fn)(module, datamodule=EditDataModule(path=None, limit=limit))
     return {
         "metrics": json.loads((tmp_path / "metrics.json").read_text()),

@@ -16,6 +16,7 @@ from kelight.methods import FT, MEMIT, PMET, ROME, AlphaEdit
 from kelight.methods.registry import METHODS, method, method_of_module
 from kelight.objectives.sadr import SADR
 from kelight.types import EditInputError
+from tests.trainers import quiet_trainer
 
 TINY = {"model_name": "tiny:llama"}
 
@@ -153,8 +154,6 @@ def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path, r
     consecutive regime (a stream) makes the conflicting request the start of the next joint edit."""
     import json
 
-    import lightning as L
-
     from kelight.data.datamodule import EditDataModule
     from kelight.models.tiny import tiny_model
 
@@ -183,15 +182,7 @@ def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path, r
     )
     edits = []
     original = SpreadEditor.apply
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path / "run"),
-    )
+    trainer = quiet_trainer(tmp_path / "run")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SpreadEditor, "apply", lambda *a, **k: (edits.append(len(a[3])), original(*a, **k))[1])
         if regime == "consecutive":
@@ -213,7 +204,6 @@ def test_memit_batch_regime_refuses_a_conflict_before_the_first_edit(tmp_path, r
 def test_consecutive_regime_keeps_each_loader_batch_as_one_joint_edit(tmp_path):
     """AlphaEdit, 4 cases in loader batches of 2: two joint edits of 2, the second on the first's weights
     (K_p K_pᵀ holds the first batch's keys), all cases scored at the end, then the weights come back."""
-    import lightning as L
     import torch
 
     from kelight.data.datamodule import EditDataModule
@@ -242,15 +232,7 @@ def test_consecutive_regime_keeps_each_loader_batch_as_one_joint_edit(tmp_path):
         )
         return original(editor, model, tok, requests, undo, **kwargs)
 
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SpreadEditor, "apply", spy)
         trainer.fit(module, datamodule=EditDataModule(path=None, batch_size=2, limit=4))

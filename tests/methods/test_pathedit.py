@@ -19,6 +19,7 @@ from kelight.editors.pathedit import PathHParams
 from kelight.methods.pathedit import PathEdit
 from kelight.models.tiny import tiny_model
 from tests.conftest import COUNTERFACT_EDIT_CASES as DATA
+from tests.trainers import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -98,16 +99,7 @@ class _FoldedWeights(L.Callback):
 
 def _fit(module, out_dir, callbacks=(), batch_size=2):
     data = EditDataModule(path=None, batch_size=batch_size, limit=4)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        accelerator="cpu",
-        default_root_dir=str(out_dir),
-    )
+    trainer = quiet_trainer(out_dir, callbacks=list(callbacks))
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -276,15 +268,7 @@ def test_joint_regime_refuses_conflicting_edits_in_different_loader_batches(tmp_
     path = tmp_path / "edit.json"
     path.write_text(json.dumps(conflicting))
     module = _module()
-    trainer = L.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2)
     with pytest.raises(
         ValueError,
         match=r"requests 0 and 3 \(cases 0, 99\) of one joint edit rewrite the same "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ from kelight.methods.ultraedit import UltraEdit
 from kelight.models.tiny import tiny_model
 from kelight.types import EditInputError, EditRequest
 from tests.conftest import COUNTERFACT_EDIT_CASES
+from tests.trainers import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 REQ = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", case_id="eiffel")
@@ -81,15 +81,7 @@ def _fit(module: UltraEdit, tmp_path: Path, batch_size: int, monkeypatch) -> lis
         return original(editor, model, tok, requests, undo)
 
     monkeypatch.setattr(UltraEditor, "apply", spy)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=str(tmp_path / "run"),
-    )
+    trainer = quiet_trainer(tmp_path / "run")
     trainer.fit(module, datamodule=EditDataModule(path=str(_data(tmp_path)), batch_size=batch_size))
     return turns
 
