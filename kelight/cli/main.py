@@ -7,6 +7,7 @@ W&B logs offline by default (``WANDB_MODE=offline`` unless the user set it); eac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from kelight.data import EditDataModule
 from kelight.methods.base import EditModule
 from kelight.methods.distributed import EditDDPStrategy
-from kelight.methods.registry import METHODS
+from kelight.methods.registry import METHODS, method_of_module
 from kelight.runs.merge import merge_runs
 from kelight.runs.report import report
 from kelight.types import EditInputError
@@ -229,7 +230,22 @@ def user_error(err: BaseException, argv: list[str] = ()) -> str | None:
     method = next((m.group(1) for c in chain if (m := re.search(r"class_path '([\w.]+)'", str(c)))), None)
     where = f"--{keys[0]}.{keys[-1]}" if len(keys) > 1 else (f"--{keys[0]}" if keys else None)
     hint = f" (the options of {method}: kelight fit --model.help {method})" if method else ""
-    return f"{where or method or 'arguments'}: {deepest}{hint}"
+    return f"{where or method or 'arguments'}: {deepest}{hint}{_moved_option_hint(deepest, method)}"
+
+
+def _moved_option_hint(message: str, class_path: str | None) -> str:
+    """For a method option given at its pre-2026-12-07 key (``--model.layer``): where it lives now."""
+    refused = re.search(r"Option '(\w+)' is not accepted", message)
+    if not refused or not class_path:
+        return ""
+    try:
+        method = method_of_module(class_path)
+    except EditInputError:  # not a method's module
+        return ""
+    name = refused.group(1)
+    if name not in {field.name for field in dataclasses.fields(method.hparams)}:
+        return ""
+    return f"; method options are under --model.editor since 2026-12-07: use --model.editor.{name}"
 
 
 def run(args: list[str] | None = None) -> KelightCLI | None:

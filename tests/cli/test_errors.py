@@ -35,6 +35,11 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
             r"--model: Option 'nosuch' is not accepted \(the options of kelight.ROME: kelight "
             r"fit --model.help kelight.ROME\)",
         ),
+        (
+            ["--model.steps", "3"],  # a method option at its key before 2026-12-07
+            r"--model: Option 'steps' is not accepted .*; method options are under --model.editor since 2026-12-07: "
+            r"use --model.editor.steps$",
+        ),
         (["--model.regime", "sometimes"], r"--model.regime: Expected a typing.Literal\['single'.*Got value: sometimes"),
         (["--model.editor.steps", "many"], r"--model.editor.steps: .*many"),
         (["--model.eval_every", "2"], r"eval_every evaluates the edits kept so far, but the single regime"),
