@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -220,9 +219,9 @@ def evaluate(
     samples = fluency_samples(model, tokenizer, cases) if fluency else {}  # across cases, as fit/validate draw them
     metrics = EditMetrics(sync_on_compute=False)
     for case, before in zip(cases, unedited, strict=True):
-        result = evaluate_case(model, tokenizer, case, fluency=fluency, pre_locality=before, protocol=eval_protocol,
-                               wild=wild, answers=answers, fluency_texts=samples.get(case.case_id))
-        metrics.update(dataclasses.replace(result, perplexity=ppl))
+        metrics.update(evaluate_case(model, tokenizer, case, fluency=fluency, pre_locality=before, perplexity=ppl,
+                                     protocol=eval_protocol, wild=wild, answers=answers,
+                                     fluency_texts=samples.get(case.case_id)))
     return {**metrics.compute(), "n_cases": float(len(cases))}
 
 

@@ -286,7 +286,7 @@ def _split_readouts(
 @torch.no_grad()
 def evaluate_case(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: EditCase, *, fluency: bool,
-    pre_locality: Mapping[str, object] | None = None, ppl_texts: Sequence[str] = (),
+    pre_locality: Mapping[str, object] | None = None, perplexity: tuple[float, int] | None = None,
     batch_size: int = 64, max_new_tokens: int = 100, seed: int = 0, protocol: EvalProtocol = "teacher_forced",
     wild: WildConfig | None = None, answers: dict[str, str] | None = None,
     fluency_texts: Sequence[str] | None = None,
@@ -305,7 +305,8 @@ def evaluate_case(
         fluency: also sample the generation prompts (``max_new_tokens``, top-5, ``seed``).
         pre_locality: :func:`locality_reference` of the unedited model (same ``protocol`` and ``wild``);
             required with locality probes (teacher-forced) or neighbourhood/locality prompts (wild).
-        ppl_texts: corpus for perplexity (:func:`perplexity_stats`); empty skips it.
+        perplexity: the model's :func:`perplexity_stats` on a corpus, computed once per model state and
+            passed to every case scored on it; ``None``: no PPL.
         batch_size: probes per forward (see :func:`score_prompts`).
         max_new_tokens: generation length for fluency.
         seed: generation seed.
@@ -336,8 +337,7 @@ def evaluate_case(
         texts = tuple(fluency_texts)
     elif fluency and case.generation_prompts:
         texts = tuple(generate(model, tok, case.generation_prompts, max_new_tokens, seed=seed))
-    ppl = perplexity_stats(model, tok, ppl_texts) if ppl_texts else None
-    return CaseResult(case.case_id, scores, tokens, texts, ppl, judged)
+    return CaseResult(case.case_id, scores, tokens, texts, perplexity, judged)
 
 
 @torch.no_grad()

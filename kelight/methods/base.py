@@ -22,7 +22,6 @@ each process keeps only its own edits (N independent edit sequences, not one; th
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -410,10 +409,9 @@ class EditModule(L.LightningModule):
         return perplexity_stats(self.lm, self.tok, self.ppl_texts) if self.ppl_texts else None
 
     def _evaluate(self, case: EditCase, pre: dict | None, ppl: tuple[float, int] | None = None):
-        result = evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency, pre_locality=pre,
-                               protocol=self.hparams.eval_protocol, wild=self.wild_config, answers=self._answers,
-                               fluency_texts=(self._fluency or {}).get(case.case_id))
-        return dataclasses.replace(result, perplexity=ppl)
+        return evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency, pre_locality=pre, perplexity=ppl,
+                             protocol=self.hparams.eval_protocol, wild=self.wild_config, answers=self._answers,
+                             fluency_texts=(self._fluency or {}).get(case.case_id))
 
     def _edit(self, cases: list[EditCase], zs: list | None = None, extra_seconds: float = 0.0) -> None:
         """Edit ``cases`` jointly; evaluate and restore unless the regime keeps its edits.

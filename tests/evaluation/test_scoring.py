@@ -173,7 +173,7 @@ def test_evaluate_case_fluency_perplexity_and_metrics(llama: Model) -> None:
     model, tok = llama
     case = _case()
     result = evaluate_case(model, tok, case, fluency=True, pre_locality=locality_reference(model, tok, case),
-                           ppl_texts=["Some reference corpus text."], max_new_tokens=12)
+                           perplexity=perplexity_stats(model, tok, ["Some reference corpus text."]), max_new_tokens=12)
     assert len(result.texts) == 2 and result.texts[0].startswith("The Eiffel Tower is")
     assert result.perplexity is not None and result.perplexity[1] == len("Some reference corpus text.") - 1
     summary = case_summary(result)
