@@ -52,7 +52,7 @@ from kelight.evaluation.scoring import (
 from kelight.evaluation.wild import EvalProtocol, check_eval_protocol, generate_answers
 from kelight.methods.distributed import gather_objects, interleave
 from kelight.models.loading import load
-from kelight.runs.merge import metrics_from_rows, z_steps_summary
+from kelight.runs.merge import metrics_from_rows, run_summary
 from kelight.runs.outputs import (
     append_partial,
     append_sequential,
@@ -525,11 +525,7 @@ class EditModule(L.LightningModule):
         if self._resumed:  # the kept cases are rows, not metric states: every score from the rows, as merge does
             values = metrics_from_rows(rows)
         else:
-            values = self._computed_metrics(sources)
-            values["n_cases"] = float(len(rows))
-            if seconds:
-                values["seconds_per_edit"] = sum(seconds) / len(seconds)
-            values.update(z_steps_summary(rows))
+            values = {**self._computed_metrics(sources), **run_summary(rows, seconds)}
         if self.hparams.eval_cases:
             values["n_edits"] = float(len(seconds))
         if self.logger is not None:

@@ -121,8 +121,14 @@ def metrics_from_rows(rows: Sequence[Mapping]) -> dict[str, float]:
         for source in sources:
             part = _metrics_of([r for r in rows if r.get("source") == source])
             out.update({f"{source}/{k}": v for k, v in part.items()})
-    out["n_cases"] = float(len(rows))
-    seconds = [float(r["edit_seconds"]) for r in rows if r.get("edit_seconds") is not None]
+    out.update(run_summary(rows, [float(r["edit_seconds"]) for r in rows if r.get("edit_seconds") is not None]))
+    return out
+
+
+def run_summary(rows: Sequence[Mapping], seconds: Sequence[float]) -> dict[str, float]:
+    """``n_cases`` (the rows), ``seconds_per_edit`` (the mean of ``seconds``, the edits' times, where there are
+    any) and :func:`z_steps_summary` of a run."""
+    out = {"n_cases": float(len(rows))}
     if seconds:
         out["seconds_per_edit"] = sum(seconds) / len(seconds)
     out.update(z_steps_summary(rows))
