@@ -281,7 +281,3 @@ def run(args: list[str] | None = None) -> KelightCLI | None:
         # (a dict); runs are not resumed from Lightning checkpoints
         load_from_checkpoint_support=False,
     )
-
-
-if __name__ == "__main__":
-    main()

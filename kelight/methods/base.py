@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import lightning as L
 import torch
@@ -65,8 +65,8 @@ from kelight.runs.report import format_table
 from kelight.types import KEEPING_REGIMES, EditCase, EditInputError, check_joint_requests, split_at_conflicts
 
 log = logging.getLogger(__name__)
-REGIMES = ("single", "batch", "sequential", "consecutive")
 Regime = Literal["single", "batch", "sequential", "consecutive"]
+REGIMES: tuple[str, ...] = get_args(Regime)
 
 
 def check_z_batch(z_batch: int, regime: str) -> None:

@@ -213,6 +213,6 @@ class PathEdit(EditModule):
 
     def _save_importance(self) -> None:
         if self.editor.traces and self.trainer.is_global_zero:
-            out = getattr(self, "out_dir", None) or self.trainer.default_root_dir  # the run directory
+            out = self.out_dir or self.trainer.default_root_dir  # the run directory
             save_path_importance(out, self.editor.traces,
                                  title=f"PathEdit critical path, {self.hparams.model_name}")
