@@ -38,7 +38,7 @@ def command(spec: str, model: str, data: str, limit: int, out: Path, extra: list
     """The ``kelight`` call for one row; ``none`` is the unedited model (``validate``)."""
     run, config, row_extra = parse_row(spec)
     sub, config = ("validate", "rome") if config == "none" else ("fit", config)
-    return [sys.executable, "-m", "kelight.cli.main", sub, "--config", f"configs/{model}/{config}.yaml",
+    return [sys.executable, "-m", "kelight.cli", sub, "--config", f"configs/{model}/{config}.yaml",
             "--data.path", data, "--data.limit", str(limit), "--trainer.default_root_dir", str(out / run),
             *row_extra, *extra]
 

@@ -89,7 +89,7 @@ def test_sigterm_stops_with_status_143_and_a_last_line_then_resume(tmp_path: Pat
         "0",
     ]  # a few seconds per edit: time to stop it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kelight.cli.main", "fit", *base, *slow, "--trainer.default_root_dir", str(out)],
+        [sys.executable, "-m", "kelight.cli", "fit", *base, *slow, "--trainer.default_root_dir", str(out)],
         env=ENV,
         cwd=ROOT,
         stdout=subprocess.PIPE,

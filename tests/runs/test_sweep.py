@@ -205,7 +205,7 @@ def test_sigterm_stops_the_running_trial_too(tmp_path):
         [
             sys.executable,
             "-m",
-            "kelight.cli.main",
+            "kelight.cli",
             "sweep",
             str(spec),
             "--count",
