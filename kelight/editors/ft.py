@@ -15,13 +15,10 @@ decay acts on ``ΔW`` (an L2 pull towards the original weight), not on ``W``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.checks import check_context_templates, check_count, check_layer, check_number
@@ -29,6 +26,7 @@ from kelight.editors.base import EditInfo, Editor
 from kelight.editors.rewrite import build_rewrite_batch, sample_context_templates
 from kelight.editors.steps import finish_loss, step_forward
 from kelight.editors.undo import UndoLog
+from kelight.lm.hooks import added_weight
 from kelight.models.adapters import ArchAdapter, adapter_for
 from kelight.objectives import rewrite_nll
 from kelight.objectives.base import ExtraLoss, RewriteBatch
@@ -69,26 +67,6 @@ class FTHParams(SadrOptions):
         check_number("norm_constraint", self.norm_constraint, positive=True, allow_inf=True)
         check_number("weight_decay", self.weight_decay, positive=False)
         object.__setattr__(self, "context_templates", check_context_templates(self.context_templates))
-
-
-@contextmanager
-def added_weight(module: nn.Module, delta: torch.Tensor) -> Iterator[None]:
-    """Make ``module`` (a Linear or Conv1D with ``y = x W + b``) compute as if ``W += delta``.
-
-    Args:
-        module: the module; its first positional input is ``x`` ``(..., d_in)``.
-        delta: ``(d_out, d_in)`` in linear convention; gradients flow into it.
-    """
-
-    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]  # (..., d_in)
-        return output + F.linear(x.to(delta.dtype), delta).to(output.dtype)  # (..., d_out)
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class FTEditor(Editor):
@@ -141,7 +119,7 @@ class FTEditor(Editor):
         applied = torch.zeros_like(delta, requires_grad=False) if applied is None else applied.float()
         low, high = -self.hp.norm_constraint - applied, self.hp.norm_constraint - applied  # (d_out, d_in)
         module = self.adapter.module(model, "mlp_out", self.hp.layer)
-        with added_weight(module, delta):
+        with added_weight(module, [delta]):
             losses = self._optimise(model, batch, delta, low, high)
         return delta.detach(), losses
 

@@ -47,6 +47,12 @@ class UndoLog:
                    for param, original in self._originals.values()]
         return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
 
+    @torch.no_grad()
+    def changes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every remembered parameter with its change since it was remembered (``param - original``, in the
+        parameter's own layout)."""
+        return [(param, param.detach() - original) for param, original in self._originals.values()]
+
     def absorb(self, other: UndoLog) -> None:
         """Take over ``other``'s record (of changes made after this log's): a parameter this log already
         remembers keeps its older original; ``other``'s restore callbacks become this log's. ``other`` is

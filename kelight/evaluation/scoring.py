@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.data.root import default_data_root
@@ -37,6 +38,7 @@ from kelight.evaluation.wild import (
     wild_probes,
 )
 from kelight.lm.generation import generate
+from kelight.lm.hooks import row_weight_changes
 from kelight.lm.readouts import Readout, readouts, shared_prompt_readouts
 from kelight.lm.tokens import pad_id, target_ids
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS, EditCase, EditInputError, ScoredPrompt, TokenProbe
@@ -343,18 +345,25 @@ def evaluate_case(
 @torch.no_grad()
 def fluency_samples(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, cases: Sequence[EditCase], max_new_tokens: int = 100,
-    seed: int = 0, batch_size: int = 64,
+    seed: int = 0, batch_size: int = 64, changes: Mapping[str | int, Mapping[nn.Module, torch.Tensor]] | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """Every case's fluency samples (case id -> texts) on the model as it is now, drawn across cases in
     batches of ``batch_size`` prompts (batch ``i`` seeded ``seed + i``): one KV-cached batch for many cases
     instead of one per case. A prompt's sample depends on its batch (:func:`generate`), so FL from a
-    cross-case pass differs from a per-case pass within sampling noise, and is the same on every rerun."""
+    cross-case pass differs from a per-case pass within sampling noise, and is the same on every rerun.
+
+    ``changes``: each case's own weight changes (case id -> :func:`~kelight.lm.hooks.linear_weight_changes`),
+    applied to its prompts' rows only (:func:`~kelight.lm.hooks.row_weight_changes`): the single-edit regime's
+    edited models, each restored before the next edit, sampled together afterwards."""
     _check_positive(batch_size, "batch_size")
     prompts = [(case.case_id, p) for case in cases for p in case.generation_prompts]
     texts: dict[str, list[str]] = {case.case_id: [] for case in cases}
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
-        samples = generate(model, tok, [p for _, p in chunk], max_new_tokens, seed=seed + index)
+        ids = list(dict.fromkeys(case_id for case_id, _ in chunk))
+        rows = [ids.index(case_id) for case_id, _ in chunk]
+        with row_weight_changes([changes[i] for i in ids] if changes else [], rows):
+            samples = generate(model, tok, [p for _, p in chunk], max_new_tokens, seed=seed + index)
         for (case_id, _), text in zip(chunk, samples, strict=True):
             texts[case_id].append(text)
     return {case_id: tuple(t) for case_id, t in texts.items()}

@@ -44,12 +44,13 @@ def top_k_sample(logits: torch.Tensor, top_k: int, generator: torch.Generator) -
 
 def extend_tokens(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, steps: int, pick: Pick, finished: Finished,
-    fill_id: int,
+    fill_id: int, on_step: Callable[[], object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Extend left-padded ``ids``/``mask`` ``(B, T)`` by up to ``steps`` tokens chosen by ``pick`` (KV cache).
 
     After each step ``finished(ids, new)`` says which rows are done; a done row's later slots hold
-    ``fill_id`` with mask 0, and decoding stops when every row is done.
+    ``fill_id`` with mask 0, and decoding stops when every row is done. ``on_step`` is called after each
+    step (a progress bar's update).
     """
     cache_kw = cache_keyword(model)
     past, step = None, ids
@@ -64,6 +65,8 @@ def extend_tokens(
         ids = torch.cat([ids, nxt[:, None]], dim=1)  # (B, T + 1)
         mask = torch.cat([mask, (~done).to(mask.dtype)[:, None]], dim=1)  # (B, T + 1)
         done |= finished(ids, nxt).to(done.device)
+        if on_step is not None:
+            on_step()
         if done.all():
             break
         step = nxt[:, None]  # (B, 1)
@@ -72,9 +75,10 @@ def extend_tokens(
 
 def sample_tokens(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, steps: int, top_k: int,
-    generator: torch.Generator, eos_id: int | None, fill_id: int,
+    generator: torch.Generator, eos_id: int | None, fill_id: int, on_step: Callable[[], object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extend left-padded ``ids``/``mask`` ``(B, T)`` by up to ``steps`` sampled tokens (KV cache).
+    """Extend left-padded ``ids``/``mask`` ``(B, T)`` by up to ``steps`` sampled tokens (KV cache; ``on_step``
+    as in :func:`extend_tokens`).
 
     Draws on ``generator``'s device (logits move there), so a CPU generator gives the same samples
     whatever device the model is on. A row that emits ``eos_id`` stops; later slots hold ``fill_id``
@@ -86,7 +90,7 @@ def sample_tokens(
     def finished(_: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         return nxt == eos_id if eos_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
 
-    return extend_tokens(model, ids, mask, steps, pick, finished, fill_id)
+    return extend_tokens(model, ids, mask, steps, pick, finished, fill_id, on_step)
 
 
 @torch.no_grad()

@@ -5,11 +5,13 @@ Hook targets are module paths (``"model.layers.4.mlp.down_proj"``), as in ROME's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class StopForward(Exception):
@@ -146,3 +148,71 @@ def add_at(rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> Calla
         return out
 
     return fn
+
+
+@contextmanager
+def added_weight(module: nn.Module, deltas: Sequence[torch.Tensor],
+                 rows: Sequence[torch.Tensor | None] | None = None) -> Iterator[None]:
+    """Make ``module`` (a Linear or Conv1D, ``y = x W + b``) compute as if ``W += deltas[i]`` for the batch rows
+    ``rows[i]`` (``(n,)`` indices; ``None``, the default for every delta: all rows), by adding ``x Δᵀ`` to its
+    output in a forward hook; removed in ``finally``.
+
+    Args:
+        module: the module; its first positional input is ``x`` ``(B, ..., d_in)``.
+        deltas: ``(d_out, d_in)`` each, in linear convention; gradients flow into them.
+        rows: the batch rows each delta applies to.
+    """
+    rows = [None] * len(deltas) if rows is None else rows
+
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # (B, ..., d_in)
+        for delta, index in zip(deltas, rows, strict=True):
+            if index is None:
+                output = output + F.linear(x.to(delta.dtype), delta).to(output.dtype)  # (B, ..., d_out)
+            else:
+                part = F.linear(x.index_select(0, index).to(delta.dtype), delta).to(output.dtype)
+                output = output.index_add(0, index, part)
+        return output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def linear_weight_changes(
+    model: nn.Module, changes: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[nn.Module, torch.Tensor] | None:
+    """Weight changes ``(parameter, change in the parameter's layout)`` by the module they belong to, in linear
+    convention ``(d_out, d_in)`` (a Conv1D's change transposed), or ``None`` when one of them is not the weight
+    of a Linear or Conv1D (a bias, a norm, an embedding): then only the changed model can replay them."""
+    owners = {id(m.weight): m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D))}
+    out: dict[nn.Module, torch.Tensor] = {}
+    for param, change in changes:
+        module = owners.get(id(param))
+        if module is None:
+            return None
+        out[module] = change.T if isinstance(module, Conv1D) else change
+    return out
+
+
+@contextmanager
+def row_weight_changes(changes: Sequence[Mapping[nn.Module, torch.Tensor]], rows: Sequence[int]) -> Iterator[None]:
+    """Within the block, batch row ``b`` runs on the model with the weight changes ``changes[rows[b]]`` added
+    (:func:`linear_weight_changes`), every other row unchanged: one batch evaluates models edited in different
+    ways, e.g. the single-edit regime's fluency samples of many cases. ``x Δᵀ`` is added to the unchanged
+    module's output, so a row's values match the changed model's to float rounding, not bit for bit."""
+    by_module: dict[nn.Module, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for group, change in enumerate(changes):
+        index = torch.tensor([b for b, g in enumerate(rows) if g == group], dtype=torch.long)
+        if not len(index):
+            continue
+        for module, delta in change.items():
+            deltas, indices = by_module.setdefault(module, ([], []))
+            deltas.append(delta)
+            indices.append(index.to(delta.device))
+    with ExitStack() as stack:
+        for module, (deltas, indices) in by_module.items():
+            stack.enter_context(added_weight(module, deltas, indices))
+        yield

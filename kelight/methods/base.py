@@ -23,10 +23,10 @@ each process keeps only its own edits (N independent edit sequences, not one; th
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, Literal, get_args
 
@@ -34,6 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
 from tqdm.auto import tqdm
 
 from kelight.data.datamodule import BatchShardSampler
@@ -41,6 +42,7 @@ from kelight.editors.base import Editor
 from kelight.editors.undo import UndoLog
 from kelight.evaluation.metrics import EditMetrics
 from kelight.evaluation.scoring import (
+    CaseResult,
     case_summary,
     evaluate_case,
     fluency_samples,
@@ -50,6 +52,7 @@ from kelight.evaluation.scoring import (
     wild_rows,
 )
 from kelight.evaluation.wild import EvalProtocol, check_eval_protocol, generate_answers
+from kelight.lm.hooks import linear_weight_changes
 from kelight.methods.distributed import gather_objects, interleave
 from kelight.models.loading import load
 from kelight.runs.merge import metrics_from_rows, run_summary
@@ -182,8 +185,13 @@ class EditModule(L.LightningModule):
         self.pending: list[tuple[EditCase, dict, float, int | None]] = []
         self._answers: dict[str, str] | None = None  # generated answers of the model as it is now (wild)
         self._fluency: dict[str, tuple[str, ...]] | None = None  # its fluency samples, case id -> texts
+        # rows waiting for the fluency samples of restored edits, drawn later together (see _edit): case, its
+        # result without texts (None: a resumed case's row, kept in its place), seconds, z-steps, weight changes
+        self._deferred: list[tuple[EditCase, CaseResult | None, float, int | None, dict[nn.Module, torch.Tensor]]] = []
+        self._deferred_bytes = 0
         self._resumed: dict[object, dict] = {}  # resume: case id -> the row a stopped run wrote
         self.out_dir: Path | None = None  # the run directory (rank 0's under DDP)
+        self.deferred_bytes = 1 << 30  # weight changes held for later fluency sampling before they are sampled
         self.progress_seconds = 60.0  # log a progress line at most this often (long runs print nothing else)
         self._last_progress = self._run_start = time.perf_counter()
 
@@ -242,14 +250,21 @@ class EditModule(L.LightningModule):
     def _log_progress(self) -> None:
         """One line: edits done of this process's total, mean edit seconds, wall time and what is left
         at this pace (evaluation included, except in the sequential regime, which evaluates at the end)."""
-        done, n_batches = len(self.edit_seconds), self.trainer.num_training_batches
-        batch_size = getattr(self.trainer.train_dataloader, "batch_size", None) or 1  # cases, not loader batches
-        total = int(n_batches) * batch_size if math.isfinite(n_batches) else None
+        done, total = len(self.edit_seconds), self._n_train_cases()
         elapsed = time.perf_counter() - self._run_start
         left = (f", about {elapsed / done * max(total - done, 0) / 60:.1f} min left" if total and done else "")
         log.info("%d%s edits done (%s regime), %.2f s/edit on average, %.1f min so far%s", done,
                  f"/{total}" if total else "", self.hparams.regime, sum(self.edit_seconds) / done, elapsed / 60,
                  left)
+
+    def _n_train_cases(self) -> int | None:
+        """The cases this process edits: its share under DDP (padding left out), else the loader's dataset."""
+        loader = self.trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, BatchShardSampler):
+            return sum(i < len(sampler.dataset) for i in sampler.indices)
+        dataset = getattr(loader, "dataset", None)
+        return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
 
     @property
     def joint_batches(self) -> bool:
@@ -318,15 +333,16 @@ class EditModule(L.LightningModule):
             return [self._reference(case) for case in cases]
 
     @contextmanager
-    def _generations_for(self, cases: list[EditCase], reference_only: bool = False) -> Iterator[None]:
+    def _generations_for(self, cases: list[EditCase], reference_only: bool = False,
+                         fluency: bool = True) -> Iterator[None]:
         """Within the block, what the model as it is now generates for ``cases``, drawn in batches across the
         cases and reused by each case's evaluation or reference: the wild answers to every prompt (only those
         compared with the unedited model's with ``reference_only``; none under the teacher-forced protocol)
-        and, unless ``reference_only``, the fluency samples."""
+        and, unless ``reference_only`` or not ``fluency``, the fluency samples."""
         if self.hparams.eval_protocol != "teacher_forced":
             self._answers = generate_answers(self.lm, self.tok, cases, self.wild_config,
                                              reference_only=reference_only)
-        if self.hparams.fluency and not reference_only:
+        if self.hparams.fluency and fluency and not reference_only:
             self._fluency = fluency_samples(self.lm, self.tok, cases)
         try:
             yield
@@ -364,6 +380,7 @@ class EditModule(L.LightningModule):
                     continue
                 self._edit(cases)
                 self._evaluate_so_far(len(cases))
+        self._sample_deferred()
 
     def _fresh(self, cases: list[EditCase]) -> list[EditCase]:
         """The cases a resumed run has not finished yet (all of them in a run that is not resumed)."""
@@ -371,6 +388,9 @@ class EditModule(L.LightningModule):
 
     def _keep_resumed(self, case: EditCase) -> None:
         """A case the stopped run finished: its row as it was written, in its place in this run's rows."""
+        if self._deferred:  # after the rows before it
+            self._deferred.append((case, None, 0.0, None, {}))
+            return
         self.case_rows.append(self._resumed[case.case_id])
 
     def _say_stopped(self, signal_name: str) -> None:
@@ -408,8 +428,10 @@ class EditModule(L.LightningModule):
         Computed once per model state and given to every case evaluated on it."""
         return perplexity_stats(self.lm, self.tok, self.ppl_texts) if self.ppl_texts else None
 
-    def _evaluate(self, case: EditCase, pre: dict | None, ppl: tuple[float, int] | None = None):
-        return evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency, pre_locality=pre, perplexity=ppl,
+    def _evaluate(self, case: EditCase, pre: dict | None, ppl: tuple[float, int] | None = None,
+                  fluency: bool = True) -> CaseResult:
+        return evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency and fluency, pre_locality=pre,
+                             perplexity=ppl,
                              protocol=self.hparams.eval_protocol, wild=self.wild_config, answers=self._answers,
                              fluency_texts=(self._fluency or {}).get(case.case_id))
 
@@ -443,14 +465,39 @@ class EditModule(L.LightningModule):
             return
         try:
             ppl = self._perplexity()
-            with self._generations_for(fresh):
+            # fluency sampling, one edited model at a time, is a run's slowest step: replay the edit on its rows
+            # later, in batches across the cases (a change only the edited model can replay is sampled now)
+            changes = linear_weight_changes(self.lm, self.undo.changes()) if self.hparams.fluency else None
+            with self._generations_for(fresh, fluency=changes is None):
                 for case, n in zip(cases, steps, strict=True):
-                    if case.case_id in pres:
+                    if case.case_id not in pres:
+                        self._keep_resumed(case)
+                    elif changes is None:
                         self._record(case, self._evaluate(case, pres[case.case_id], ppl), seconds, n)
                     else:
-                        self._keep_resumed(case)
+                        result = self._evaluate(case, pres[case.case_id], ppl, fluency=False)
+                        self._deferred.append((case, result, seconds, n, changes))
         finally:
             self.undo.restore()
+        if changes is not None:
+            self._deferred_bytes += sum(d.numel() * d.element_size() for d in changes.values())
+            if self._deferred_bytes > self.deferred_bytes:
+                self._sample_deferred()
+
+    def _sample_deferred(self) -> None:
+        """Draw the fluency samples of the restored edits waiting for them, each on its own edit replayed on its
+        rows (:func:`~kelight.evaluation.scoring.fluency_samples` ``changes``), and record their rows in order."""
+        if not self._deferred:
+            return
+        deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
+        edited = [(case, changes) for case, result, *_, changes in deferred if result is not None]
+        texts = fluency_samples(self.lm, self.tok, [case for case, _ in edited],
+                                changes={case.case_id: changes for case, changes in edited})
+        for case, result, seconds, z_steps, _ in deferred:
+            if result is None:
+                self._keep_resumed(case)
+            else:
+                self._record(case, replace(result, texts=texts[case.case_id]), seconds, z_steps)
 
     def _record(self, case: EditCase, result, seconds: float | None, z_steps: int | None = None) -> None:
         self.metrics.update(result)

@@ -21,7 +21,7 @@ def model_tok():
 @pytest.fixture(scope="module")
 def cases():
     demo = builtin_cases()
-    return [demo[0], demo[9], demo[19]]  # distracted-neighbour prompts in all three, relation prompts in 9 and 19
+    return [demo[0], demo[2], demo[4]]  # distracted-neighbour prompts in all three, relation prompts in 2 and 4
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kelight.evaluation.scoring
+from kelight.editors.undo import UndoLog
 from kelight.evaluation.metrics import EditMetrics
 from kelight.evaluation.scoring import (
     case_summary,
@@ -22,6 +23,7 @@ from kelight.evaluation.scoring import (
     token_argmax,
 )
 from kelight.lm.generation import generate
+from kelight.lm.hooks import linear_weight_changes
 from kelight.lm.tokens import target_ids
 from kelight.models.tiny import TINY_CONFIGS, tiny_model
 from kelight.types import PROBE_GROUPS, EditCase, EditInputError, EditRequest, ScoredPrompt, TokenProbe
@@ -207,6 +209,27 @@ def test_fluency_samples_across_cases_batch_by_batch(llama: Model) -> None:
     assert given.texts == ("a b a b", "c")
     with pytest.raises(ValueError, match="batch_size"):
         fluency_samples(model, tok, cases, batch_size=0)
+
+
+def test_fluency_samples_replay_each_cases_own_edit(llama: Model) -> None:
+    """With ``changes``, a case's samples are those of its own edited model (a lone case: the same texts as
+    sampling the edited model), and a case without changes in the batch samples the unchanged model."""
+    model, tok = llama
+    base = _case()
+    cases = [dataclasses.replace(base, request=dataclasses.replace(base.request, case_id=f"c{i}"))
+             for i in range(2)]
+    undo = UndoLog()
+    weight = model.model.layers[0].mlp.down_proj.weight
+    undo.add_(weight, 2.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    edited = tuple(generate(model, tok, cases[0].generation_prompts, 8, seed=3))
+    change = linear_weight_changes(model, undo.changes())
+    undo.restore()
+    unedited = tuple(generate(model, tok, cases[0].generation_prompts, 8, seed=3))
+    assert edited != unedited
+    assert fluency_samples(model, tok, cases[:1], max_new_tokens=8, seed=3, changes={"c0": change})["c0"] == edited
+    both = fluency_samples(model, tok, cases, max_new_tokens=8, seed=3, changes={"c0": change, "c1": {}})
+    alone = fluency_samples(model, tok, cases, max_new_tokens=8, seed=3)
+    assert both["c1"] == alone["c1"] and both["c0"] != alone["c0"]
 
 
 def test_evaluate_case_requires_pre_locality(llama: Model) -> None:

@@ -264,3 +264,38 @@ def test_consecutive_batches_split_at_a_conflict_and_the_batch_regime_keeps_them
     ids = [[c.case_id for c in group] for group in groups]
     assert ids == [[0, 1], [2, 3]]  # the second rewrite of Paris starts the next joint edit
     assert len(MEMIT(model_name="tiny:llama", regime="batch")._edit_groups(batch)) == 1  # refused before editing
+
+
+def _single_rows(tmp_path, batch_size: int) -> tuple[list[dict], object]:
+    import json
+
+    from kelight.data.datamodule import EditDataModule
+    from kelight.methods import ROME
+
+    module = ROME(model_name="tiny:llama", regime="single",
+                  editor=RomeHParams(layer=1, steps=3, context_templates=[], mom2_adjustment=False))
+    quiet_trainer(tmp_path).fit(module, datamodule=EditDataModule(path=None, batch_size=batch_size, limit=3))
+    rows = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    return rows, module
+
+
+def test_single_regime_fluency_replays_each_edit_on_its_own_rows(tmp_path, monkeypatch):
+    """The single regime samples fluency after the restore, each case on its edit replayed on its rows: alone in
+    its batch, the same texts (hence FL) as sampling the edited model itself; across a loader batch, the same
+    teacher-forced scores and the weights restored bit for bit."""
+    import torch
+
+    import kelight.methods.base
+
+    one, module = _single_rows(tmp_path / "deferred", batch_size=1)
+    original = {name: p.detach().clone() for name, p in module.lm.named_parameters()}
+    monkeypatch.setattr(kelight.methods.base, "linear_weight_changes", lambda *args: None)
+    edited, _ = _single_rows(tmp_path / "edited", batch_size=1)  # sampled on the edited weights, case by case
+    monkeypatch.undo()
+    def without(rows, *keys):
+        return [{k: v for k, v in row.items() if k not in ("edit_seconds", *keys)} for row in rows]
+
+    assert all("FL" in row for row in one) and without(one) == without(edited)
+    three, module = _single_rows(tmp_path / "batch", batch_size=3)
+    assert without(three, "FL") == without(one, "FL")
+    assert all(torch.equal(p, original[name]) for name, p in module.lm.named_parameters())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.data.root import default_data_root
@@ -223,8 +224,10 @@ def _sample_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, spec: Co
     seqs = [list(tok(prompts[(index * n + i) % len(prompts)])["input_ids"]) for i in range(n)]
     ids, mask = left_pad(seqs, pad_id(tok), model_device(model))  # (B, T)
     generator = torch.Generator(device="cpu").manual_seed(spec.seed * 1_000_003 + index)
-    ids, mask = sample_tokens(model, ids, mask, spec.sample_tokens, spec.sample_top_k, generator,
-                              tok.eos_token_id, pad_id(tok))
+    with tqdm(total=spec.sample_tokens, unit="step", leave=False,
+              desc=f"sampling {n} texts from the model for key statistics (batch {index + 1})") as bar:
+        ids, mask = sample_tokens(model, ids, mask, spec.sample_tokens, spec.sample_top_k, generator,
+                                  tok.eos_token_id, pad_id(tok), on_step=bar.update)
     rows = zip(ids, mask, strict=True)
     return [tok.decode(row[keep.bool()].tolist(), skip_special_tokens=True) for row, keep in rows]
 
