@@ -59,9 +59,9 @@ def _sequences(
     """Token ids of the texts in corpus order, each truncated to ``max_length``; the last one is
     cut so that exactly ``n_tokens`` tokens come out (fewer if the corpus runs out)."""
     left, stream = n_tokens, iter(texts)
-    # at most ~as many texts as the tokens left need (1 per 100 tokens): a lazy stream, such as model samples,
-    # is then read little past the budget
-    while left > 0 and (chunk := list(itertools.islice(stream, min(_TOKENIZE_CHUNK, left // 100 + 1)))):
+    # at most about half the texts the tokens left need (1 per 200 tokens; model samples hold ~110): a lazy
+    # stream, such as model samples, is then read little past the budget (no batch sampled for nothing)
+    while left > 0 and (chunk := list(itertools.islice(stream, min(_TOKENIZE_CHUNK, left // 200 + 1)))):
         for ids in tok(chunk, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]:
             taken = list(ids[:left])  # a prefix keeps its keys: the model is causal
             left -= len(taken)

@@ -83,6 +83,25 @@ def test_n_tokens_takes_the_first_tokens_in_corpus_order() -> None:
         assert f.metadata()["count"] == "100"
 
 
+def test_a_lazy_stream_is_read_no_further_than_the_budget() -> None:
+    """Texts are taken from the stream in chunks no larger than the tokens left need, so a model-sampled stream
+    samples no batch it does not use (20,000 tokens of ~110-token samples: 182 texts, not 201)."""
+    from kelight.editors.stats.moments import _sequences
+
+    tok = byte_tokenizer()
+    read = []
+
+    def stream():
+        for i in range(10_000):
+            read.append(i)
+            yield "".join(random.Random(i).choices(string.ascii_lowercase + " ", k=110))
+
+    per_text = len(tok("a" * 110)["input_ids"])
+    seqs = list(_sequences(tok, stream(), max_length=512, n_tokens=20_000))
+    assert sum(map(len, seqs)) == 20_000
+    assert len(read) == len(seqs) == -(-20_000 // per_text)
+
+
 def test_several_layers_in_one_pass_equal_per_layer() -> None:
     model, tok = tiny_model("gpt2")
     calls = _count_forwards(model)
