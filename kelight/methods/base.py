@@ -128,7 +128,9 @@ class EditModule(L.LightningModule):
             finished (``cases.partial*.jsonl``) are kept, not edited again, and the rest are edited; the end is
             the uninterrupted run's ``metrics.json`` (computed from the rows, as ``kelight merge`` does). Single
             and batch regimes (and ``kelight validate``); the other regimes keep their edits in memory, so a
-            stopped run of theirs starts again.
+            stopped run of theirs starts again. With fluency on, a single-regime case's row is written once its
+            loader batch has sampled its fluency texts together (see ``_edit``), so a stop loses at most the
+            cases of the batch in progress.
     """
 
     REGIMES: ClassVar[tuple[str, ...]] = REGIMES  # the regimes the method takes (PathEdit adds "joint")
