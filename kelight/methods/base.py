@@ -193,7 +193,7 @@ class EditModule(L.LightningModule):
         self._deferred_bytes = 0
         self._resumed: dict[object, dict] = {}  # resume: case id -> the row a stopped run wrote
         self.out_dir: Path | None = None  # the run directory (rank 0's under DDP)
-        self.deferred_bytes = 1 << 30  # weight changes held for later fluency sampling before they are sampled
+        self.max_deferred_bytes = 1 << 30  # weight changes held for later fluency sampling before they are sampled
         self.progress_seconds = 60.0  # log a progress line at most this often (long runs print nothing else)
         self._last_progress = self._run_start = time.perf_counter()
 
@@ -483,7 +483,7 @@ class EditModule(L.LightningModule):
             self.undo.restore()
         if changes is not None:
             self._deferred_bytes += sum(d.numel() * d.element_size() for d in changes.values())
-            if self._deferred_bytes > self.deferred_bytes:
+            if self._deferred_bytes > self.max_deferred_bytes:
                 self._sample_deferred()
 
     def _sample_deferred(self) -> None:
