@@ -68,6 +68,12 @@ class RewriteBatch:
                           per_request.repeat_interleave(n_ess // self.n_requests)])
 
     @property
+    def first_target_ids(self) -> torch.Tensor:
+        """``(R,)`` each request's first o_edit token (the first target of its first rewriting row)."""
+        first = self.target_rows[None, :] == self.first_rows[:, None]  # (R, N)
+        return self.target_ids[first.int().argmax(1)]
+
+    @property
     def first_rows(self) -> torch.Tensor:
         """``(R,)`` each request's first rewriting row (its plain prompt when templates start with "{}")."""
         step = self.n_rewrite // self.n_requests

@@ -22,7 +22,19 @@ as o_edit for an unrelated relation). The z objective of each request becomes
     NLL(o_edit) + ω · KL_essence + λ · L_rel + wd · ‖δ‖ / ‖v‖²  (+ extra terms such as γ · SADR)
 
 with λ = :attr:`~kelight.editors.locate.zopt.ZConfig.relation_kl_factor` (0 = off, the default: no
-relation prompt is even run) and N = :attr:`~kelight.editors.locate.zopt.ZConfig.relation_prompts`. The
+relation prompt is even run) and N = :attr:`~kelight.editors.locate.zopt.ZConfig.relation_prompts`.
+
+The KL holds every token of every relation prompt's next-token distribution. The damage RS counts is
+narrower: another question about ``s`` answering o_edit. The leak term holds only that, on the same
+prompts, with its own weight μ (:attr:`~kelight.editors.locate.zopt.ZConfig.relation_leak_factor`):
+
+    L_leak(z) = 1/N · Σ_j max(0, log P_z(t | p_j) − log P_0(t | p_j))
+
+with ``t`` the first token of o_edit (:attr:`~kelight.objectives.base.RewriteBatch.first_target_ids`).
+It is 0 at z = 0 and wherever z does not raise the new object on another question, so it leaves z free
+to move the rest of those distributions. A first token shared with the other relation's own answer
+("New" of "New York" against "New Jersey") is held down too: the term reads one token, not the object.
+Both terms may be on; the relation prompts run once for both. The
 relation prompts run in the same forward as the rewriting and essence prompts (their rows follow each
 request's essence rows in a :class:`~kelight.editors.rewrite.RewriteBatch`), so they share the prefix
 cache, the replayed blocks and ``z_batch`` merging; z is the only tensor with a gradient. Like the
@@ -43,6 +55,8 @@ from __future__ import annotations
 import re
 from itertools import cycle, islice
 from typing import NamedTuple
+
+import torch
 
 from kelight.checks import check_number
 from kelight.types import EditInputError, EditRequest
@@ -167,8 +181,20 @@ def relation_prompts(request: EditRequest, n: int) -> list[str]:
     kept = [t.text.replace("{}", request.subject) for t in RELATION_TEMPLATES if not _asks_for(t, request)]
     if not kept:
         raise EditInputError(f"case {request.case_id!r}: every relation template asks for the edited relation of "
-                             f"{request.prompt!r}; set relation_kl_factor 0 for this edit")
+                             f"{request.prompt!r}; set relation_kl_factor and relation_leak_factor to 0 for this edit")
     return list(islice(cycle(kept), n))
+
+
+def relation_leak_rows(log_probs: torch.Tensor, log_probs_init: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``max(0, log P_z(t_r) − log P_0(t_r))`` of each relation prompt of each request, ``(R, N)``.
+
+    Args:
+        log_probs: ``(R, N, V)`` next-token log-probs at the relation prompts' ends now.
+        log_probs_init: ``(R, N, V)`` the same at step 0 (z = 0; detached).
+        token_ids: ``(R,)`` each request's first o_edit token ``t_r``.
+    """
+    index = token_ids.view(-1, 1, 1).expand(-1, log_probs.shape[1], 1)
+    return torch.relu(log_probs.gather(-1, index) - log_probs_init.gather(-1, index)).squeeze(-1)
 
 
 def check_relation_kl_factor(value: object) -> float:
@@ -176,12 +202,17 @@ def check_relation_kl_factor(value: object) -> float:
     return check_number("relation_kl_factor", value, positive=False, hint="; use 0 to turn the relation term off")
 
 
+def check_relation_leak_factor(value: object) -> float:
+    """``value`` if it is a valid relation leak weight μ: a finite number ≥ 0 (0 = off)."""
+    return check_number("relation_leak_factor", value, positive=False, hint="; use 0 to turn the leak term off")
+
+
 def check_relation_prompts(value: object, factor: float) -> int:
-    """``value`` if it is a valid relation prompt count for weight ``factor``: an integer in
-    ``1 … MAX_RELATION_PROMPTS`` (``0`` is accepted only with the term off, ``factor`` 0)."""
+    """``value`` if it is a valid relation prompt count for a relation term of weight ``factor`` (the
+    larger of λ and μ): an integer in ``1 … MAX_RELATION_PROMPTS`` (``0`` only with both terms off)."""
     low = 0 if factor == 0 else 1
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_RELATION_PROMPTS:
-        hint = " (the term is on: relation_kl_factor > 0 needs at least one prompt)" if value == 0 else ""
+        hint = " (the term is on: relation_kl_factor or relation_leak_factor > 0 needs a prompt)" if value == 0 else ""
         raise EditInputError(f"expected relation_prompts to be an integer from {low} to {MAX_RELATION_PROMPTS} "
                              f"(the relation templates there are), got {value!r}{hint}")
     return value

@@ -1,5 +1,5 @@
-"""The relation-preserving objective: its prompts, its options, its value at z = 0, where its gradient goes,
-and that every locate-then-edit editor takes it (with SADR too)."""
+"""The relation-preserving objectives (KL and leak): their prompts, options, value at z = 0, where their gradient
+goes, and that every locate-then-edit editor takes them (with SADR too)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,22 @@ import kelight
 from kelight.data.formats import parse_counterfact_mix
 from kelight.data.root import default_data_root
 from kelight.editors.alphaedit import AlphaEditHParams
-from kelight.editors.locate.zopt import ZConfig, _kl_terms, optimise_z
+from kelight.editors.locate.zopt import ZConfig, _held_terms, _Injector, optimise_z
 from kelight.editors.memit import MemitHParams
-from kelight.editors.rewrite import add_relation_rows, build_rewrite_batch
+from kelight.editors.rewrite import add_relation_rows, build_rewrite_batch, merge_rewrite_batches
 from kelight.editors.rome import RomeHParams
+from kelight.editors.steps import forward_logprobs
+from kelight.lm.hooks import edit_output
 from kelight.lm.tokens import pad_id
 from kelight.methods import MEMIT, ROME, AlphaEdit
 from kelight.models.adapters import adapter_for
 from kelight.models.tiny import tiny_model
-from kelight.objectives.relations import MAX_RELATION_PROMPTS, RELATION_TEMPLATES, relation_prompts
+from kelight.objectives.relations import (
+    MAX_RELATION_PROMPTS,
+    RELATION_TEMPLATES,
+    relation_leak_rows,
+    relation_prompts,
+)
 from kelight.types import EditInputError, EditRequest
 
 TEMPLATES = ["{}", "Yes. {}"]
@@ -173,6 +180,12 @@ def test_fewer_templates_left_than_asked_are_cycled():
             {"relation_prompts": MAX_RELATION_PROMPTS + 1},
             rf"from 0 to {MAX_RELATION_PROMPTS} .*got {MAX_RELATION_PROMPTS + 1}",
         ),
+        ({"relation_leak_factor": -0.5}, "expected relation_leak_factor to be a finite number ≥ 0, got -0.5; use 0"),
+        ({"relation_leak_factor": float("inf")}, "expected relation_leak_factor to be a finite number ≥ 0, got inf"),
+        (
+            {"relation_leak_factor": 1.0, "relation_prompts": 0},
+            r"from 1 to \d+ .*got 0 \(the term is on: relation_kl_factor or relation_leak_factor > 0",
+        ),
         ({"relation_prompts": 2.0}, "expected relation_prompts to be an integer .*got 2.0"),
         ({"relation_prompts": True}, "expected relation_prompts to be an integer .*got True"),
     ],
@@ -228,38 +241,93 @@ def test_relation_rows_follow_the_essence_rows():
         add_relation_rows(build_rewrite_batch(tok, BIRTH, TEMPLATES, "cpu", relation_candidates=0), 3, pad_id=0)
 
 
-def _optimise(model, tok, factor: float, steps: int = 4, **cfg):
+def _optimise(model, tok, factor: float, steps: int = 4, term: str = "relation_kl_factor", **cfg):
     batch = build_rewrite_batch(tok, BIRTH, TEMPLATES, "cpu")
-    config = ZConfig(steps=steps, early_stop_loss=0.0, relation_kl_factor=factor, relation_prompts=4, **cfg)
+    config = ZConfig(steps=steps, early_stop_loss=0.0, relation_prompts=4, **{term: factor}, **cfg)
     return optimise_z(model, adapter_for(model).path("mlp_out", 1), batch, config, first_edited_block=1)
 
 
 def test_the_term_is_zero_at_z_zero():
     model, tok = tiny_model("llama")
     batch = add_relation_rows(build_rewrite_batch(tok, BIRTH, TEMPLATES, "cpu"), 4, pad_id=0)
-    log_probs = torch.randn(batch.input_ids.shape[0] - batch.n_rewrite, 11).log_softmax(-1)
+    log_probs = torch.randn(batch.input_ids.shape[0] - batch.n_rewrite, model.config.vocab_size).log_softmax(-1)
     cfg = ZConfig(kl_factor=0.0, relation_kl_factor=1e6)
-    assert _kl_terms(log_probs, log_probs.clone(), batch, cfg).tolist() == [0.0]  # exactly
+    assert _held_terms(log_probs, log_probs.clone(), batch, cfg).tolist() == [0.0]  # exactly
+    cfg = ZConfig(kl_factor=0.0, relation_leak_factor=1e6)
+    assert _held_terms(log_probs, log_probs.clone(), batch, cfg).tolist() == [0.0]
     # in the optimisation: the first loss (δ = 0) is the same at any weight; later ones are not
     plain, huge = _optimise(model, tok, 0.0), _optimise(model, tok, 1e6)
     assert huge.losses[0] == pytest.approx(plain.losses[0], rel=1e-6)
     assert abs(huge.losses[-1] - plain.losses[-1]) > 1e-3
 
 
-def test_the_gradient_reaches_only_z():
+@pytest.mark.parametrize("term", ["relation_kl_factor", "relation_leak_factor"])
+def test_the_gradient_reaches_only_z(term):
     """Even on a model whose parameters ask for gradients, no ``.grad`` is written; δ moves with the term."""
     model, tok = tiny_model("llama")
     model.requires_grad_(True)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    plain, held = _optimise(model, tok, 0.0), _optimise(model, tok, 50.0)
+    plain, held = _optimise(model, tok, 0.0, term=term), _optimise(model, tok, 50.0, term=term)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert not torch.allclose(held.delta, plain.delta, rtol=1e-3, atol=1e-5)  # the term moved z
 
 
+def test_the_leak_is_the_rise_of_the_new_objects_first_token():
+    """max(0, log P_z(t_r) − log P_0(t_r)) per relation prompt: a fall counts 0, every other token not at all."""
+    torch.manual_seed(0)
+    init = torch.randn(2, 3, 7).log_softmax(-1)
+    now = torch.randn(2, 3, 7).log_softmax(-1)
+    tokens = torch.tensor([4, 1])
+    expected = [[max(0.0, float(now[r, j, tokens[r]] - init[r, j, tokens[r]])) for j in range(3)] for r in range(2)]
+    torch.testing.assert_close(relation_leak_rows(now, init, tokens), torch.tensor(expected))
+    assert 0 < sum(map(sum, expected)) and any(v == 0 for row in expected for v in row)  # rises and falls drawn
+    moved = now.clone()
+    moved[:, :, 0] += 5.0  # another token rises: no leak
+    assert torch.equal(relation_leak_rows(moved, now, tokens), torch.zeros(2, 3))
+
+
+def test_the_leak_reads_each_requests_own_first_target_token():
+    """``first_target_ids`` of merged requests, and the leak of each weighs only its own relation rows."""
+    _, tok = tiny_model("llama")
+    other = EditRequest("The place of birth of Alan Turing is", "Alan Turing", "Zagreb", "London", case_id=8)
+    singles = [add_relation_rows(build_rewrite_batch(tok, r, TEMPLATES, "cpu"), 2, pad_id(tok)) for r in (BIRTH, other)]
+    for single, request in zip(singles, (BIRTH, other), strict=True):
+        assert single.first_target_ids.tolist() == tok(" " + request.target_new)["input_ids"][:1]
+    merged = merge_rewrite_batches(singles, pad_id(tok))
+    assert torch.equal(merged.first_target_ids, torch.cat([b.first_target_ids for b in singles]))
+    V = len(tok)
+    n_ess = merged.input_ids.shape[0] - merged.n_rewrite - merged.n_relation  # essence rows of both requests
+    init = torch.randn(n_ess + merged.n_relation, V).log_softmax(-1)
+    now = init.clone()
+    rows = init.view(2, -1, V).shape[1]  # each request's essence then relation rows
+    now.view(2, rows, V)[1, -1, merged.first_target_ids[1]] += 2.0  # request 1's last relation row leaks
+    now.view(2, rows, V)[0, 0, merged.first_target_ids[0]] += 9.0  # request 0's essence row: not a relation row
+    cfg = ZConfig(kl_factor=0.0, relation_leak_factor=3.0, relation_prompts=2)
+    assert _held_terms(now, init, merged, cfg).tolist() == pytest.approx([0.0, 3.0 * 2.0 / 2])
+
+
+def test_the_leak_holds_the_new_object_down_on_the_relation_prompts():
+    """With z injected on the relation prompts, o_edit's first token rises there without the term and not with it."""
+    model, tok = tiny_model("llama")
+    batch = add_relation_rows(build_rewrite_batch(tok, BIRTH, TEMPLATES, "cpu"), 4, pad_id(tok))
+    _, before, _ = forward_logprobs(model, batch, want_attn=False)
+
+    def leak(mu: float) -> float:
+        delta = _optimise(model, tok, mu, steps=20, term="relation_leak_factor", lr=0.05, kl_factor=0.0,
+                          weight_decay=0.0, clamp_norm_factor=1e3).delta
+        with edit_output(model, adapter_for(model).path("mlp_out", 1), _Injector(delta[None], batch).fn(0)):
+            _, after, _ = forward_logprobs(model, batch, want_attn=False)
+        return float(relation_leak_rows(after[None, -4:], before[None, -4:], batch.first_target_ids).mean())
+
+    plain, held = leak(0.0), leak(100.0)
+    assert plain > 0.01 and held < plain / 10, (plain, held)
+
+
+@pytest.mark.parametrize("term", ["relation_kl_factor", "relation_leak_factor"])
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet", "alphaedit"])
 @pytest.mark.parametrize("gamma", [0.0, 5.0])
-def test_every_locate_then_edit_editor_takes_it(method, gamma):
+def test_every_locate_then_edit_editor_takes_it(method, gamma, term):
     """Each editor (and SADR with it) writes another update with the term on; restore is bit-exact."""
     model, tok = tiny_model("llama")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -280,7 +348,7 @@ def test_every_locate_then_edit_editor_takes_it(method, gamma):
         common["mom2_adjustment"] = False
     changes = []
     for factor in (0.0, 50.0):
-        model, undo = kelight.edit(model, tok, BIRTH, method=method, relation_kl_factor=factor, **common)
+        model, undo = kelight.edit(model, tok, BIRTH, method=method, **{term: factor}, **common)
         changes.append({k: v - weights[k] for k, v in model.state_dict().items() if not torch.equal(v, weights[k])})
         undo.restore()
         assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())

@@ -28,7 +28,12 @@ from kelight.lm.hooks import edit_output, map_tensors, replay_blocks, trace
 from kelight.models.adapters import adapter_for
 from kelight.objectives.base import ExtraLoss, RewriteBatch, StepState
 from kelight.objectives.essence import essence_kl_rows
-from kelight.objectives.relations import check_relation_kl_factor, check_relation_prompts
+from kelight.objectives.relations import (
+    check_relation_kl_factor,
+    check_relation_leak_factor,
+    check_relation_prompts,
+    relation_leak_rows,
+)
 from kelight.objectives.rewrite import per_prompt_nll
 from kelight.types import EditInputError
 
@@ -48,6 +53,9 @@ class ZConfig:
             KL between the unedited and the current next-token distribution on ``relation_prompts``
             questions about the subject's other relations, z injected as in the rewriting prompts.
             0 (the default) turns it off and runs no relation prompt.
+        relation_leak_factor: μ, weight of the relation leak term (:mod:`kelight.objectives.relations`):
+            the mean rise of o_edit's first token's log-prob, where it rises, on the same relation
+            prompts. 0 (the default) turns it off; either factor > 0 runs the relation prompts.
         relation_prompts: N, how many relation prompts (1 … ``MAX_RELATION_PROMPTS``; the first N
             relation templates that do not ask for the edited relation).
         weight_decay: weight of ‖δ‖/‖v‖².
@@ -59,9 +67,9 @@ class ZConfig:
             so the threshold ignores SADR's term (the trajectory is still SADR's: measured on
             SmolLM2 at 80 steps, MEMIT+SADR edits then take 75.0 steps instead of 80.0, ROME+SADR
             70.7 instead of 78.9; the plain methods 45.7 and 38.1).
-            The same when there are no extra terms. The relation KL is a term of the edit objective, like
-            the essence KL: both values test it, so an edit stops only once its other relations have
-            moved little too.
+            The same when there are no extra terms. The relation terms (KL, leak) are terms of the edit
+            objective, like the essence KL: both values test them, so an edit stops only once its other
+            relations have moved little too.
         reuse_prefix: after step 0, replay the recorded output of the blocks below the first edited
             one instead of recomputing them (they do not depend on z); same result, less compute.
         attention_rows: when a term needs attention weights (SADR), compute only each prompt's
@@ -88,6 +96,7 @@ class ZConfig:
     lr: float = 0.5
     kl_factor: float = 0.0625
     relation_kl_factor: float = 0.0
+    relation_leak_factor: float = 0.0
     relation_prompts: int = 8
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
@@ -114,7 +123,14 @@ class ZConfig:
                                  f"got {self.compile!r}")
         for name in ("lr", "kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss"):
             check_number(name, getattr(self, name), positive=name in ("lr", "clamp_norm_factor"))
-        check_relation_prompts(self.relation_prompts, check_relation_kl_factor(self.relation_kl_factor))
+        kl = check_relation_kl_factor(self.relation_kl_factor)
+        check_relation_prompts(self.relation_prompts, max(kl, check_relation_leak_factor(self.relation_leak_factor)))
+
+    @property
+    def relation_rows(self) -> int:
+        """How many relation prompts each request's batch runs: ``relation_prompts`` when either relation
+        term is on, else 0."""
+        return self.relation_prompts if max(self.relation_kl_factor, self.relation_leak_factor) > 0 else 0
 
 
 @dataclass
@@ -156,8 +172,9 @@ def _attn_offset(model: PreTrainedModel, outputs: object, rows: torch.Tensor | N
     return adapter_for(model).n_layers(model) - len(attentions) if attentions is not None and len(attentions) else 0
 
 
-def _kl_terms(ess: torch.Tensor, ess_init: torch.Tensor, batch: RewriteBatch, cfg: ZConfig) -> torch.Tensor | None:
-    """``ω·KL(essence) + λ·KL(relations)`` of each request, ``(R,)``; ``None`` without KL rows.
+def _held_terms(ess: torch.Tensor, ess_init: torch.Tensor, batch: RewriteBatch, cfg: ZConfig) -> torch.Tensor | None:
+    """``ω·KL(essence) + λ·KL(relations) + μ·leak(relations)`` of each request, ``(R,)``; ``None``
+    without rows after the rewriting ones.
 
     ``ess``/``ess_init``: ``(R·(E + N), V)`` log-probs now and at step 0 at the last token of the rows
     after the rewriting ones, each request's ``E`` essence rows then its ``N`` relation rows."""
@@ -167,11 +184,13 @@ def _kl_terms(ess: torch.Tensor, ess_init: torch.Tensor, batch: RewriteBatch, cf
     kl = essence_kl_rows(ess, ess_init).view(n, -1)  # (R, E + N)
     n_rel = batch.n_relation // n
     n_ess = kl.shape[1] - n_rel
-    essence = cfg.kl_factor * kl[:, :n_ess].mean(1) if n_ess else None
-    relations = cfg.relation_kl_factor * kl[:, n_ess:].mean(1) if n_rel else None
-    if essence is None or relations is None:
-        return relations if essence is None else essence
-    return essence + relations
+    total = cfg.kl_factor * kl[:, :n_ess].mean(1) if n_ess else torch.zeros_like(kl[:, 0])
+    if n_rel and cfg.relation_kl_factor > 0:
+        total = total + cfg.relation_kl_factor * kl[:, n_ess:].mean(1)
+    if n_rel and cfg.relation_leak_factor > 0:
+        rel, rel_init = (x.view(n, -1, x.shape[-1])[:, n_ess:] for x in (ess, ess_init))  # (R, N, V)
+        total = total + cfg.relation_leak_factor * relation_leak_rows(rel, rel_init, batch.first_target_ids).mean(1)
+    return total
 
 
 def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, ess_init, prefix, recorder, base):
@@ -183,7 +202,7 @@ def _request_losses(model, batch, cfg, injector, extra_losses, want_attn, step, 
     ess_init = ess.detach() if ess_init is None else ess_init
     n = batch.n_requests
     loss = per_prompt_nll(tgt, batch.target_ids, batch.target_rows, batch.n_rewrite).view(n, -1).mean(1)
-    kl = _kl_terms(ess, ess_init, batch, cfg)
+    kl = _held_terms(ess, ess_init, batch, cfg)
     if kl is not None:
         loss = loss + kl
     loss = loss + cfg.weight_decay * (injector.delta.norm(dim=-1) / injector.init_norms() ** 2).sum(1)
@@ -230,7 +249,7 @@ def optimise_zs(
 
     Every request keeps its own loss, Adam moments, norm clamp and early stop; its δ sees only its
     own rows, so the results equal one-at-a-time optimisation up to float rounding (padding).
-    With ``cfg.relation_kl_factor > 0`` each request's relation prompts are added to its batch first
+    With a relation term on (``cfg.relation_rows``) each request's relation prompts are added to its batch first
     (:func:`~kelight.editors.rewrite.add_relation_rows`; batches from
     :func:`~kelight.editors.rewrite.build_rewrite_batch` carry them).
     The extra terms must return one value per request (``(R,)``, like :class:`~kelight.objectives.sadr.SADR`).
@@ -239,8 +258,8 @@ def optimise_zs(
         EditOptimizationError: if any request's loss becomes NaN/inf (no result is returned).
         EditInputError: if the relation term is on and a batch carries too few relation prompts.
     """
-    if cfg.relation_kl_factor > 0:
-        batches = [add_relation_rows(b, cfg.relation_prompts, pad_id) for b in batches]
+    if cfg.relation_rows:
+        batches = [add_relation_rows(b, cfg.relation_rows, pad_id) for b in batches]
     results: list[ZResult] = []
     for start in range(0, len(batches), cfg.z_batch):
         group = list(batches[start : start + cfg.z_batch])
