@@ -1,6 +1,7 @@
 """Share of the specificity damage an objective wins back: (with − without) / (none − without).
 
-Reads three runs on the same cases (unedited, editor, editor+SADR) and prints, per the SADR
+Reads runs on the same cases (unedited, editor, then one or more editor+objective runs, e.g. SADR or the
+relation terms at several weights) and prints for each objective run, per the SADR
 paper's Table 3 reading, the share for RS, DNS, NS and their magnitudes (RM, DNM, NM) with a 95%
 paired case-bootstrap interval (the same resampled cases in all three runs), plus the change in
 ES/PS/EM/PM. Runs with ``--model.eval_protocol both`` (or ``wild``) add the same for the generated answers:
@@ -10,9 +11,13 @@ unchanged from the unedited model's), and the change in wild_ES/wild_PS. Pooled 
 ``n_<score>`` (runs since commit dcf5823) or, for older runs, from the dataset (``--data``, the same file and
 ``--limit`` the runs used).
 
+With ``--plot OUT.png`` the runs are drawn as a trade-off: ES and PS against RS, one point per run (the
+unedited model and the editor included), labelled with the run folder's name.
+
 Example:
     python benchmarks/won_back.py runs/none runs/rome runs/rome_sadr \
         --data ../shared/data/counterfact_mix/dev.json
+    python benchmarks/won_back.py runs/rel/none50 runs/rel/rome50 runs/rel/kl0.5_50 runs/rel/kl2_50 --plot tradeoff.png
 """
 
 from __future__ import annotations
@@ -53,47 +58,92 @@ def dataset_counts(data: str, ids: list, fmt: str) -> dict[object, dict[str, int
     return counts
 
 
+def won_back_rows(runs: list[dict], dirs: list[Path], n: dict[str, np.ndarray], resamples: int) -> dict[str, object]:
+    """The shares won back and the changes of ``runs = [none, without, with]`` (rows by case id, same order)."""
+    ids = list(runs[0])
+    out: dict[str, object] = {"n_cases": len(ids)}
+    for key in (*KEYS, *WILD_KEYS, "ES", "PS", "EM", "PM", "wild_ES", "wild_PS"):
+        if key not in n:
+            continue
+        p = np.array([[r[i].get(key, math.nan) for i in ids] for r in runs], dtype=float)  # (3, C)
+        for run, row, d in zip(p, (json.loads((d / "metrics.json").read_text()) for d in dirs), dirs, strict=True):
+            keep = np.isfinite(run) & (n[key] > 0)
+            if key in row and abs(pooled(run[keep], n[key][keep]) - row[key]) > 1e-3:
+                raise SystemExit(f"{d}: pooled {key} from cases.jsonl ({pooled(run[keep], n[key][keep]):.4f}) differs "
+                                 f"from metrics.json ({row[key]:.4f}); wrong --data or --limit?")
+        if key in KEYS or key in WILD_KEYS:
+            share, low, high = won_back_interval(p, n[key], resamples)
+            out[key] = {"won_back": round(share, 3), "ci95": [round(low, 3), round(high, 3)],
+                        "none/without/with": [round(pooled(r[np.isfinite(r)], n[key][np.isfinite(r)]), 2) for r in p]}
+        else:
+            keep = np.isfinite(p).all(0) & (n[key] > 0)
+            out[f"Δ{key}"] = round(pooled(p[2, keep], n[key][keep]) - pooled(p[1, keep], n[key][keep]), 2)
+    return out
+
+
+def plot_tradeoff(runs: list[dict], dirs: list[Path], n: dict[str, np.ndarray], path: Path) -> None:
+    """ES and PS against RS, one point per run, labelled with its folder name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def score(run: dict, key: str) -> float:
+        p = np.array([run[i].get(key, math.nan) for i in run], dtype=float)
+        keep = np.isfinite(p) & (n[key] > 0)
+        return pooled(p[keep], n[key][keep])
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key, marker in (("ES", "o"), ("PS", "s")):
+        xs, ys = [score(r, "RS") for r in runs], [score(r, key) for r in runs]
+        ax.plot(xs[1:], ys[1:], marker=marker, linestyle="none", label=key)
+        ax.plot(xs[:1], ys[:1], marker=marker, linestyle="none", color="grey")
+        for x, y, d in zip(xs, ys, dirs, strict=True):
+            ax.annotate(d.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("RS: the subject's other relations kept (%)")
+    ax.set_ylabel("ES, PS (%)")
+    ax.set_title(f"Edit against the subject's other facts ({len(runs[0])} cases; grey: unedited)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("none")
     parser.add_argument("without")
-    parser.add_argument("with_")
+    parser.add_argument("with_", nargs="+", metavar="with")
     parser.add_argument("--data", help="dataset the runs used (only for rows without n_<score>)")
     parser.add_argument("--format", default="auto")
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--plot", type=Path, help="write ES and PS against RS of every run to this PNG")
     args = parser.parse_args()
-    dirs = [Path(d) for d in (args.none, args.without, args.with_)]
+    dirs = [Path(d) for d in (args.none, args.without, *args.with_)]
     runs = [read_cases(d) for d in dirs]
     ids = list(runs[0])
     if any(list(r) != ids for r in runs[1:]):
-        raise SystemExit(f"expected the same cases in the same order in all three runs; got {[len(r) for r in runs]} "
+        raise SystemExit(f"expected the same cases in the same order in all runs; got {[len(r) for r in runs]} "
                          f"cases (run them with the same --data.path/--data.limit)")
     need = any(f"n_{k}" not in row for r in runs for row in r.values() for k in SCORES if k in row)
     if need and not args.data:
         raise SystemExit("these runs' cases.jsonl carry no prompt counts (n_RS, ...); pass --data with the dataset "
                          "they were run on")
     counts = dataset_counts(args.data, ids, args.format) if need else None
-    out: dict[str, object] = {"n_cases": len(ids)}
+    n = {}
     for key in (*KEYS, *WILD_KEYS, "ES", "PS", "EM", "PM", "wild_ES", "wild_PS"):
         score = SCORE_OF.get(key, key)
-        if not all(key in row for row in runs[0].values() if score in row):
-            continue
-        n = np.array([(runs[0][i].get(f"n_{score}") if counts is None else counts[i].get(score, 0)) or 0
-                      for i in ids], dtype=float)
-        p = np.array([[r[i].get(key, math.nan) for i in ids] for r in runs], dtype=float)  # (3, C)
-        for run, row, d in zip(p, (json.loads((d / "metrics.json").read_text()) for d in dirs), dirs, strict=True):
-            keep = np.isfinite(run) & (n > 0)
-            if key in row and abs(pooled(run[keep], n[keep]) - row[key]) > 1e-3:
-                raise SystemExit(f"{d}: pooled {key} from cases.jsonl ({pooled(run[keep], n[keep]):.4f}) differs from "
-                                 f"metrics.json ({row[key]:.4f}); wrong --data or --limit?")
-        if key in KEYS or key in WILD_KEYS:
-            share, low, high = won_back_interval(p, n, args.resamples)
-            out[key] = {"won_back": round(share, 3), "ci95": [round(low, 3), round(high, 3)],
-                        "none/without/with": [round(pooled(r[np.isfinite(r)], n[np.isfinite(r)]), 2) for r in p]}
-        else:
-            keep = np.isfinite(p).all(0) & (n > 0)
-            out[f"Δ{key}"] = round(pooled(p[2, keep], n[keep]) - pooled(p[1, keep], n[keep]), 2)
-    print("\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in out.items()))
+        if all(key in row for row in runs[0].values() if score in row):
+            n[key] = np.array([(runs[0][i].get(f"n_{score}") if counts is None else counts[i].get(score, 0)) or 0
+                               for i in ids], dtype=float)
+    for with_dir, with_run in zip(dirs[2:], runs[2:], strict=True):
+        if len(dirs) > 3:
+            print(f"== {with_dir}")
+        out = won_back_rows([runs[0], runs[1], with_run], [*dirs[:2], with_dir], n, args.resamples)
+        print("\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in out.items()))
+    if args.plot:
+        plot_tradeoff(runs, dirs, n, args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

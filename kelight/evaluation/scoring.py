@@ -291,7 +291,7 @@ def evaluate_case(
     pre_locality: Mapping[str, object] | None = None, perplexity: tuple[float, int] | None = None,
     batch_size: int = 64, max_new_tokens: int = 100, seed: int = 0, protocol: EvalProtocol = "teacher_forced",
     wild: WildConfig | None = None, answers: dict[str, str] | None = None,
-    fluency_texts: Sequence[str] | None = None,
+    fluency_texts: Sequence[str] | None = None, judge_wild: bool = True,
 ) -> CaseResult:
     """Evaluate every probe of ``case`` on the (edited) model.
 
@@ -319,6 +319,9 @@ def evaluate_case(
             (:func:`generate_answers`); reused, and extended in place.
         fluency_texts: this case's fluency samples, already drawn across cases (:func:`fluency_samples`);
             ``None`` samples them here.
+        judge_wild: ``False`` leaves the result's wild judgments empty under ``wild``/``both``, for the caller
+            to judge later (:func:`~kelight.evaluation.wild.judge_case`) from answers generated with the edit
+            replayed (:func:`~kelight.evaluation.wild.replayed_answers`).
 
     Raises:
         ValueError: if ``pre_locality`` does not cover the probes the protocol compares with the unedited model.
@@ -326,7 +329,7 @@ def evaluate_case(
     _check_positive(batch_size, "batch_size")
     check_eval_protocol(protocol)
     judged: tuple[WildAnswer, ...] = ()
-    if protocol != "teacher_forced":
+    if protocol != "teacher_forced" and judge_wild:
         judged = judge_case(model, tok, case, pre_locality, wild or WildConfig(), answers)
     scores, tokens = GroupScores(), GroupTokens()
     if protocol != "wild":

@@ -5,7 +5,8 @@ targets, no generation), ``wild`` (generated answers) or ``both``. Under ``wild`
 with a wild score (:data:`~kelight.types.WILD_GROUPS`) is framed by ``WILD_TEMPLATES[wild_template]`` and answered
 greedily up to its natural end (:func:`kelight.lm.generation.greedy_answers`): no target token is fed and the
 answer is not cut to the target's length. Answers are generated for many prompts at once, across cases where
-several are evaluated on one model state (:func:`generate_answers`), and judged per case (:func:`judge_case`,
+several are evaluated on one model state (:func:`generate_answers`) or several edits replayed on their own rows
+(:func:`replayed_answers`), and judged per case (:func:`judge_case`,
 with the rules of :mod:`kelight.evaluation.judge`). The answers of the unedited model that the neighbourhood and
 locality judgments compare with are part of the pre-edit reference
 (:func:`kelight.evaluation.scoring.locality_reference`, key ``"wild"``).
@@ -19,6 +20,7 @@ from types import MappingProxyType
 from typing import Literal
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.evaluation.judge import WildAnswer, judge
@@ -116,6 +118,34 @@ def generate_answers(
         answers.update(zip(missing, greedy_answers(model, tok, missing, wild.max_new_tokens, wild.batch_size),
                            strict=True))
     return answers
+
+
+@torch.no_grad()
+def replayed_answers(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, cases: Sequence[EditCase], wild: WildConfig,
+    changes: Mapping[str | int, Mapping[nn.Module, torch.Tensor]],
+) -> dict[str | int, dict[str, str]]:
+    """Each case's answers to its wild prompts (case id -> framed prompt -> answer) on the model with the case's
+    own weight changes added on its rows (:func:`~kelight.lm.generation.greedy_answers` ``changes``): the
+    single-edit regime's edited models, each restored before the next edit, answered together afterwards in
+    batches of ``wild.batch_size`` prompts across the cases.
+
+    Args:
+        model: the unedited model.
+        tok: its tokenizer.
+        cases: the cases, each with an entry in ``changes``.
+        wild: template, token cap, batch size.
+        changes: each case's weight changes (:func:`~kelight.lm.hooks.linear_weight_changes`).
+    """
+    ids = [case.case_id for case in cases]
+    prompts = [(k, framed) for k, case in enumerate(cases)
+               for framed in dict.fromkeys(wild.frame(p) for _, p, _ in wild_probes(case))]
+    answers = greedy_answers(model, tok, [framed for _, framed in prompts], wild.max_new_tokens, wild.batch_size,
+                             changes=[changes[i] for i in ids], groups=[k for k, _ in prompts]) if prompts else []
+    out: dict[str | int, dict[str, str]] = {i: {} for i in ids}
+    for (k, framed), answer in zip(prompts, answers, strict=True):
+        out[ids[k]][framed] = answer
+    return out
 
 
 def _unedited_answers(case: EditCase, pre_edit: Mapping[str, object] | None, wild: WildConfig) -> dict[str, str]:

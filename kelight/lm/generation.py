@@ -17,12 +17,14 @@ or a terminator and the whitespace after it, has been generated.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kelight.lm.forward import head
+from kelight.lm.hooks import row_weight_changes
 from kelight.lm.readouts import cache_keyword, left_pad
 from kelight.lm.tokens import pad_id
 from kelight.types import EditInputError
@@ -179,7 +181,8 @@ def greedy_tokens(
 @torch.no_grad()
 def greedy_answers(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 32,
-    batch_size: int = 64,
+    batch_size: int = 64, changes: Sequence[Mapping[nn.Module, torch.Tensor]] = (),
+    groups: Sequence[int] | None = None,
 ) -> list[str]:
     """Greedy answer to each prompt (:func:`answer_text` of its continuation), ``batch_size`` prompts per
     left-padded, KV-cached batch.
@@ -187,12 +190,19 @@ def greedy_answers(
     Deterministic: the same prompts give the same answers. Prompts are batched in order of token length
     (less padding); a prompt's answer does not depend on its batch beyond float rounding.
 
+    ``changes`` and ``groups``: prompt ``i`` is answered by the model with the weight changes
+    ``changes[groups[i]]`` added on its row only (:func:`~kelight.lm.hooks.row_weight_changes`): the answers
+    of many edited models in one batch, each equal to its own model's up to float rounding.
+
     Raises:
         ValueError: ``max_new_tokens`` or ``batch_size`` below 1.
         EditInputError: a prompt that tokenises to nothing.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"expected max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens} and {batch_size}")
+    if changes and (groups is None or len(groups) != len(prompts)):
+        raise ValueError(f"expected a group per prompt with changes, got {0 if groups is None else len(groups)} "
+                         f"groups for {len(prompts)} prompts")
     seqs = _encode_prompts(tok, prompts)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     answers: dict[int, str] = {}
@@ -200,7 +210,8 @@ def greedy_answers(
         chunk = order[lo : lo + batch_size]
         ids, mask = left_pad([seqs[i] for i in chunk], pad_id(tok), model.device)  # (B, T)
         width = ids.size(1)
-        ids, mask = greedy_tokens(model, tok, ids, mask, max_new_tokens)
+        with row_weight_changes(changes, [groups[i] for i in chunk] if changes else []):
+            ids, mask = greedy_tokens(model, tok, ids, mask, max_new_tokens)
         for i, row, keep in zip(chunk, ids[:, width:], mask[:, width:].bool(), strict=True):
             answers[i] = answer_text(tok.decode(row[keep].tolist(), skip_special_tokens=True))
     return [answers[i] for i in range(len(seqs))]

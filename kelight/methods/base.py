@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal, get_args
 
@@ -51,7 +51,7 @@ from kelight.evaluation.scoring import (
     perplexity_stats,
     wild_rows,
 )
-from kelight.evaluation.wild import EvalProtocol, check_eval_protocol, generate_answers
+from kelight.evaluation.wild import EvalProtocol, check_eval_protocol, generate_answers, judge_case, replayed_answers
 from kelight.lm.hooks import linear_weight_changes
 from kelight.methods.distributed import gather_objects, interleave
 from kelight.models.loading import load
@@ -77,6 +77,20 @@ def check_z_batch(z_batch: int, regime: str) -> None:
     if z_batch > 1 and regime == "sequential":
         raise EditInputError(f"z_batch={z_batch} optimises independent edits together, but in the sequential "
                              "regime each edit's z must see the edits before it; use z_batch 1")
+
+
+@dataclass
+class _Deferred:
+    """A restored single edit whose generations (fluency samples, wild answers) are drawn later with the edit
+    replayed on its rows, together with others (:meth:`EditModule._sample_deferred`); or, with ``result``
+    ``None``, a resumed case's row, kept in its place among them."""
+
+    case: EditCase
+    result: CaseResult | None = None  # scored without generations
+    seconds: float = 0.0
+    z_steps: int | None = None
+    changes: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # linear_weight_changes of the edit
+    pre: dict | None = None  # the case's pre-edit reference (its wild judgments compare with it)
 
 
 class _RestoreOnError(L.Callback):
@@ -187,13 +201,11 @@ class EditModule(L.LightningModule):
         self.pending: list[tuple[EditCase, dict, float, int | None]] = []
         self._answers: dict[str, str] | None = None  # generated answers of the model as it is now (wild)
         self._fluency: dict[str, tuple[str, ...]] | None = None  # its fluency samples, case id -> texts
-        # rows waiting for the fluency samples of restored edits, drawn later together (see _edit): case, its
-        # result without texts (None: a resumed case's row, kept in its place), seconds, z-steps, weight changes
-        self._deferred: list[tuple[EditCase, CaseResult | None, float, int | None, dict[nn.Module, torch.Tensor]]] = []
+        self._deferred: list[_Deferred] = []  # restored edits waiting for their generations (see _edit)
         self._deferred_bytes = 0
         self._resumed: dict[object, dict] = {}  # resume: case id -> the row a stopped run wrote
         self.out_dir: Path | None = None  # the run directory (rank 0's under DDP)
-        self.max_deferred_bytes = 1 << 30  # weight changes held for later fluency sampling before they are sampled
+        self.max_deferred_bytes = 1 << 30  # weight changes held for later generation before they are generated
         self.progress_seconds = 60.0  # log a progress line at most this often (long runs print nothing else)
         self._last_progress = self._run_start = time.perf_counter()
 
@@ -336,15 +348,16 @@ class EditModule(L.LightningModule):
 
     @contextmanager
     def _generations_for(self, cases: list[EditCase], reference_only: bool = False,
-                         fluency: bool = True) -> Iterator[None]:
+                         generate: bool = True) -> Iterator[None]:
         """Within the block, what the model as it is now generates for ``cases``, drawn in batches across the
         cases and reused by each case's evaluation or reference: the wild answers to every prompt (only those
         compared with the unedited model's with ``reference_only``; none under the teacher-forced protocol)
-        and, unless ``reference_only`` or not ``fluency``, the fluency samples."""
-        if self.hparams.eval_protocol != "teacher_forced":
+        and, unless ``reference_only``, the fluency samples. Nothing with ``generate`` False (the cases'
+        generations are drawn later with their edits replayed, :meth:`_sample_deferred`)."""
+        if self.hparams.eval_protocol != "teacher_forced" and generate:
             self._answers = generate_answers(self.lm, self.tok, cases, self.wild_config,
                                              reference_only=reference_only)
-        if self.hparams.fluency and fluency and not reference_only:
+        if self.hparams.fluency and generate and not reference_only:
             self._fluency = fluency_samples(self.lm, self.tok, cases)
         try:
             yield
@@ -391,7 +404,7 @@ class EditModule(L.LightningModule):
     def _keep_resumed(self, case: EditCase) -> None:
         """A case the stopped run finished: its row as it was written, in its place in this run's rows."""
         if self._deferred:  # after the rows before it
-            self._deferred.append((case, None, 0.0, None, {}))
+            self._deferred.append(_Deferred(case))
             return
         self.case_rows.append(self._resumed[case.case_id])
 
@@ -431,11 +444,13 @@ class EditModule(L.LightningModule):
         return perplexity_stats(self.lm, self.tok, self.ppl_texts) if self.ppl_texts else None
 
     def _evaluate(self, case: EditCase, pre: dict | None, ppl: tuple[float, int] | None = None,
-                  fluency: bool = True) -> CaseResult:
-        return evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency and fluency, pre_locality=pre,
-                             perplexity=ppl,
-                             protocol=self.hparams.eval_protocol, wild=self.wild_config, answers=self._answers,
-                             fluency_texts=(self._fluency or {}).get(case.case_id))
+                  generate: bool = True) -> CaseResult:
+        """The case scored on the model as it is now; without ``generate``, no fluency samples or wild answers
+        (:meth:`_sample_deferred` adds them)."""
+        return evaluate_case(self.lm, self.tok, case, fluency=self.hparams.fluency and generate, pre_locality=pre,
+                             perplexity=ppl, protocol=self.hparams.eval_protocol, wild=self.wild_config,
+                             answers=self._answers, fluency_texts=(self._fluency or {}).get(case.case_id),
+                             judge_wild=generate)
 
     def _edit(self, cases: list[EditCase], zs: list | None = None, extra_seconds: float = 0.0) -> None:
         """Edit ``cases`` jointly; evaluate and restore unless the regime keeps its edits.
@@ -467,18 +482,20 @@ class EditModule(L.LightningModule):
             return
         try:
             ppl = self._perplexity()
-            # fluency sampling, one edited model at a time, is a run's slowest step: replay the edit on its rows
-            # later, in batches across the cases (a change only the edited model can replay is sampled now)
-            changes = linear_weight_changes(self.lm, self.undo.changes()) if self.hparams.fluency else None
-            with self._generations_for(fresh, fluency=changes is None):
+            # generation (fluency samples, wild answers), one edited model at a time, is a run's slowest step:
+            # replay the edit on its rows later, in batches across the cases (a change only the edited model can
+            # replay is generated now)
+            generates = self.hparams.fluency or self.hparams.eval_protocol != "teacher_forced"
+            changes = linear_weight_changes(self.lm, self.undo.changes()) if generates else None
+            with self._generations_for(fresh, generate=changes is None):
                 for case, n in zip(cases, steps, strict=True):
                     if case.case_id not in pres:
                         self._keep_resumed(case)
                     elif changes is None:
                         self._record(case, self._evaluate(case, pres[case.case_id], ppl), seconds, n)
                     else:
-                        result = self._evaluate(case, pres[case.case_id], ppl, fluency=False)
-                        self._deferred.append((case, result, seconds, n, changes))
+                        result = self._evaluate(case, pres[case.case_id], ppl, generate=False)
+                        self._deferred.append(_Deferred(case, result, seconds, n, changes, pres[case.case_id]))
         finally:
             self.undo.restore()
         if changes is not None:
@@ -487,19 +504,27 @@ class EditModule(L.LightningModule):
                 self._sample_deferred()
 
     def _sample_deferred(self) -> None:
-        """Draw the fluency samples of the restored edits waiting for them, each on its own edit replayed on its
-        rows (:func:`~kelight.evaluation.scoring.fluency_samples` ``changes``), and record their rows in order."""
+        """Generate for the restored edits waiting for it, each on its own edit replayed on its rows (fluency
+        samples, :func:`~kelight.evaluation.scoring.fluency_samples`; wild answers,
+        :func:`~kelight.evaluation.wild.replayed_answers`), judge, and record their rows in order."""
         if not self._deferred:
             return
         deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
-        edited = [(case, changes) for case, result, *_, changes in deferred if result is not None]
-        texts = fluency_samples(self.lm, self.tok, [case for case, _ in edited],
-                                changes={case.case_id: changes for case, changes in edited})
-        for case, result, seconds, z_steps, _ in deferred:
-            if result is None:
-                self._keep_resumed(case)
-            else:
-                self._record(case, replace(result, texts=texts[case.case_id]), seconds, z_steps)
+        edited = [d for d in deferred if d.result is not None]
+        changes = {d.case.case_id: d.changes for d in edited}
+        cases = [d.case for d in edited]
+        texts = fluency_samples(self.lm, self.tok, cases, changes=changes) if self.hparams.fluency else None
+        answers = (replayed_answers(self.lm, self.tok, cases, self.wild_config, changes)
+                   if self.hparams.eval_protocol != "teacher_forced" else None)
+        for d in deferred:
+            if d.result is None:
+                self._keep_resumed(d.case)
+                continue
+            result = d.result if texts is None else replace(d.result, texts=texts[d.case.case_id])
+            if answers is not None:  # every answer is there: judge_case generates nothing
+                judged = judge_case(self.lm, self.tok, d.case, d.pre, self.wild_config, answers[d.case.case_id])
+                result = replace(result, wild=judged)
+            self._record(d.case, result, d.seconds, d.z_steps)
 
     def _record(self, case: EditCase, result, seconds: float | None, z_steps: int | None = None) -> None:
         self.metrics.update(result)

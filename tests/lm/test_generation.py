@@ -111,6 +111,35 @@ def test_greedy_answers_batched_equal_one_at_a_time_and_are_deterministic(tiny: 
     assert any(batched)
 
 
+def test_greedy_answers_replay_each_prompts_own_weight_change(tiny: Model) -> None:
+    """With ``changes``/``groups`` a prompt is answered by its own changed model (row replay), the others by
+    theirs or by the unchanged model, in one batch."""
+    from kelight.editors.undo import UndoLog
+    from kelight.lm.hooks import linear_weight_changes
+
+    model, tok = tiny
+    model = model.double()  # float64: replay rounding cannot flip an argmax
+    prompts = ["Paris is the capital of", "The Eiffel Tower is in", "Hello there, how are"]
+    from kelight.models.adapters import adapter_for
+
+    weight = model.get_submodule(adapter_for(model).path("mlp_out", 0)).weight
+    changes, alone = [], []
+    for seed in (0, 1):
+        undo = UndoLog()
+        undo.add_(weight, 3.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)).double())
+        alone.append(greedy_answers(model, tok, prompts, max_new_tokens=10))
+        changes.append(linear_weight_changes(model, undo.changes()))
+        undo.restore()
+    plain = greedy_answers(model, tok, prompts, max_new_tokens=10)
+    assert alone[0] != plain and alone[1] != plain
+    groups = [0, 1, 2]  # group 2 has no change: the unchanged model
+    replayed = greedy_answers(model, tok, prompts, max_new_tokens=10, batch_size=2, changes=[*changes, {}],
+                              groups=groups)
+    assert replayed == [alone[0][0], alone[1][1], plain[2]]
+    with pytest.raises(ValueError, match="expected a group per prompt with changes, got 2 groups for 3 prompts"):
+        greedy_answers(model, tok, prompts, changes=changes, groups=[0, 1])
+
+
 def test_greedy_answers_errors() -> None:
     model, tok = tiny_model("llama")
     assert greedy_answers(model, tok, []) == []

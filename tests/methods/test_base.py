@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kelight.editors.pathedit import PathHParams
 from kelight.editors.rome import RomeHParams
 from tests.conftest import COUNTERFACT_EDIT_CASES
@@ -266,36 +268,41 @@ def test_consecutive_batches_split_at_a_conflict_and_the_batch_regime_keeps_them
     assert len(MEMIT(model_name="tiny:llama", regime="batch")._edit_groups(batch)) == 1  # refused before editing
 
 
-def _single_rows(tmp_path, batch_size: int) -> tuple[list[dict], object]:
+def _single_rows(tmp_path, batch_size: int, **options) -> tuple[list[dict], object]:
     import json
 
     from kelight.data.datamodule import EditDataModule
     from kelight.methods import ROME
 
-    module = ROME(model_name="tiny:llama", regime="single",
+    module = ROME(model_name="tiny:llama", regime="single", **options,
                   editor=RomeHParams(layer=1, steps=3, context_templates=[], mom2_adjustment=False))
     quiet_trainer(tmp_path).fit(module, datamodule=EditDataModule(path=None, batch_size=batch_size, limit=3))
     rows = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
     return rows, module
 
 
-def test_single_regime_fluency_replays_each_edit_on_its_own_rows(tmp_path, monkeypatch):
-    """The single regime samples fluency after the restore, each case on its edit replayed on its rows: alone in
-    its batch, the same texts (hence FL) as sampling the edited model itself; across a loader batch, the same
-    teacher-forced scores and the weights restored bit for bit."""
+@pytest.mark.parametrize("options", [{}, {"fluency": False, "eval_protocol": "both"}, {"eval_protocol": "wild"}],
+                         ids=["fluency", "wild answers", "both"])
+def test_single_regime_generations_replay_each_edit_on_its_own_rows(tmp_path, monkeypatch, options):
+    """The single regime generates after the restore (fluency samples, wild answers), each case on its edit
+    replayed on its rows: alone in its batch, the same texts (hence FL) and answers as generating on the edited
+    model itself; across a loader batch, the same teacher-forced scores and wild answers, and the weights
+    restored bit for bit."""
     import torch
 
     import kelight.methods.base
 
-    one, module = _single_rows(tmp_path / "deferred", batch_size=1)
+    one, module = _single_rows(tmp_path / "deferred", batch_size=1, **options)
     original = {name: p.detach().clone() for name, p in module.lm.named_parameters()}
     monkeypatch.setattr(kelight.methods.base, "linear_weight_changes", lambda *args: None)
-    edited, _ = _single_rows(tmp_path / "edited", batch_size=1)  # sampled on the edited weights, case by case
+    edited, _ = _single_rows(tmp_path / "edited", batch_size=1, **options)  # on the edited weights, case by case
     monkeypatch.undo()
     def without(rows, *keys):
         return [{k: v for k, v in row.items() if k not in ("edit_seconds", *keys)} for row in rows]
 
-    assert all("FL" in row for row in one) and without(one) == without(edited)
-    three, module = _single_rows(tmp_path / "batch", batch_size=3)
+    assert all(("FL" in row) == options.get("fluency", True) for row in one)
+    assert all(("wild" in row) == ("eval_protocol" in options) for row in one)
+    assert without(one) == without(edited)
+    three, module = _single_rows(tmp_path / "batch", batch_size=3, **options)
     assert without(three, "FL") == without(one, "FL")
     assert all(torch.equal(p, original[name]) for name, p in module.lm.named_parameters())
