@@ -11,8 +11,8 @@ unchanged from the unedited model's), and the change in wild_ES/wild_PS. Pooled 
 ``n_<score>`` (runs since commit dcf5823) or, for older runs, from the dataset (``--data``, the same file and
 ``--limit`` the runs used).
 
-With ``--plot OUT.png`` the runs are drawn as a trade-off: ES and PS against RS, one point per run (the
-unedited model and the editor included), labelled with the run folder's name.
+With ``--plot OUT.png`` the runs are drawn as a trade-off: ES and PS against RS, one colour per run (the
+unedited model and the editor included), named by the run's folder.
 
 Example:
     python benchmarks/won_back.py runs/none runs/rome runs/rome_sadr \
@@ -82,7 +82,7 @@ def won_back_rows(runs: list[dict], dirs: list[Path], n: dict[str, np.ndarray], 
 
 
 def plot_tradeoff(runs: list[dict], dirs: list[Path], n: dict[str, np.ndarray], path: Path) -> None:
-    """ES and PS against RS, one point per run, labelled with its folder name."""
+    """ES (circle) and PS (square) against RS, one colour per run (named by its folder), joined by a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,16 +94,15 @@ def plot_tradeoff(runs: list[dict], dirs: list[Path], n: dict[str, np.ndarray], 
         return pooled(p[keep], n[key][keep])
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for key, marker in (("ES", "o"), ("PS", "s")):
-        xs, ys = [score(r, "RS") for r in runs], [score(r, key) for r in runs]
-        ax.plot(xs[1:], ys[1:], marker=marker, linestyle="none", label=key)
-        ax.plot(xs[:1], ys[:1], marker=marker, linestyle="none", color="grey")
-        for x, y, d in zip(xs, ys, dirs, strict=True):
-            ax.annotate(d.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for run, d in zip(runs, dirs, strict=True):
+        x, es, ps = score(run, "RS"), score(run, "ES"), score(run, "PS")
+        (line,) = ax.plot([x, x], [ps, es], linewidth=1, label=d.name)
+        ax.plot([x], [es], marker="o", color=line.get_color())
+        ax.plot([x], [ps], marker="s", color=line.get_color())
     ax.set_xlabel("RS: the subject's other relations kept (%)")
-    ax.set_ylabel("ES, PS (%)")
-    ax.set_title(f"Edit against the subject's other facts ({len(runs[0])} cases; grey: unedited)", fontsize=9)
-    ax.legend()
+    ax.set_ylabel("ES (circle), PS (square) (%)")
+    ax.set_title(f"Edit against the subject's other facts ({len(runs[0])} cases)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
