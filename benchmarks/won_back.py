@@ -17,7 +17,7 @@ unedited model and the editor included), named by the run's folder.
 Example:
     python benchmarks/won_back.py runs/none runs/rome runs/rome_sadr \
         --data ../shared/data/counterfact_mix/dev.json
-    python benchmarks/won_back.py runs/rel/none50 runs/rel/rome50 runs/rel/kl0.5_50 runs/rel/kl2_50 --plot tradeoff.png
+    python benchmarks/won_back.py runs/rel/none50 runs/rel/rome50 runs/rel/kl2_50 runs/rel/leak1_50 --plot tradeoff.png
 """
 
 from __future__ import annotations
@@ -58,15 +58,17 @@ def dataset_counts(data: str, ids: list, fmt: str) -> dict[object, dict[str, int
     return counts
 
 
-def won_back_rows(runs: list[dict], dirs: list[Path], n: dict[str, np.ndarray], resamples: int) -> dict[str, object]:
-    """The shares won back and the changes of ``runs = [none, without, with]`` (rows by case id, same order)."""
+def won_back_rows(runs: list[dict], metrics: list[dict], dirs: list[Path], n: dict[str, np.ndarray],
+                  resamples: int) -> dict[str, object]:
+    """The shares won back and the changes of ``runs = [none, without, with]`` (rows by case id, same order; their
+    ``metrics.json`` and folders beside them, to check the pooled rows against)."""
     ids = list(runs[0])
     out: dict[str, object] = {"n_cases": len(ids)}
     for key in (*KEYS, *WILD_KEYS, "ES", "PS", "EM", "PM", "wild_ES", "wild_PS"):
         if key not in n:
             continue
         p = np.array([[r[i].get(key, math.nan) for i in ids] for r in runs], dtype=float)  # (3, C)
-        for run, row, d in zip(p, (json.loads((d / "metrics.json").read_text()) for d in dirs), dirs, strict=True):
+        for run, row, d in zip(p, metrics, dirs, strict=True):
             keep = np.isfinite(run) & (n[key] > 0)
             if key in row and abs(pooled(run[keep], n[key][keep]) - row[key]) > 1e-3:
                 raise SystemExit(f"{d}: pooled {key} from cases.jsonl ({pooled(run[keep], n[key][keep]):.4f}) differs "
@@ -135,12 +137,17 @@ def main() -> None:
         if all(key in row for row in runs[0].values() if score in row):
             n[key] = np.array([(runs[0][i].get(f"n_{score}") if counts is None else counts[i].get(score, 0)) or 0
                                for i in ids], dtype=float)
-    for with_dir, with_run in zip(dirs[2:], runs[2:], strict=True):
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in dirs]
+    for with_dir, with_run, with_metrics in zip(dirs[2:], runs[2:], metrics[2:], strict=True):
         if len(dirs) > 3:
             print(f"== {with_dir}")
-        out = won_back_rows([runs[0], runs[1], with_run], [*dirs[:2], with_dir], n, args.resamples)
+        out = won_back_rows([runs[0], runs[1], with_run], [*metrics[:2], with_metrics], [*dirs[:2], with_dir], n,
+                            args.resamples)
         print("\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in out.items()))
     if args.plot:
+        if missing := [k for k in ("ES", "PS", "RS") if k not in n]:
+            raise SystemExit(f"--plot draws ES and PS against RS; these runs have no {', '.join(missing)} "
+                             "(counterfact_mix cases with relation prompts have all three)")
         plot_tradeoff(runs, dirs, n, args.plot)
         print(f"wrote {args.plot}")
 
