@@ -31,12 +31,16 @@ if TYPE_CHECKING:
     from kelight.evaluation.scoring import CaseResult
 
 AVG_S_METRICS = ("ES", "PS", "NS", "RS", "DNS")
+_SPECIFICITY = ("NS", "RS", "DNS")
 
 
 def avg_s(report: Mapping[str, float]) -> dict[str, float]:
-    """``{"Avg.S": harmonic mean of the scores of AVG_S_METRICS in report}``; empty when none is."""
+    """``{"Avg.S": harmonic mean of the scores of AVG_S_METRICS in report}``; empty unless an edit score
+    (ES or PS) and a specificity score (NS, RS or DNS) are both there: without the second (ZsRE, whose
+    locality prompts have no pairwise score) a mean of ES and PS alone would read as a perfect edit."""
     present = [report[name] for name in AVG_S_METRICS if name in report]
-    return {"Avg.S": F.harmonic_mean(present)} if present else {}
+    complete = any(name in report for name in ("ES", "PS")) and any(name in report for name in _SPECIFICITY)
+    return {"Avg.S": F.harmonic_mean(present)} if complete else {}
 
 
 def _sum_state(metric: Metric, name: str) -> None:

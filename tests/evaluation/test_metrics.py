@@ -128,7 +128,7 @@ def test_prompts_are_pooled_not_averaged_per_case() -> None:
     assert math.isclose(out["NS"], 25.0)
     low, high = reference_interval([[1.0], [0.0, 0.0, 0.0]])  # two cases, not four independent prompts
     assert math.isclose(out["NS_ci"], 100 * (high - low) / 2) and math.isclose(out["NS_lo"], 100 * low)
-    assert math.isclose(out["Avg.S"], 25.0)
+    assert "Avg.S" not in out  # no edit score (ES/PS) to average with
 
 
 def test_avg_s_is_zero_when_a_term_is_zero_and_groups_without_data_are_omitted() -> None:
@@ -248,3 +248,19 @@ def test_unknown_group_raises() -> None:
 
 def test_doctests() -> None:
     assert doctest.testmod(kelight.evaluation.metrics, raise_on_error=True).failed == 0
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        ({"ES": 100.0, "PS": 100.0}, None),  # ZsRE: no specificity score, so no Avg.S (not a perfect 100)
+        ({"NS": 50.0, "RS": 25.0}, None),  # nothing edited is scored
+        ({"PS": 50.0, "DNS": 25.0, "Efficacy": 1.0}, 100 / 3),  # 2 / (1/50 + 1/25); token accuracies left out
+        ({"ES": 100.0, "NS": 0.0}, 0.0),
+    ],
+)
+def test_avg_s_needs_an_edit_score_and_a_specificity_score(report: dict[str, float], expected: float | None) -> None:
+    from kelight.evaluation.metrics import avg_s
+
+    out = avg_s(report)
+    assert out == ({} if expected is None else {"Avg.S": pytest.approx(expected)})
