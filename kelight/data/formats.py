@@ -136,7 +136,10 @@ def _request(record: Mapping[str, Any], index: int, keys: Sequence[str], prefix:
         values.append(read_text(source[key], index, record, prefix + key))
     prompt, subject, new, true = values
     _require_subject(record, index, prompt, subject, prefix + keys[1])
-    return _edit_request(record, index, (prompt, subject, new, true), prefix + keys[2])
+    relation = source.get("relation_id")  # optional: CounterFact's half of counterfact_mix has it
+    if relation is not None:
+        relation = read_text(relation, index, record, prefix + "relation_id")
+    return _edit_request(record, index, (prompt, subject, new, true), prefix + keys[2], relation)
 
 
 def _require_subject(record: Mapping[str, Any], index: int, prompt: str, subject: str, key: str) -> None:
@@ -151,12 +154,13 @@ def _require_subject(record: Mapping[str, Any], index: int, prompt: str, subject
 
 
 def _edit_request(
-    record: Mapping[str, Any], index: int, values: tuple[str, str, str, str | None], target_key: str
+    record: Mapping[str, Any], index: int, values: tuple[str, str, str, str | None], target_key: str,
+    relation_id: str | None = None,
 ) -> EditRequest:
     """``EditRequest(prompt, subject, new, true)`` with the record's case id (its index without one)."""
     case_id = record.get("case_id")
     try:
-        return EditRequest(*values, case_id=index if case_id is None else case_id)
+        return EditRequest(*values, case_id=index if case_id is None else case_id, relation_id=relation_id)
     except EditInputError as err:
         raise EditInputError(f"{where(index, record)}: key {target_key!r}: {err}") from err
 

@@ -61,6 +61,7 @@ def test_mix_every_group() -> None:
     assert case.case_id == 3 and case.source == "counterfact"
     assert set(case.probes) == set(PROBE_GROUPS)
     assert case.probes["rewrite"] == (ScoredPrompt(REWRITE, "Rome", "Paris"),)
+    assert case.request.relation_id == "P131"  # read: the relation terms leave the edited relation out by it
     # PS is the paraphrases only; RES pools reasoning and subject-alias prompts (the reference's portability)
     assert case.probes["paraphrase"] == (ScoredPrompt("The Eiffel Tower stands in", "Rome", "Paris"),)
     assert case.probes["neighbor"] == (ScoredPrompt("The Louvre is located in the city of", "Paris", "Rome"),)
@@ -91,8 +92,9 @@ def test_mix_wikidata_half_and_none_keys() -> None:
         record[key] = None  # how `datasets` fills the keys of the other half
     record["l-relation"] = {"prompts": [], "targets": []}
     record["case_id"] = "wd-1"
+    record["requested_rewrite"]["relation_id"] = None  # the WikiData half has none
     case = parse_counterfact_mix(record, 0)
-    assert case.source == "wikidata" and case.case_id == "wd-1"
+    assert case.source == "wikidata" and case.case_id == "wd-1" and case.request.relation_id is None
     assert "neighbor" not in case.probes and "distracted_neighbor" not in case.probes
     assert "relation" not in case.probes  # empty groups are left out
     assert case.generation_prompts == ()
@@ -160,6 +162,7 @@ def _mix_with(path: tuple[str, ...], value: Any) -> dict[str, Any]:
         (("requested_rewrite", "target_new"), "  ", r"'requested_rewrite.target_new': expected a non-empty string"),
         (("requested_rewrite", "target_true"), "Rome", r"'requested_rewrite.target_new'.*equals target_true"),
         (("requested_rewrite",), "text", r"key 'requested_rewrite': expected a mapping"),
+        (("requested_rewrite", "relation_id"), 131, r"key 'requested_rewrite.relation_id': expected a non-empty str"),
         (("l-neighbor", "targets"), ["Paris"], r"key 'l-neighbor': 2 prompts but 1 targets; give exactly one"),
         (("l-relation", "targets"), ["", "x"], r"key 'l-relation.targets\[0\]': expected a non-empty string"),
         (("p-paraphrase",), ["a prompt"], r"key 'p-paraphrase': expected \{'prompts'"),
