@@ -129,6 +129,8 @@ _FILE_TOOLS = {
                 "paired case-bootstrap 95% intervals)", 2),
     "curve": ("OUT.png RUN_DIR [RUN_DIR ...]   (scores against edits in place from each run's sequential.jsonl, "
               "written by --model.eval_every N)", 2),
+    "gap": ("RUN_DIR [RUN_DIR ...] [--examples K]   (teacher-forced − generated-answer score per score of runs "
+            "with --model.eval_protocol both, paired case-bootstrap 95% intervals, and K missed answers each)", 1),
 }
 
 
@@ -147,9 +149,24 @@ _OVERVIEW = "".join([
 ])
 
 
+def _examples_option(args: list[str]) -> tuple[int, list[str]]:
+    """``--examples K`` (default 2) and the other arguments of ``kelight gap``."""
+    if "--examples" not in args:
+        return 2, args
+    at = args.index("--examples")
+    value = args[at + 1] if at + 1 < len(args) else ""
+    if not value.isdigit():
+        raise ValueError(f"--examples expects a whole number of answers to quote (0 for none), "
+                         f"got {value!r}")
+    rest = args[:at] + args[at + 2 :]
+    if not rest:
+        raise ValueError("expected at least one RUN_DIR besides --examples K")
+    return int(value), rest
+
+
 def _file_tool(name: str, args: list[str]) -> None:
-    """``kelight report`` / ``merge`` / ``compare`` / ``curve``: read run directories; errors are one line, not
-    tracebacks."""
+    """``kelight report`` / ``merge`` / ``compare`` / ``curve`` / ``gap``: read run directories; errors are one
+    line, not tracebacks."""
     usage, n_min = _FILE_TOOLS[name]
     usage = f"usage: kelight {name} {usage}"
     if any(a in ("-h", "--help") for a in args):
@@ -164,6 +181,11 @@ def _file_tool(name: str, args: list[str]) -> None:
             from kelight.runs.compare import compare_report  # noqa: PLC0415
 
             sys.stdout.write(compare_report(args) + "\n")
+        elif name == "gap":
+            from kelight.runs.gap import gap_report  # noqa: PLC0415
+
+            examples, dirs = _examples_option(args)
+            sys.stdout.write(gap_report(dirs, examples) + "\n")
         elif name == "curve":
             from kelight.runs.curves import curve_report  # noqa: PLC0415 (matplotlib only for this tool)
 
@@ -177,7 +199,7 @@ def _file_tool(name: str, args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``kelight`` console script (``fit``, ``validate``, ``report DIR...``, ``merge OUT DIR...``,
-    ``curve OUT.png DIR...``,
+    ``curve OUT.png DIR...``, ``compare BASE DIR...``, ``gap DIR...``,
     ``sweep SPEC --count N``, ``analyze drift|substitution|patching|heads ...``).
 
     Returns ``None`` so that the console script exits with status 0 (``sys.exit(main())``); a run stopped by
