@@ -18,7 +18,7 @@ from kelight.lm.generation import sample_tokens
 from kelight.lm.readouts import left_pad
 from kelight.lm.tokens import pad_batch, pad_id, subject_last_index, target_ids
 from kelight.objectives.base import RewriteBatch
-from kelight.objectives.relations import MAX_RELATION_PROMPTS, own_relation_prompts, relation_prompts
+from kelight.objectives.relations import MAX_RELATION_PROMPTS, relation_prompts
 from kelight.types import EditInputError, EditRequest
 
 _SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -56,21 +56,15 @@ def build_rewrite_batch(
     device: torch.device | str,
     essence_templates: Sequence[str] = ("{} is a",),
     relation_candidates: int = MAX_RELATION_PROMPTS,
-    relation_rewrites: int = 0,
 ) -> RewriteBatch:
     """Tokenise the rewriting and essence prompts of ``request`` into a :class:`RewriteBatch`.
 
-    The rewriting prompts are the request's prompt under every template, then each of its first
-    ``relation_rewrites`` own-relation wordings (:func:`own_relation_prompts`) under every template; the
-    request's prompt stands in for wordings it lacks. The first ``relation_candidates`` relation prompts
-    of the request are tokenised too, but become rows only through :func:`add_relation_rows` (the z
-    optimisation adds them when it weighs them).
+    The first ``relation_candidates`` relation prompts of the request are tokenised too, but become
+    rows only through :func:`add_relation_rows` (the z optimisation adds them when it weighs them).
     """
-    wordings = own_relation_prompts(request, relation_rewrites)
-    prompts = [request.prompt, *wordings, *[request.prompt] * (relation_rewrites - len(wordings))]
     seqs, subj, query, rows, cols, tids = [], [], [], [], [], []
-    for i, (prompt, template) in enumerate((p, t) for p in prompts for t in templates):
-        text = template.format(prompt)
+    for i, template in enumerate(templates):
+        text = template.format(request.prompt)
         p_ids, t_ids = target_ids(tok, text, request.target_new)
         seqs.append(p_ids + t_ids[:-1])
         subj.append(subject_last_index(tok, text, request.subject))
@@ -94,7 +88,7 @@ def build_rewrite_batch(
                        for text in (relation_prompts(request, relation_candidates) if relation_candidates else ()))
     return RewriteBatch(
         input_ids, mask, as_tensor(subj), as_tensor(rows), as_tensor(cols), as_tensor(tids),
-        as_tensor(query), as_tensor(essence), len(prompts) * len(templates), relation_candidates=candidates,
+        as_tensor(query), as_tensor(essence), len(templates), relation_candidates=candidates,
     )
 
 

@@ -41,12 +41,6 @@ cache, the replayed blocks and ``z_batch`` merging; z is the only tensor with a 
 essence KL, ``λ · L_rel`` is part of the loss the early stop tests for both ``early_stop_on`` values
 (it is a term of the edit objective, not an extra term).
 
-Both terms only hold z back, so the edit must still reach its paraphrases through the rewriting prompts.
-The third option gives it more of those: :attr:`~kelight.editors.locate.zopt.ZConfig.relation_rewrites`
-wordings of the *edited* relation (:func:`own_relation_prompts`, the templates the terms leave out)
-join the rewriting prompts, each under every context template, with o_edit as target, so z is fitted
-on the relation asked in several ways while the relation terms hold the other relations still.
-
 The prompts come from the edit request alone: a fixed list of generic WikiData-relation templates,
 worded unlike the prompts of the CounterFact and WikiData_counterfact evaluation sets (checked on the
 counterfact_mix dev split: no filled template equals any of its probe or generation prompts), never
@@ -155,10 +149,6 @@ RELATION_TEMPLATES: tuple[RelationTemplate, ...] = (
     RelationTemplate("P1340", "The colour of the eyes of {} is", ("eye", "colour", "color")),
 )
 MAX_RELATION_PROMPTS = len(RELATION_TEMPLATES)
-#: The most templates :func:`own_relation_prompts` can give one request (P1412: its two frames and P37's).
-MAX_RELATION_REWRITES = max(
-    sum(r in (t.relation_id, *t.also) for t in RELATION_TEMPLATES) for r in {t.relation_id for t in RELATION_TEMPLATES}
-)
 
 
 def _asks_for(template: RelationTemplate, request: EditRequest) -> bool:
@@ -195,33 +185,6 @@ def relation_prompts(request: EditRequest, n: int) -> list[str]:
     return list(islice(cycle(kept), n))
 
 
-def own_relation_prompts(request: EditRequest, n: int) -> list[str]:
-    """Up to ``n`` wordings of the edited relation itself, filled with the subject: the templates of the
-    request's ``relation_id`` (or of a relation as close, :attr:`RelationTemplate.also`), else those
-    whose keywords the rewrite prompt names, when they all belong to one relation.
-
-    A rewrite prompt that names two relations ("The headquarter of X is located in": P159 and P131)
-    gets none: the other relation's wording would teach o_edit where RS counts it as damage. The
-    wordings are the relation templates the relation terms leave out, so they never overlap
-    :func:`relation_prompts`; like those they come from the request alone.
-
-    Example:
-        >>> r = EditRequest("The place of birth of Ada Lovelace is", "Ada Lovelace", "Paris", "London")
-        >>> own_relation_prompts(r, 2)
-        ['The birthplace of Ada Lovelace is', 'Ada Lovelace was born in the city of']
-    """
-    check_relation_rewrites(n)
-    if request.relation_id is not None:
-        wanted = request.relation_id.strip().upper()
-        own = [t for t in RELATION_TEMPLATES if wanted in (t.relation_id, *t.also)]
-    else:
-        own = [t for t in RELATION_TEMPLATES if _asks_for(t, request)]
-        if len({t.relation_id for t in own}) != 1:
-            own = []
-    texts = [t.text.replace("{}", request.subject) for t in own]
-    return [text for text in texts if text.casefold() != request.prompt.casefold()][:n]
-
-
 def relation_leak_rows(log_probs: torch.Tensor, log_probs_init: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """``max(0, log P_z(t_r) − log P_0(t_r))`` of each relation prompt of each request, ``(R, N)``.
 
@@ -242,15 +205,6 @@ def check_relation_kl_factor(value: object) -> float:
 def check_relation_leak_factor(value: object) -> float:
     """``value`` if it is a valid relation leak weight μ: a finite number ≥ 0 (0 = off)."""
     return check_number("relation_leak_factor", value, positive=False, hint="; use 0 to turn the leak term off")
-
-
-def check_relation_rewrites(value: object) -> int:
-    """``value`` if it is a valid count of the edited relation's own wordings to rewrite on: an integer
-    in ``0 … MAX_RELATION_REWRITES`` (0 = off)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RELATION_REWRITES:
-        raise EditInputError(f"expected relation_rewrites to be an integer from 0 to {MAX_RELATION_REWRITES} (the most "
-                             f"templates one relation has; 0 = rewrite on the request's prompt alone), got {value!r}")
-    return value
 
 
 def check_relation_prompts(value: object, factor: float) -> int:

@@ -24,13 +24,10 @@ from kelight.models.adapters import adapter_for
 from kelight.models.tiny import tiny_model
 from kelight.objectives.relations import (
     MAX_RELATION_PROMPTS,
-    MAX_RELATION_REWRITES,
     RELATION_TEMPLATES,
-    own_relation_prompts,
     relation_leak_rows,
     relation_prompts,
 )
-from kelight.objectives.rewrite import per_prompt_nll
 from kelight.types import EditInputError, EditRequest
 
 TEMPLATES = ["{}", "Yes. {}"]
@@ -109,8 +106,7 @@ def test_relation_prompts_never_include_an_evaluation_prompt(record):
     case = parse_counterfact_mix(record, 0)
     prompts = relation_prompts(case.request, MAX_RELATION_PROMPTS)
     assert len(prompts) == MAX_RELATION_PROMPTS and all(case.request.subject in p for p in prompts)
-    own = own_relation_prompts(case.request, MAX_RELATION_REWRITES)
-    assert own and not {_norm(p) for p in prompts + own} & _evaluation_prompts(case)
+    assert not {_norm(p) for p in prompts} & _evaluation_prompts(case)
 
 
 def test_relation_prompts_never_include_a_dev_split_prompt():
@@ -121,13 +117,7 @@ def test_relation_prompts_never_include_a_dev_split_prompt():
         pytest.skip("the shared counterfact_mix dev split is not here")
     cases = [parse_counterfact_mix(record, i) for i, record in enumerate(json.loads(path.read_text()))]
     every = set().union(*(_evaluation_prompts(case) for case in cases))
-    hits = [
-        p
-        for case in cases
-        for p in relation_prompts(case.request, MAX_RELATION_PROMPTS)
-        + own_relation_prompts(case.request, MAX_RELATION_REWRITES)
-        if _norm(p) in every
-    ]
+    hits = [p for case in cases for p in relation_prompts(case.request, MAX_RELATION_PROMPTS) if _norm(p) in every]
     assert hits == []
 
 
@@ -173,89 +163,9 @@ def test_fewer_templates_left_than_asked_are_cycled():
     assert len(nationality) == 2 and relation_prompts(others, 5) == [nationality[i % 2] for i in range(5)]
 
 
-def test_own_relation_prompts_are_the_edited_relations_templates():
-    assert own_relation_prompts(BIRTH, MAX_RELATION_REWRITES) == [
-        "The birthplace of Ada Lovelace is",
-        "Ada Lovelace was born in the city of",
-    ]  # P19 by wording, both frames
-    assert own_relation_prompts(BIRTH, 1) == ["The birthplace of Ada Lovelace is"]
-    assert own_relation_prompts(BIRTH, 0) == []
-    vague = EditRequest("Ada Lovelace, in", "Ada Lovelace", "Peru")
-    assert own_relation_prompts(vague, 2) == []  # no relation named: nothing to add
-    located = EditRequest("Ada Lovelace, in", "Ada Lovelace", "Peru", relation_id="p131 ")
-    assert own_relation_prompts(located, 2) == ["Ada Lovelace is situated in"]  # by id, normalised
-    two = EditRequest("The headquarter of Ada Lovelace is located in", "Ada Lovelace", "Peru")
-    assert own_relation_prompts(two, 2) == []  # P159 and P131 named: neither is taken
-    same = EditRequest("The birthplace of Ada Lovelace is", "Ada Lovelace", "Paris")
-    assert own_relation_prompts(same, 2) == ["Ada Lovelace was born in the city of"]  # not the prompt again
-    for request in (BIRTH, located, parse_counterfact_mix(COUNTERFACT, 0).request):
-        assert not set(own_relation_prompts(request, MAX_RELATION_REWRITES)) & set(
-            relation_prompts(request, MAX_RELATION_PROMPTS))
-
-
-def test_own_relation_prompts_join_the_rewriting_rows():
-    _, tok = tiny_model("llama")
-    plain = build_rewrite_batch(tok, BIRTH, TEMPLATES, "cpu")
-    batch = build_rewrite_batch(tok, BIRTH, TEMPLATES, "cpu", relation_rewrites=2)
-    assert (plain.n_rewrite, batch.n_rewrite) == (2, 6)
-    texts = [t.format(p) for p in [BIRTH.prompt, *own_relation_prompts(BIRTH, 2)] for t in TEMPLATES]
-    target = tok(" Paris")["input_ids"]
-    for row, text in enumerate(texts):
-        prompt = tok(text)["input_ids"]
-        n = int(batch.attention_mask[row].sum())
-        assert batch.input_ids[row, :n].tolist() == prompt + target[:-1]
-        assert int(batch.query_pos[row]) == len(prompt) - 1
-        assert batch.target_ids[batch.target_rows == row].tolist() == target
-        assert tok.decode(batch.input_ids[row, : int(batch.subject_pos[row]) + 1]).endswith("Ada Lovelace")
-    assert torch.equal(batch.input_ids[:2, : plain.input_ids.shape[1]], plain.input_ids[:2])  # prompt rows first
-    assert int(batch.first_target_ids[0]) == target[0] and batch.essence_pos.shape == plain.essence_pos.shape
-    vague = EditRequest("Ada Lovelace, in", "Ada Lovelace", "Peru")  # no wording: its prompt stands in
-    padded = build_rewrite_batch(tok, vague, TEMPLATES, "cpu", relation_rewrites=2)
-    alone = build_rewrite_batch(tok, vague, TEMPLATES, "cpu")
-    assert padded.n_rewrite == 6 and torch.equal(padded.input_ids[:6], alone.input_ids[[0, 1] * 3])
-    merged = merge_rewrite_batches([batch, padded], pad_id(tok))  # equal row counts: the two requests optimise together
-    assert (merged.n_rewrite, merged.n_requests) == (12, 2)
-
-
-def test_a_request_without_wordings_keeps_its_loss():
-    """Its prompt repeated in place of the missing wordings leaves the mean rewriting NLL, so its z, as they were."""
-    model, tok = tiny_model("llama")
-    vague = EditRequest("Ada Lovelace, in", "Ada Lovelace", "Peru")
-    config = ZConfig(steps=5, early_stop_loss=0.0)
-    path = adapter_for(model).path("mlp_out", 1)
-    plain, padded = (
-        optimise_z(model, path, build_rewrite_batch(tok, vague, TEMPLATES, "cpu", relation_rewrites=k), config,
-                   first_edited_block=1)
-        for k in (0, 2)
-    )
-    assert padded.losses == pytest.approx(plain.losses, rel=1e-5) and torch.allclose(padded.delta, plain.delta,
-                                                                                       atol=1e-6)
-
-
-def test_rewriting_on_the_wordings_fits_them():
-    """With the wordings as rewriting prompts z lowers o_edit's NLL on them more than without (z injected there)."""
-    model, tok = tiny_model("llama", initializer_range=0.3)  # the default init barely responds to z
-    wordings = build_rewrite_batch(tok, BIRTH, TEMPLATES, "cpu", relation_rewrites=2)
-    path = adapter_for(model).path("mlp_out", 1)
-
-    def nll_on_wordings(k: int) -> float:
-        config = ZConfig(steps=20, early_stop_loss=0.0, kl_factor=0.0, lr=0.5, weight_decay=0.0, clamp_norm_factor=1e3)
-        delta = optimise_z(model, path, build_rewrite_batch(tok, BIRTH, TEMPLATES, "cpu", relation_rewrites=k),
-                           config, first_edited_block=1).delta
-        with edit_output(model, path, _Injector(delta[None], wordings).fn(0)):
-            tgt, _, _ = forward_logprobs(model, wordings, want_attn=False)
-        return float(per_prompt_nll(tgt, wordings.target_ids, wordings.target_rows, wordings.n_rewrite)[2:].mean())
-
-    without, with_them = nll_on_wordings(0), nll_on_wordings(2)
-    assert with_them < without - 0.05, (without, with_them)  # 7.38 → 7.24 on torch 2.13
-
-
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"relation_rewrites": -1}, rf"expected relation_rewrites to be an integer from 0 to {MAX_RELATION_REWRITES}"),
-        ({"relation_rewrites": MAX_RELATION_REWRITES + 1}, rf"got {MAX_RELATION_REWRITES + 1}"),
-        ({"relation_rewrites": 1.0}, "expected relation_rewrites to be an integer .*got 1.0"),
         (
             {"relation_kl_factor": -1.0},
             "expected relation_kl_factor to be a finite number ≥ 0, got -1.0; use 0 to turn",
@@ -414,11 +324,10 @@ def test_the_leak_holds_the_new_object_down_on_the_relation_prompts():
     assert plain > 0.01 and held < plain / 10, (plain, held)
 
 
-@pytest.mark.parametrize(("term", "on"), [("relation_kl_factor", 50.0), ("relation_leak_factor", 50.0),
-                                          ("relation_rewrites", 2)])
+@pytest.mark.parametrize("term", ["relation_kl_factor", "relation_leak_factor"])
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet", "alphaedit"])
 @pytest.mark.parametrize("gamma", [0.0, 5.0])
-def test_every_locate_then_edit_editor_takes_it(method, gamma, term, on):
+def test_every_locate_then_edit_editor_takes_it(method, gamma, term):
     """Each editor (and SADR with it) writes another update with the term on; restore is bit-exact."""
     model, tok = tiny_model("llama")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -438,7 +347,7 @@ def test_every_locate_then_edit_editor_takes_it(method, gamma, term, on):
     if method == "rome":
         common["mom2_adjustment"] = False
     changes = []
-    for factor in (0 * on, on):
+    for factor in (0.0, 50.0):
         model, undo = kelight.edit(model, tok, BIRTH, method=method, **{term: factor}, **common)
         changes.append({k: v - weights[k] for k, v in model.state_dict().items() if not torch.equal(v, weights[k])})
         undo.restore()

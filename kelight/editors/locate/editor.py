@@ -75,7 +75,6 @@ class LocateEditor(Editor):
         """The z of each request on the current weights, ``hp.z_batch`` requests per padded batch."""
         self.require_setup()
         device = next(model.parameters()).device
-        batches = [build_rewrite_batch(tok, r, self.templates, device, relation_rewrites=self.hp.relation_rewrites)
-                   for r in requests]
+        batches = [build_rewrite_batch(tok, r, self.templates, device) for r in requests]
         return optimise_zs(model, self.z_paths(), batches, self.hp, self.extra_losses,
                            want_attn=bool(self.extra_losses), first_edited_block=self.edit_point, pad_id=pad_id(tok))

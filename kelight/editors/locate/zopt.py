@@ -32,7 +32,6 @@ from kelight.objectives.relations import (
     check_relation_kl_factor,
     check_relation_leak_factor,
     check_relation_prompts,
-    check_relation_rewrites,
     relation_leak_rows,
 )
 from kelight.objectives.rewrite import per_prompt_nll
@@ -59,12 +58,6 @@ class ZConfig:
             prompts. 0 (the default) turns it off; either factor > 0 runs the relation prompts.
         relation_prompts: N, how many relation prompts (1 … ``MAX_RELATION_PROMPTS``; the first N
             relation templates that do not ask for the edited relation).
-        relation_rewrites: how many wordings of the edited relation itself
-            (:func:`~kelight.objectives.relations.own_relation_prompts`) join the request's prompt as
-            rewriting prompts, each under every context template (0, the default: the prompt alone). A
-            request with fewer wordings repeats its prompt in their place, which leaves its loss as it
-            was (the rewriting NLL is a mean over prompts) and keeps every request's row count equal.
-            Costs ``1 + relation_rewrites`` times the rewriting rows.
         weight_decay: weight of ‖δ‖/‖v‖².
         clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor·‖v‖.
         early_stop_loss: stop once the loss named by ``early_stop_on`` is below this.
@@ -105,7 +98,6 @@ class ZConfig:
     relation_kl_factor: float = 0.0
     relation_leak_factor: float = 0.0
     relation_prompts: int = 8
-    relation_rewrites: int = 0
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
@@ -133,7 +125,6 @@ class ZConfig:
             check_number(name, getattr(self, name), positive=name in ("lr", "clamp_norm_factor"))
         kl = check_relation_kl_factor(self.relation_kl_factor)
         check_relation_prompts(self.relation_prompts, max(kl, check_relation_leak_factor(self.relation_leak_factor)))
-        check_relation_rewrites(self.relation_rewrites)
 
     @property
     def relation_rows(self) -> int:
