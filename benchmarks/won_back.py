@@ -134,7 +134,8 @@ def main() -> None:
     n = {}
     for key in (*KEYS, *WILD_KEYS, "ES", "PS", "EM", "PM", "wild_ES", "wild_PS"):
         score = SCORE_OF.get(key, key)
-        if all(key in row for row in runs[0].values() if score in row):
+        scored = [row for row in runs[0].values() if score in row]  # none for wild_* of a teacher-forced run
+        if scored and all(key in row for row in scored):
             n[key] = np.array([(runs[0][i].get(f"n_{score}") if counts is None else counts[i].get(score, 0)) or 0
                                for i in ids], dtype=float)
     metrics = [json.loads((d / "metrics.json").read_text()) for d in dirs]
