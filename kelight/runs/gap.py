@@ -81,14 +81,10 @@ def missed_answers(rows: Mapping[object, Mapping], examples: int) -> dict[str, l
     for group, (tf, _) in PAIRS.items():
         if WILD_GROUPS[group][1] != "gives":
             continue
-        for row in rows.values():
-            if len(out.get(tf, [])) >= examples:
-                break
-            if row.get(tf) != 100.0:
-                continue
-            for answer in row.get("wild", ()):
-                if answer.get("group") == group and not answer.get("match") and len(out.get(tf, [])) < examples:
-                    out.setdefault(tf, []).append({"id": row["id"], **answer})
+        missed = [{"id": row["id"], **a} for row in rows.values() if row.get(tf) == 100.0
+                  for a in row.get("wild", ()) if a.get("group") == group and not a.get("match")]
+        if missed[:examples]:
+            out[tf] = missed[:examples]
     return out
 
 
