@@ -106,6 +106,16 @@ def compare_pair(base: Mapping[object, Mapping], run: Mapping[object, Mapping], 
     return out
 
 
+#: the footnote of a table of :func:`difference_cell` cells
+INTERVAL_NOTE = "* the interval excludes 0 (paired case bootstrap, pooled as metrics.json)"
+
+
+def difference_cell(difference: float, low: float, high: float) -> str:
+    """``+1.2 [+0.3, +2.0] *``: a paired difference and its interval, starred where it excludes 0."""
+    mark = " *" if low > 0 or high < 0 else ""
+    return f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]{mark}"
+
+
 def compare_report(run_dirs: Sequence[str | Path], n_resamples: int = 2000, seed: int = 0) -> str:
     """Markdown: one row per (run, score), each run against the first."""
     names = run_names(run_dirs)
@@ -113,7 +123,5 @@ def compare_report(run_dirs: Sequence[str | Path], n_resamples: int = 2000, seed
     lines = [f"| score | {names[0]} | run | value | run − {names[0]} [95% CI] | cases |", "|---|---|---|---|---|---|"]
     for name, run in zip(names[1:], cases[1:], strict=True):
         for score, (a, b, diff, low, high, n) in compare_pair(cases[0], run, n_resamples, seed).items():
-            mark = " *" if low > 0 or high < 0 else ""
-            interval = f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]{mark}"
-            lines.append(f"| {score} | {a:.1f} | {name} | {b:.1f} | {interval} | {n} |")
-    return "\n".join(lines) + "\n\n* the interval excludes 0 (paired case bootstrap, pooled as metrics.json)"
+            lines.append(f"| {score} | {a:.1f} | {name} | {b:.1f} | {difference_cell(diff, low, high)} | {n} |")
+    return "\n".join(lines) + "\n\n" + INTERVAL_NOTE

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kelight.runs.compare import compare_pair, read_cases
+from kelight.runs.compare import INTERVAL_NOTE, compare_pair, difference_cell, read_cases
 from kelight.runs.report import run_names
 from kelight.types import PROBE_GROUPS, TOKEN_GROUPS, WILD_GROUPS
 
@@ -106,13 +106,11 @@ def gap_report(run_dirs: Sequence[str | Path], examples: int = 2, n_resamples: i
         except ValueError as err:
             raise ValueError(f"{run_dir}: {err}") from None
         for score, (tf, wild, diff, low, high, n) in pairs.items():
-            mark = " *" if low > 0 or high < 0 else ""
-            interval = f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]{mark}"
-            lines.append(f"| {name} | {score} | {tf:.1f} | {wild:.1f} | {interval} | {n} |")
+            lines.append(f"| {name} | {score} | {tf:.1f} | {wild:.1f} | {difference_cell(diff, low, high)} | {n} |")
         for score, answers in missed_answers(rows, examples).items():
             quotes += [f"- {name}, {score} 100 (case {a['id']}): {_quote(a['prompt'])!r} → {_quote(a['answer'])!r} "
                        f"(target {_quote(a['target'], 40)!r})" for a in answers]
-    text = "\n".join(lines) + "\n\n* the interval excludes 0 (paired case bootstrap, pooled as metrics.json)"
+    text = "\n".join(lines) + "\n\n" + INTERVAL_NOTE
     if quotes:
         text += "\n\nGenerated answers that miss where teacher forcing scored every prompt of the case:\n"
         text += "\n".join(quotes)
